@@ -1,0 +1,1 @@
+"""Wiring: Definitions, resources, storage, jobs, schedules, sensors and the ``autocoa`` CLI."""
