@@ -32,7 +32,7 @@ def _gx_context():
             try:  # progress bars would flood the run log
                 from great_expectations.data_context.types.base import ProgressBarsConfig
 
-                _context.variables.progress_bars = ProgressBarsConfig(globally=False)
+                _context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
             except Exception:  # noqa: BLE001 - cosmetic only
                 pass
         return _context

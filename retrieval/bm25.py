@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import bm25s
@@ -39,7 +39,9 @@ class Passage:
     rank: int
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # Spelled out rather than dataclasses.asdict, whose recursive deep copy cost ~10 us per
+        # passage (a large part of the HTTP server's per-query overhead). Same keys, order, values.
+        return {"id": self.id, "title": self.title, "text": self.text, "score": self.score, "rank": self.rank}
 
 
 def split_contents(contents: str) -> tuple[str, str]:

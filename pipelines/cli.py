@@ -1,0 +1,247 @@
+"""``autocoa``: run the pipeline, query its tables, check its data, serve search, open the UI."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pipelines.paths import REPO_ROOT, default_home
+
+LIBRARY_LOGGERS = ["qadata", "retrieval", "agent", "training", "evals"]
+DAGSTER_YAML = """# written by autocoa: library logs go to Dagster's run log
+python_logs:
+  managed_python_loggers: [{loggers}]
+  python_log_level: INFO
+telemetry:
+  enabled: false
+"""
+
+
+# Dagster's console logger at INFO: step starts/ends and our logs, without the DEBUG event stream
+CONSOLE_INFO = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
+def ensure_dagster_home(home: Path) -> Path:
+    """Use ``$DAGSTER_HOME`` if set, else ``<home>/dagster_home`` with a dagster.yaml that captures library logs."""
+    if os.environ.get("DAGSTER_HOME"):
+        return Path(os.environ["DAGSTER_HOME"])
+    dh = home / "dagster_home"
+    dh.mkdir(parents=True, exist_ok=True)
+    cfg = dh / "dagster.yaml"
+    if not cfg.exists():
+        cfg.write_text(DAGSTER_YAML.format(loggers=", ".join(LIBRARY_LOGGERS)))
+    os.environ["DAGSTER_HOME"] = str(dh)
+    return dh
+
+
+def _instance(home: Path):
+    import dagster as dg
+
+    ensure_dagster_home(home)
+    return dg.DagsterInstance.get()
+
+
+def _check_rows(result) -> list[dict]:
+    rows = []
+    for ev in result.get_asset_check_evaluations():
+        rows.append({"asset": ev.asset_key.to_user_string(), "check": ev.check_name,
+                     "result": "passed" if ev.passed else f"FAILED ({ev.severity.value})",
+                     "severity": ev.severity.value, "passed": ev.passed})
+    return rows
+
+
+def _print_checks(rows: list[dict]) -> None:
+    from tabulate import tabulate
+
+    print(tabulate([[r["asset"], r["check"], r["result"]] for r in rows], headers=["asset", "check", "result"]))
+
+
+def _failed_steps(result) -> list[str]:
+    out = []
+    for ev in result.all_events:
+        if ev.is_step_failure:
+            err = ev.event_specific_data.error
+            out.append(f"{ev.step_key}: {err.message.strip() if err else ev.message}")
+    return out
+
+
+def cmd_run(args) -> int:
+    from tabulate import tabulate
+
+    from pipelines.definitions import build_definitions, load_profile
+    from pipelines.paths import discover_tables
+
+    home = Path(args.home)
+    instance = _instance(home)
+    defs = build_definitions(home)
+    job_name = "autocoa_paper" if args.profile == "paper" else "autocoa_embedded"
+    run_config = {} if args.profile == "paper" else load_profile(args.profile)
+    run_config = {**run_config, **CONSOLE_INFO}
+    print(f"materialising every asset ({args.profile} profile) into {home} ...", flush=True)
+    result = defs.resolve_job_def(job_name).execute_in_process(instance=instance, run_config=run_config,
+                                                               raise_on_error=False)
+    tables = discover_tables(home)
+    import glob as globlib
+
+    import pyarrow.parquet as pq
+
+    listing = []
+    for name, (pattern, _) in tables.items():
+        n = sum(pq.ParquetFile(f).metadata.num_rows for f in globlib.glob(pattern))
+        listing.append([name, n, str(Path(pattern).parent)])
+    print("\ntables:")
+    print(tabulate(listing, headers=["asset", "rows", "where"]))
+    print(f"\nartifacts (index, corpus jsonl, checkpoints): {home / 'artifacts'}")
+    rows = _check_rows(result)
+    print("\nchecks:")
+    _print_checks(rows)
+    print(f"""
+next:
+  query   : autocoa sql "select pool, count(*) from question_sample group by pool"
+  checks  : autocoa check
+  UI      : autocoa ui        (= DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000)
+            then open http://127.0.0.1:3000
+  search  : autocoa serve-search   (HTTP batch search on 127.0.0.1:8099)""")
+    failures = _failed_steps(result)
+    if failures:
+        print("\nFAILED steps:\n  " + "\n  ".join(failures), file=sys.stderr)
+    return 0 if result.success and not failures else 1
+
+
+def cmd_check(args) -> int:
+    from pipelines.definitions import build_definitions
+
+    home = Path(args.home)
+    instance = _instance(home)
+    defs = build_definitions(home)
+    result = defs.resolve_job_def("data_checks").execute_in_process(instance=instance, run_config=CONSOLE_INFO,
+                                                                    raise_on_error=False)
+    rows = _check_rows(result)
+    _print_checks(rows)
+    failures = _failed_steps(result)
+    errors = [r for r in rows if not r["passed"] and (r["severity"] == "ERROR" or args.strict)]
+    warns = [r for r in rows if not r["passed"] and r["severity"] == "WARN"]
+    for f in failures:
+        print(f"check could not run: {f}", file=sys.stderr)
+    print(f"\n{len(rows)} checks: {len(rows) - len(errors) - len(warns)} passed, {len(errors)} failed, "
+          f"{len(warns)} warnings" + (f", {len(failures)} could not run" if failures else ""))
+    return 1 if errors or failures or not rows else 0
+
+
+def cmd_sql(args) -> int:
+    from pipelines.sql import ReadOnlyViolation, run_query
+
+    try:
+        rel = run_query(args.home, args.query)
+    except (ReadOnlyViolation, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - DuckDB's message names the table or column at fault
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if rel is None:
+        return 0
+    if args.csv:
+        rel.write_csv(args.csv)
+        print(f"wrote {args.csv}")
+    elif args.parquet:
+        rel.write_parquet(args.parquet)
+        print(f"wrote {args.parquet}")
+    else:
+        rel.show(max_rows=args.max_rows, max_width=args.max_width)
+    return 0
+
+
+def cmd_tables(args) -> int:
+    from pipelines.paths import discover_tables
+
+    tables = discover_tables(args.home)
+    if not tables:
+        print(f"no materialised tables under {args.home}; run `autocoa run` first")
+        return 1
+    for name, (glob, partitioned) in tables.items():
+        print(f"{name:32s} {'partitioned ' if partitioned else ''}{glob}")
+    return 0
+
+
+def cmd_serve_search(args) -> int:
+    from retrieval.server import ServerLimits, serve
+
+    index_dir = args.index_dir or str(Path(args.home) / "artifacts" / "search_index")
+    if not (Path(index_dir) / "params.index.json").is_file():
+        print(f"error: no search index at {index_dir}; materialise `search_index` first (autocoa run)",
+              file=sys.stderr)
+        return 1
+    serve(index_dir, host=args.host, port=args.port,
+          limits=ServerLimits(max_batch=args.max_batch, max_query_chars=args.max_query_chars, max_k=args.max_k))
+    return 0
+
+
+def cmd_ui(args) -> int:
+    ensure_dagster_home(Path(args.home))
+    os.environ["AUTOCOA_HOME"] = str(args.home)
+    dagster = Path(sys.executable).with_name("dagster")
+    cmd = [str(dagster), "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
+    print("starting:", " ".join(cmd), flush=True)
+    os.chdir(REPO_ROOT)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="autocoa", description=__doc__)
+    p.add_argument("--home", type=Path, default=default_home(),
+                   help="data root with tables/ and artifacts/ (default: $AUTOCOA_HOME or <repo>/var)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="materialise every asset and print where the outputs are")
+    r.add_argument("--profile", default="embedded", help="embedded (default, CPU), shared (../shared/data), paper")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("check", help="run every data-quality check on the materialised data; non-zero exit on failure")
+    c.add_argument("--strict", action="store_true", help="treat WARN-severity failures as failures too")
+    c.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("sql", help="read-only DuckDB SQL over the materialised tables (one view per asset)")
+    s.add_argument("query")
+    out = s.add_mutually_exclusive_group()
+    out.add_argument("--csv", help="write the result to this CSV file")
+    out.add_argument("--parquet", help="write the result to this Parquet file")
+    s.add_argument("--max-rows", type=int, default=40)
+    s.add_argument("--max-width", type=int, default=160)
+    s.set_defaults(func=cmd_sql)
+
+    t = sub.add_parser("tables", help="list the views `autocoa sql` offers")
+    t.set_defaults(func=cmd_tables)
+
+    v = sub.add_parser("serve-search", help="HTTP batch search server over the BM25 index")
+    v.add_argument("--index-dir", help="default: <home>/artifacts/search_index")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8099)
+    v.add_argument("--max-batch", type=int, default=512, help="most queries in one request")
+    v.add_argument("--max-query-chars", type=int, default=2048)
+    v.add_argument("--max-k", type=int, default=50)
+    v.set_defaults(func=cmd_serve_search)
+
+    u = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on 127.0.0.1")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=3000)
+    u.set_defaults(func=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    args = build_parser().parse_args(argv)
+    args.home = Path(args.home).resolve()
+    os.environ.setdefault("AUTOCOA_HOME", str(args.home))
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Shared fixtures: the real data beside the repo (skipped when absent) and a materialised home."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.paths import SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not present (a fresh clone has no shared data)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def hotpot_row() -> dict:
+    """A well-formed question in the Hugging Face layout."""
+    return {
+        "id": "q1", "question": "Which city is Alpha born in?", "answer": "Beta", "type": "bridge", "level": "easy",
+        "supporting_facts": {"title": ["Alpha", "Beta"], "sent_id": [1, 0]},
+        "context": {"title": ["Alpha", "Beta"],
+                    "sentences": [["Alpha is a poet.", " Alpha was born in Beta."], ["Beta is a city."]]},
+    }
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with path.open("wb") as fh:
+        for r in rows:
+            fh.write(r if isinstance(r, bytes) else (json.dumps(r) + "\n").encode())
+    return path

@@ -1,0 +1,47 @@
+import subprocess
+import sys
+
+from pipelines.definitions import build_definitions, load_profile
+
+EXPECTED_ASSETS = {"embedded_world", "hotpotqa_raw", "hotpotqa_raw_rejected", "question_sample", "corpus",
+                   "corpus_rejected", "search_index"}
+
+
+def test_definitions_name_the_expected_assets(tmp_path):
+    defs = build_definitions(tmp_path)
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert EXPECTED_ASSETS <= keys
+    checked = {k.asset_key.to_user_string() for k in graph.asset_check_keys}
+    # every table that is not a quarantine table has checks beside it
+    assert EXPECTED_ASSETS - {"hotpotqa_raw_rejected", "corpus_rejected"} <= checked
+    for job in ("autocoa_embedded", "autocoa_paper", "data_checks"):
+        assert defs.resolve_job_def(job) is not None
+
+
+def test_every_asset_has_a_one_sentence_description(tmp_path):
+    graph = build_definitions(tmp_path).resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        desc = graph.get(key).description or ""
+        assert desc.strip(), f"{key.to_user_string()} has no description"
+        assert desc.strip().count(". ") == 0 and desc.strip().endswith("."), f"{key.to_user_string()}: {desc!r}"
+
+
+def test_profiles_parse_against_the_job_config():
+    defs = build_definitions("/tmp/unused-autocoa-home")
+    job = defs.resolve_job_def("autocoa_embedded")
+    from dagster._core.system_config.objects import ResolvedRunConfig
+
+    for profile in ("shared", "paper"):
+        config = load_profile(profile)
+        # raises DagsterInvalidConfigError when a profile names a field the assets do not have
+        ResolvedRunConfig.build(job, config)
+    assert load_profile("paper")["ops"]["question_sample"]["config"]["total"] == 20000
+
+
+def test_libraries_import_no_dagster():
+    code = ("import sys; import qadata.loaders, qadata.world, qadata.sampling, qadata.corpus, retrieval.bm25, "
+            "retrieval.engine, retrieval.server, retrieval.metrics, agent, training, evals; "
+            "print('dagster' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,86 @@
+import collections
+
+import pytest
+
+from qadata.corpus import corpus_from_questions
+from qadata.loaders import normalise_hotpot
+from qadata.sampling import largest_remainder, sample_questions
+from qadata.world import WorldSpec, build_world, generate_questions
+
+SMALL = WorldSpec(seed=5, countries=8, places=60, people=200, orgs=40, works=200, questions=120)
+
+
+def _rows(spec=SMALL):
+    return [normalise_hotpot(r, source="embedded", split=r["split"], source_file="w", source_row=i)
+            for i, r in enumerate(generate_questions(build_world(spec)))]
+
+
+def test_world_is_deterministic_and_seed_dependent():
+    a, b = generate_questions(build_world(SMALL)), generate_questions(build_world(SMALL))
+    assert a == b
+    c = generate_questions(build_world(WorldSpec(**{**SMALL.__dict__, "seed": 6})))
+    assert [r["question"] for r in a] != [r["question"] for r in c]
+
+
+def test_world_questions_are_hotpotqa_shaped_and_answerable():
+    rows = _rows()
+    assert len(rows) == 120
+    types = collections.Counter(r["type"] for r in rows)
+    assert types["bridge"] == types["comparison"] == 60
+    assert {r["level"] for r in rows} <= {"easy", "medium", "hard"}
+    assert collections.Counter(r["split"] for r in rows) == {"train": 96, "dev": 24}
+    for r in rows:
+        paras = {p["title"]: p["sentences"] for p in r["context"]}
+        assert len(r["context"]) == 10
+        for f in r["supporting_facts"]:
+            assert f["title"] in paras and 0 <= f["sent_id"] < len(paras[f["title"]])
+        gold = " ".join(paras[f["title"]][f["sent_id"]] for f in r["supporting_facts"])
+        assert r["answer"] in ("yes", "no") or r["answer"] in gold or r["answer"] in paras
+
+
+def test_corpus_deduplicates_paragraphs_with_stable_ids():
+    rows = _rows()
+    passages, seen = corpus_from_questions(rows)
+    assert seen == sum(len(r["context"]) for r in rows) > len(passages)
+    assert len({p["contents"] for p in passages}) == len(passages)
+    assert passages == corpus_from_questions(rows)[0]
+    assert all(p["contents"] == f"{p['title']}\n{p['text']}" for p in passages)
+
+
+def test_largest_remainder_allocates_exactly():
+    assert largest_remainder([5, 3, 2], 5) == [3, 1, 1]
+    assert largest_remainder([10, 1], 11, caps=[10, 1]) == [10, 1]
+    assert largest_remainder([1, 1], 5, caps=[1, 1]) == [1, 1]
+
+
+def test_sample_is_stratified_disjoint_and_leak_free():
+    rows = _rows()
+    dev_questions = [r["question"] for r in rows if r["split"] == "dev"]
+    leaked = next(r for r in rows if r["split"] == "train")
+    res = sample_questions(rows, total=40, seed=1, eval_questions=dev_questions + [leaked["question"].upper()])
+    assert len(res.rows) == 40 and res.excluded_leakage == 1 and res.excluded_split == 24
+    pools = collections.Counter(r["pool"] for r in res.rows)
+    assert pools == {"cot": 20, "coa": 20}
+    assert leaked["id"] not in {r["id"] for r in res.rows}
+    cot = {r["id"] for r in res.rows if r["pool"] == "cot"}
+    assert not cot & {r["id"] for r in res.rows if r["pool"] == "coa"}
+    # stratum shares in the sample follow the eligible population (within one question)
+    eligible = collections.Counter(f"{r['level']}/{r['type']}" for r in rows if r["split"] == "train")
+    eligible[f"{leaked['level']}/{leaked['type']}"] -= 1
+    got = collections.Counter(r["stratum"] for r in res.rows)
+    for name, n in eligible.items():
+        assert abs(got[name] - 40 * n / sum(eligible.values())) <= 1
+    assert sample_questions(rows, total=40, seed=1, eval_questions=dev_questions).rows == \
+        sample_questions(list(reversed(rows)), total=40, seed=1, eval_questions=dev_questions).rows
+
+
+def test_sample_takes_everything_when_asked_for_more():
+    rows = _rows()
+    res = sample_questions(rows, total=10_000, seed=0)
+    assert len(res.rows) == res.eligible == 96
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5])
+def test_sample_rejects_bad_fraction(fraction):
+    with pytest.raises(ValueError):
+        sample_questions([], total=1, cot_fraction=fraction)
