@@ -262,3 +262,17 @@ def question_sample_expectations(question_sample: pa.Table) -> dg.AssetCheckResu
         ("ExpectColumnValuesToBeInSet", {"column": "pool", "value_set": ["cot", "coa"]}),
         ("ExpectColumnValuesToMatchRegex", {"column": "stratum", "regex": r"^[a-z]+/[a-z]+$"}),
     ])
+
+
+REJECTED_EXPECTATIONS = [
+    ("ExpectTableColumnsToMatchSet", {"column_set": ["source", "split", "source_file", "source_row", "reason", "raw"],
+                                      "exact_match": True}),
+    ("ExpectColumnValuesToNotBeNull", {"column": "reason"}),
+    ("ExpectColumnValuesToNotBeNull", {"column": "source_file"}),
+    ("ExpectColumnValuesToBeBetween", {"column": "source_row", "min_value": 0}),
+]
+
+
+@dg.asset_check(asset="hotpotqa_raw_rejected", description="Every quarantined row names its file, row and reason.")
+def hotpotqa_raw_rejected_expectations(hotpotqa_raw_rejected: pa.Table) -> dg.AssetCheckResult:
+    return gx_check(hotpotqa_raw_rejected.to_pandas(), "hotpotqa_raw_rejected", REJECTED_EXPECTATIONS)

@@ -11,6 +11,7 @@ import Stemmer
 from pydantic import Field
 
 from pipelines.metadata import bar_plot, table_metadata, timed
+from assets.data import REJECTED_EXPECTATIONS
 from pipelines.quality import gx_check
 from pipelines.storage import StorageResource
 from qadata.corpus import corpus_from_questions, read_flashrag_corpus
@@ -77,6 +78,25 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, storage: Sto
     rej = rejected_table(rejected)
     yield dg.Output(rej, output_name="corpus_rejected", metadata={
         **table_metadata(rej, preview_columns=["source_file", "source_row", "reason"]), **counts})
+
+
+@dg.asset_check(asset="corpus_rejected", description="Every quarantined corpus line names its file, line and reason.")
+def corpus_rejected_expectations(corpus_rejected: pa.Table) -> dg.AssetCheckResult:
+    return gx_check(corpus_rejected.to_pandas(), "corpus_rejected", REJECTED_EXPECTATIONS)
+
+
+@dg.asset_check(asset="corpus", blocking=True, additional_ins={"rejected": dg.AssetIn("corpus_rejected")},
+                description="Counts reconcile: paragraphs or lines read = passages kept + duplicates merged + lines quarantined.")
+def corpus_counts_reconcile(context: dg.AssetCheckExecutionContext, corpus: pa.Table,
+                            rejected: pa.Table) -> dg.AssetCheckResult:
+    event = context.instance.get_latest_materialization_event(dg.AssetKey("corpus"))
+    meta = {k: v.value for k, v in event.asset_materialization.metadata.items()} if event else {}
+    rows_in = meta.get("rows_in")
+    ok = rows_in is not None and rows_in == corpus.num_rows + meta.get("duplicates_merged", 0) + rejected.num_rows
+    return dg.AssetCheckResult(passed=ok, metadata={"rows_in": rows_in if rows_in is not None else -1,
+                                                    "passages": corpus.num_rows,
+                                                    "duplicates_merged": meta.get("duplicates_merged", 0),
+                                                    "rejected": rejected.num_rows})
 
 
 @dg.asset_check(asset="corpus", blocking=True, description="Passage ids unique, contents non-empty and shaped 'Title\\ntext'.")

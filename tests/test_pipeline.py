@@ -176,3 +176,26 @@ def test_check_fails_on_bad_data(cli_home, tmp_path, monkeypatch, capsys):
     assert cli.main(["--home", str(home), "check"]) == 1
     out = capsys.readouterr().out
     assert "question_sample_pools_disjoint" in out and "FAILED" in out
+
+
+def test_flashrag_corpus_file_with_bad_lines(tmp_path):
+    src = write_jsonl(tmp_path / "wiki.jsonl", [
+        {"id": "0", "contents": "\"Alpha\"\nAlpha is a poet born in Beta."},
+        {"id": "1", "contents": "Beta\nBeta is a city."},
+        {"id": "1", "contents": "Dup\nsame id"},
+        {"id": "2"},
+        b"\xff\n",
+        {"id": "3", "contents": "Gamma\nGamma river."},
+    ])
+    config = json.loads(json.dumps(SMALL_WORLD))
+    config["ops"]["corpus"] = {"config": {"flashrag_corpus": str(src)}}
+    home = tmp_path / "home"
+    result = _run(home, config)
+    checks = _checks(result)
+    assert checks["corpus_counts_reconcile"] and checks["corpus_rejected_expectations"]
+    # the embedded sample's gold titles are not in this tiny corpus: the blocking check says so
+    assert checks["corpus_covers_gold_titles"] is False
+    rows = run_query(home, "select id, title from corpus order by id").fetchall()
+    assert rows == [("0", "Alpha"), ("1", "Beta"), ("3", "Gamma")]
+    reasons = [r[0] for r in run_query(home, "select reason from corpus_rejected order by source_row").fetchall()]
+    assert reasons[0].startswith("line 3: duplicate id") and "contents" in reasons[1] and "UTF-8" in reasons[2]
