@@ -10,6 +10,7 @@ import yaml
 from assets import data, retrieval
 from pipelines.paths import REPO_ROOT, default_home
 from pipelines.resources import SearchEngineResource
+from pipelines.sensors import build_incoming_sensor
 from pipelines.storage import ParquetIOManager, StorageResource
 
 ASSET_MODULES = [data, retrieval]
@@ -49,6 +50,7 @@ def build_definitions(home: str | Path | None = None) -> dg.Definitions:
         asset_checks=checks,
         jobs=[embedded_job, paper_job, checks_job],
         schedules=[nightly_checks],
+        sensors=[build_incoming_sensor(home, embedded_job)],
         resources={
             "io_manager": ParquetIOManager(home=home),
             "storage": StorageResource(home=home),

@@ -45,3 +45,22 @@ def test_libraries_import_no_dagster():
             "print('dagster' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_incoming_sensor_requests_a_run_once_per_change(tmp_path, hotpot_row):
+    import json as _json
+
+    import dagster as dg
+
+    defs = build_definitions(tmp_path)
+    sensor = defs.resolve_sensor_def("incoming_sources_sensor")
+    ctx = dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), definitions=defs)
+    assert isinstance(sensor(ctx), dg.SkipReason)
+    (tmp_path / "incoming").mkdir()
+    src = tmp_path / "incoming" / "more_train.jsonl"
+    src.write_text(_json.dumps(hotpot_row) + "\n")
+    request = sensor(ctx)
+    assert isinstance(request, dg.RunRequest)
+    assert request.run_config["ops"]["hotpotqa_raw"]["config"]["files"] == [str(src)]
+    ctx = dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), cursor=ctx.cursor, definitions=defs)
+    assert isinstance(sensor(ctx), dg.SkipReason)
