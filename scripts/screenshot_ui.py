@@ -176,6 +176,28 @@ def screenshot(base: str, groups: list[str], assets: list[str], out: Path, timeo
     return [a for a in assets if drawn(a, texts)]
 
 
+def materialize_through_ui(base: str, job: str, timeout: float) -> None:
+    """Launch ``job`` the way the UI's "Materialize all" does (GraphQL, run launcher) and wait for it."""
+    from urllib.parse import urlparse
+
+    from dagster_graphql import DagsterGraphQLClient
+
+    url = urlparse(base)
+    client = DagsterGraphQLClient(url.hostname or "127.0.0.1", port_number=url.port)
+    run_id = client.submit_job_execution(job, repository_location_name="autocoa", repository_name="__repository__")
+    print(f"launched {job} through the UI's GraphQL API: run {run_id}")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get_run_status(run_id).value
+        if status in ("SUCCESS", "FAILURE", "CANCELED"):
+            if status != "SUCCESS":
+                raise UIError(f"run {run_id} of {job} launched from the UI ended {status}; see {base}/runs/{run_id}")
+            print(f"run {run_id} succeeded")
+            return
+        time.sleep(2)
+    raise UIError(f"run {run_id} of {job} did not finish within {timeout:.0f}s")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", help="base URL of a running Dagster UI (default: start `dagster dev`)")
@@ -183,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-assets", default=DEFAULT_ASSETS,
                     help=f"comma-separated asset names that must be drawn (default: {DEFAULT_ASSETS})")
     ap.add_argument("--timeout", type=float, default=180, help="seconds to wait for the UI and the graph")
+    ap.add_argument("--materialize", metavar="JOB", help="first launch JOB from the UI (e.g. autocoa_embedded) and "
+                    "require it to succeed, so the screenshot shows materialised assets")
     args = ap.parse_args(argv)
     assets = [a.strip() for a in args.check_assets.split(",") if a.strip()]
     out: Path = args.out.resolve()
@@ -205,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         undefined = [a for a in assets if a not in nodes]
         if undefined:
             raise UIError(f"assets not in the definitions: {undefined} (known: {sorted(nodes)})")
+        if args.materialize:
+            materialize_through_ui(base, args.materialize, max(args.timeout, 600))
         found = screenshot(base, sorted(set(nodes.values())), assets, out, args.timeout)
     except UIError as exc:
         print(f"error: {exc}", file=sys.stderr)
