@@ -30,7 +30,7 @@ STOPWORDS = "english"
 STEMMER_LANGUAGE = "english"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Passage:
     id: str
     title: str
@@ -39,8 +39,8 @@ class Passage:
     rank: int
 
     def to_dict(self) -> dict:
-        # Spelled out rather than dataclasses.asdict, whose recursive deep copy cost ~10 us per
-        # passage (a large part of the HTTP server's per-query overhead). Same keys, order, values.
+        # spelled out: dataclasses.asdict's recursive deep copy cost ~10 us per passage on the
+        # HTTP server's hot path
         return {"id": self.id, "title": self.title, "text": self.text, "score": self.score, "rank": self.rank}
 
 
@@ -130,7 +130,8 @@ class BM25Index:
     def search_ids(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k document rows and scores, shape ``(len(queries), k')`` with ``k' = min(k, N)``.
 
-        Queries without a single indexed term get row ``-1`` and score ``0`` everywhere.
+        Ranked by score, ties broken by lower row first (deterministic). Documents that match no
+        query term are not results: their slots hold row ``-1`` and score ``0``.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -138,15 +139,28 @@ class BM25Index:
         tokens = self.tokenize(queries)
         docs = np.full((len(tokens), k), -1, dtype=np.int64)
         scores = np.zeros((len(tokens), k), dtype=np.float32)
-        live = [i for i, t in enumerate(tokens) if t]
-        if live:
-            d, s = self._retriever.retrieve([tokens[i] for i in live], k=k, show_progress=False,
-                                            return_as="tuple", n_threads=0)
-            docs[live] = d
-            scores[live] = s
-        # a document that matched no query term at all is not a result
-        docs[scores <= 0] = -1
+        for i, toks in enumerate(tokens):
+            if toks:
+                d, s = self._top_k(self._retriever.get_scores(toks), k)
+                docs[i, : len(d)] = d
+                scores[i, : len(s)] = s
         return docs, scores
+
+    @staticmethod
+    def _top_k(all_scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # Select among the matching documents only: bm25s' argpartition over all N scores slows
+        # down badly when most of them are exactly zero (measured 19x at 1M passages, see
+        # benchmarks/RESULTS.md); the scores are bm25s' own, only the selection differs.
+        hit = np.flatnonzero(all_scores > 0)
+        hit_scores = all_scores[hit]
+        if len(hit) > k:
+            keep = np.argpartition(-hit_scores, k - 1)[:k]
+            # include every document tied with the k-th score so the tie-break below sees them all
+            kth = hit_scores[keep].min()
+            keep = np.flatnonzero(hit_scores >= kth)
+            hit, hit_scores = hit[keep], hit_scores[keep]
+        order = np.lexsort((hit, -hit_scores))[:k]
+        return hit[order], hit_scores[order]
 
     def search(self, queries: Sequence[str], k: int = 3) -> list[list[Passage]]:
         """Batched search: one ranked list of passages per query."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import httpx
+import orjson
 
 from retrieval.bm25 import BM25Index, Passage
 from retrieval.render import render_results
@@ -83,7 +84,8 @@ class HttpSearchEngine:
                 time.sleep(0.2 * 2**attempt)
         if resp.status_code != 200:
             raise SearchServerError(f"search server at {self.url} answered {resp.status_code}: {resp.text[:500]}")
-        return [[Passage(**p) for p in hits] for hits in resp.json()["results"]]
+        return [[Passage(p["id"], p["title"], p["text"], p["score"], p["rank"]) for p in hits]
+                for hits in orjson.loads(resp.content)["results"]]
 
     def search(self, queries: Sequence[str], k: int = 3) -> list[list[Passage]]:
         queries = list(queries)

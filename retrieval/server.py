@@ -14,7 +14,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import orjson
 from fastapi import FastAPI, HTTPException
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from retrieval.bm25 import BM25Index
@@ -127,6 +129,10 @@ def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
         fut.set_exception(exc)
 
 
+def _json(body: dict) -> Response:
+    return Response(content=orjson.dumps(body), media_type="application/json")
+
+
 def create_app(index: BM25Index, limits: ServerLimits = ServerLimits()) -> FastAPI:
     """Build the FastAPI app; run it with uvicorn (``autocoa serve-search`` does)."""
     batcher = MicroBatcher(index, limits.max_merged_queries)
@@ -150,16 +156,17 @@ def create_app(index: BM25Index, limits: ServerLimits = ServerLimits()) -> FastA
                 "batcher": {"calls": batcher.calls, "queries": batcher.queries}}
 
     @app.post("/search")
-    async def search(req: SearchRequest) -> dict:
+    async def search(req: SearchRequest) -> Response:
         validate(req.queries, req.k)
         hits = await batcher.submit(req.queries, req.k)
         body = {"results": [[p.to_dict() for p in h] for h in hits]}
         if req.render:
             body["rendered"] = [render_results(h) for h in hits]
-        return body
+        # serialised directly: FastAPI's generic jsonable_encoder costs more than the search itself
+        return _json(body)
 
     @app.post("/retrieve")
-    async def retrieve(req: RetrieveRequest) -> dict:
+    async def retrieve(req: RetrieveRequest) -> Response:
         validate(req.queries, req.topk)
         hits = await batcher.submit(req.queries, req.topk)
         result = []
@@ -167,7 +174,7 @@ def create_app(index: BM25Index, limits: ServerLimits = ServerLimits()) -> FastA
             docs = [{"id": p.id, "contents": f'"{p.title}"\n{p.text}'} for p in h]
             result.append([{"document": d, "score": p.score} for d, p in zip(docs, h)]
                           if req.return_scores else docs)
-        return {"result": result}
+        return _json({"result": result})
 
     return app
 

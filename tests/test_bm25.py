@@ -100,3 +100,14 @@ def test_split_contents_follows_flashrag():
 def test_empty_corpus_is_an_error():
     with pytest.raises(ValueError, match="empty corpus"):
         BM25Index.build([])
+
+
+def test_ties_are_broken_by_row_and_match_raw_scores():
+    tied = [{"id": str(i), "contents": f"Doc {i}\nshared words here"} for i in range(20)]
+    tied.append({"id": "x", "contents": "Unique\nshared words here plus rare"})
+    index = BM25Index.build(tied, show_progress=False)
+    docs, scores = index.search_ids(["shared rare", "shared"], k=5)
+    assert docs[0, 0] == 20 and list(docs[0, 1:]) == [0, 1, 2, 3]
+    assert list(docs[1]) == [0, 1, 2, 3, 4]  # twenty-way tie on the short documents: lowest rows first
+    raw_scores = index._retriever.get_scores(index.tokenize(["shared rare"])[0])  # noqa: SLF001
+    assert np.allclose(scores[0], np.sort(raw_scores)[::-1][:5])
