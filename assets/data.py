@@ -11,7 +11,7 @@ from pipelines.metadata import bar_plot, markdown_table, table_metadata, timed
 from pipelines.quality import gx_check
 from qadata.loaders import SourceSpec, count_records, load_sources, normalise_hotpot
 from qadata.sampling import sample_questions
-from qadata.schema import QUESTION_SCHEMA, questions_table, rejected_table
+from qadata.schema import QUESTION_SCHEMA, questions_table, reason_kind, rejected_table
 from qadata.text import normalise_question
 from qadata.world import WorldSpec, build_world, generate_questions
 
@@ -94,8 +94,7 @@ def hotpotqa_raw(context: dg.AssetExecutionContext, config: HotpotqaRawConfig, e
                          f"({len(rejected)} rows rejected, first reason: {rejected[0].reason if rejected else 'none'})")
     table, rej = questions_table(rows), rejected_table(rejected)
     by_source = collections.Counter((r["source"], r["split"]) for r in rows)
-    reasons = collections.Counter(r.reason.split(":")[0] if r.reason.startswith("line") else r.reason.split(" (")[0]
-                                  for r in rejected)
+    reasons = collections.Counter(reason_kind(r.reason) for r in rejected)
     context.log.info("loaded %d questions, rejected %d of %d input rows", len(rows), len(rejected), rows_in)
     if rejected:
         context.log.warning("rejected rows, by reason: %s", dict(reasons.most_common(10)))

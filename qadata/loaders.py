@@ -251,7 +251,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield lineno, _Unreadable(f"line {lineno} is not valid UTF-8 (byte {exc.start})",
+                yield lineno, _Unreadable(f"line {lineno}: not valid UTF-8 (byte {exc.start})",
                                           line.decode("utf-8", errors="replace"))
                 continue
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -67,6 +68,13 @@ class Rejected:
             "reason": self.reason,
             "raw": self.raw[:RAW_PREVIEW_CHARS],
         }
+
+
+def reason_kind(reason: str) -> str:
+    """Group quarantine reasons for a summary: drop line numbers, offending values and details."""
+    kind = re.sub(r"^line \d+:?\s*", "", reason)
+    kind = re.sub(r"(duplicate id|title) '[^']*'", r"\1 …", kind)
+    return kind.split(" (")[0].strip()
 
 
 def questions_table(rows: list[dict]) -> pa.Table:
