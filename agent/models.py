@@ -40,7 +40,15 @@ def ensure_embedded_checkpoint(cache_dir: str | Path) -> Path:
     start = time.perf_counter()
     log.info("converting %s to a safetensors checkpoint in %s", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # A GGUF-loaded model is marked quantized and refuses save_pretrained; its weights are already
+    # de-quantized, so copy them into a plain model built from the same (unquantized) config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
     with atomic_directory(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

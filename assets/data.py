@@ -1,14 +1,13 @@
 """Data stage: the generated world, normalised HotpotQA-style questions and the CoT/CoA sample."""
 
-
 import collections
 
 import dagster as dg
 import pyarrow as pa
 from pydantic import Field
 
-from pipelines.metadata import bar_plot, markdown_table, table_metadata, timed
-from pipelines.quality import gx_check
+from pipelines.metadata import bar_plot, latest_metadata, markdown_table, table_metadata, timed
+from pipelines.quality import REJECTED_EXPECTATIONS, gx_check
 from qadata.loaders import SourceSpec, count_records, load_sources, normalise_hotpot
 from qadata.sampling import sample_questions
 from qadata.schema import QUESTION_SCHEMA, questions_table, reason_kind, rejected_table
@@ -111,18 +110,11 @@ def hotpotqa_raw(context: dg.AssetExecutionContext, config: HotpotqaRawConfig, e
     })
 
 
-def _latest_metadata(instance: dg.DagsterInstance, key: str) -> dict:
-    event = instance.get_latest_materialization_event(dg.AssetKey(key))
-    if event is None or event.asset_materialization is None:
-        return {}
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
-
-
 @dg.asset_check(asset="hotpotqa_raw", blocking=True, additional_ins={"rejected": dg.AssetIn("hotpotqa_raw_rejected")},
                 description="Counts reconcile: rows read from the sources = rows kept + rows quarantined.")
 def hotpotqa_raw_counts_reconcile(context: dg.AssetCheckExecutionContext, hotpotqa_raw: pa.Table,
                                   rejected: pa.Table) -> dg.AssetCheckResult:
-    rows_in = _latest_metadata(context.instance, "hotpotqa_raw").get("rows_in")
+    rows_in = latest_metadata(context.instance, "hotpotqa_raw").get("rows_in")
     ok = rows_in is not None and rows_in == hotpotqa_raw.num_rows + rejected.num_rows
     return dg.AssetCheckResult(passed=ok, metadata={"rows_in": rows_in if rows_in is not None else -1,
                                                     "rows_out": hotpotqa_raw.num_rows,
@@ -230,7 +222,7 @@ def question_sample_pools_disjoint(question_sample: pa.Table) -> dg.AssetCheckRe
 
 @dg.asset_check(asset=question_sample, blocking=True, description="Sample and pool sizes are what was configured (or every eligible question when fewer).")
 def question_sample_sizes(context: dg.AssetCheckExecutionContext, question_sample: pa.Table) -> dg.AssetCheckResult:
-    meta = _latest_metadata(context.instance, "question_sample")
+    meta = latest_metadata(context.instance, "question_sample")
     want = min(meta.get("requested_total", -1), meta.get("eligible", -1))
     want_cot = int(round(want * meta.get("cot_fraction", 0.5)))
     pools = collections.Counter(question_sample.column("pool").to_pylist())
@@ -244,7 +236,7 @@ def question_sample_sizes(context: dg.AssetCheckExecutionContext, question_sampl
                 description="Leakage: no sampled question appears in a configured evaluation set.")
 def question_sample_no_eval_leakage(context: dg.AssetCheckExecutionContext, question_sample: pa.Table,
                                     hotpotqa_raw: pa.Table) -> dg.AssetCheckResult:
-    meta = _latest_metadata(context.instance, "question_sample")
+    meta = latest_metadata(context.instance, "question_sample")
     banned = _eval_questions(hotpotqa_raw, meta.get("eval_splits", ["dev", "test"]), meta.get("eval_files", []))
     leaked = [q for q in question_sample.column("question").to_pylist() if normalise_question(q) in banned]
     return dg.AssetCheckResult(passed=not leaked, metadata={"eval_questions": len(banned), "leaked": len(leaked),
@@ -261,15 +253,6 @@ def question_sample_expectations(question_sample: pa.Table) -> dg.AssetCheckResu
         ("ExpectColumnValuesToBeInSet", {"column": "pool", "value_set": ["cot", "coa"]}),
         ("ExpectColumnValuesToMatchRegex", {"column": "stratum", "regex": r"^[a-z]+/[a-z]+$"}),
     ])
-
-
-REJECTED_EXPECTATIONS = [
-    ("ExpectTableColumnsToMatchSet", {"column_set": ["source", "split", "source_file", "source_row", "reason", "raw"],
-                                      "exact_match": True}),
-    ("ExpectColumnValuesToNotBeNull", {"column": "reason"}),
-    ("ExpectColumnValuesToNotBeNull", {"column": "source_file"}),
-    ("ExpectColumnValuesToBeBetween", {"column": "source_row", "min_value": 0}),
-]
 
 
 @dg.asset_check(asset="hotpotqa_raw_rejected", description="Every quarantined row names its file, row and reason.")

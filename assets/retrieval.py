@@ -1,6 +1,5 @@
 """Retrieval stage: the FlashRAG passage corpus and its BM25 search index."""
 
-
 import random
 
 import bm25s
@@ -10,12 +9,12 @@ import pyarrow as pa
 import Stemmer
 from pydantic import Field
 
-from pipelines.metadata import bar_plot, table_metadata, timed
-from assets.data import REJECTED_EXPECTATIONS
-from pipelines.quality import gx_check
+from pipelines.metadata import bar_plot, latest_metadata, table_metadata, timed
+from pipelines.quality import REJECTED_EXPECTATIONS, gx_check
 from pipelines.storage import StorageResource
 from qadata.corpus import corpus_from_questions, read_flashrag_corpus
 from qadata.io import atomic_write_jsonl
+from qadata.loaders import SourceSpec, count_records
 from qadata.schema import Rejected, rejected_table
 from retrieval.bm25 import BM25Index
 from retrieval.metrics import recall_at_k
@@ -52,7 +51,8 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, storage: Sto
             passages = []
             for item in read_flashrag_corpus(config.flashrag_corpus):
                 (rejected if isinstance(item, Rejected) else passages).append(item)
-            rows_in, source = len(passages) + len(rejected), config.flashrag_corpus
+            # counted from the file itself, independently of the parser, so the reconcile check means something
+            rows_in, source = count_records(SourceSpec(config.flashrag_corpus)), config.flashrag_corpus
             duplicates = 0
         else:
             passages, rows_in = corpus_from_questions(hotpotqa_raw.select(["context"]).to_pylist())
@@ -89,8 +89,7 @@ def corpus_rejected_expectations(corpus_rejected: pa.Table) -> dg.AssetCheckResu
                 description="Counts reconcile: paragraphs or lines read = passages kept + duplicates merged + lines quarantined.")
 def corpus_counts_reconcile(context: dg.AssetCheckExecutionContext, corpus: pa.Table,
                             rejected: pa.Table) -> dg.AssetCheckResult:
-    event = context.instance.get_latest_materialization_event(dg.AssetKey("corpus"))
-    meta = {k: v.value for k, v in event.asset_materialization.metadata.items()} if event else {}
+    meta = latest_metadata(context.instance, "corpus")
     rows_in = meta.get("rows_in")
     ok = rows_in is not None and rows_in == corpus.num_rows + meta.get("duplicates_merged", 0) + rejected.num_rows
     return dg.AssetCheckResult(passed=ok, metadata={"rows_in": rows_in if rows_in is not None else -1,

@@ -80,3 +80,11 @@ def bar_plot(labels: list[str], series: dict[str, list[float]], title: str, ylab
     if len(series) > 1:
         ax.legend(fontsize=8)
     return plot_markdown(fig)
+
+
+def latest_metadata(instance: dg.DagsterInstance, asset: str) -> dict:
+    """Metadata values of an asset's latest materialisation (what checks reconcile against)."""
+    event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+    if event is None or event.asset_materialization is None:
+        return {}
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}

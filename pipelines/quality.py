@@ -20,6 +20,16 @@ _context = None
 
 Expectation = tuple[str, dict]
 
+# every quarantine table (``*_rejected``) has this shape
+REJECTED_EXPECTATIONS = [
+    ("ExpectTableColumnsToMatchSet", {"column_set": ["source", "split", "source_file", "source_row", "reason", "raw"],
+                                      "exact_match": True}),
+    ("ExpectColumnValuesToNotBeNull", {"column": "reason"}),
+    ("ExpectColumnValuesToNotBeNull", {"column": "source_file"}),
+    ("ExpectColumnValuesToBeBetween", {"column": "source_row", "min_value": 0}),
+]
+
+
 
 def _gx_context():
     global _context

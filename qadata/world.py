@@ -113,7 +113,7 @@ def build_world(spec: WorldSpec) -> World:
     r, n = w.rng, w.names
     for _ in range(spec.countries):
         name = n.unique(lambda: n.word(r.randint(2, 3)))
-        c = w.add(Entity("country", name, {"demonym": name + ("n" if name[-1] in "aeiou" else "ian"),
+        w.add(Entity("country", name, {"demonym": name + ("n" if name[-1] in "aeiou" else "ian"),
                                            "capital": None, "founded": r.randint(1200, 1900)}))
     for _ in range(spec.places):
         name = n.unique(lambda: n.word(r.randint(2, 3)))
