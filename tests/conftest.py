@@ -33,3 +33,18 @@ def write_jsonl(path: Path, rows: list) -> Path:
         for r in rows:
             fh.write(r if isinstance(r, bytes) else (json.dumps(r) + "\n").encode())
     return path
+
+
+@pytest.fixture(scope="session")
+def embedded_checkpoint(tmp_path_factory):
+    """The embedded SmolLM2 converted once per test session (about 20 s)."""
+    from agent.models import ensure_embedded_checkpoint
+
+    return ensure_embedded_checkpoint(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer(embedded_checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_checkpoint)

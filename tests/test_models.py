@@ -6,8 +6,8 @@ from agent.models import checkpoint_info, embedded_gguf_path, ensure_embedded_ch
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return ensure_embedded_checkpoint(tmp_path_factory.mktemp("models"))
+def checkpoint(embedded_checkpoint):
+    return embedded_checkpoint
 
 
 def test_gguf_is_found_without_importing_the_llm_plugin():

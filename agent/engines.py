@@ -1,0 +1,127 @@
+"""Generation engines behind one interface: token ids in, token ids out, stop strings honoured.
+
+Rollouts never decode and re-encode a trajectory: an engine receives the exact prompt token ids
+and returns the exact ids it generated, cut right after the token that completed a stop string
+(or after EOS), so the caller can append observation tokens and continue.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+    temperature: float = 0.6
+    top_p: float = 0.95
+    seed: int | None = None
+
+
+@dataclass
+class GenResult:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (a stop string completed), "eos", or "length"
+    stop_str: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    tokenizer: object
+    name: str
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
+        ...
+
+
+def cut_at_stop(token_ids: list[int], decode, stop: Sequence[str], eos_ids: set[int],
+                limit: int) -> GenResult:
+    """Trim raw generated ids after the first EOS, or after the token completing the earliest stop string.
+
+    Rows of a batch that finished early are padded by the engine; with pad == EOS the padding is cut
+    as an EOS, and a stop string completed before it still wins.
+    """
+    ids = token_ids[:limit]
+    eos_at = next((i for i, t in enumerate(ids) if t in eos_ids), None)
+    if eos_at is not None:
+        ids = ids[: eos_at + 1]
+    hit = _first_stop(decode(ids), stop)
+    if hit is not None:
+        lo, hi = 1, len(ids)  # the shortest prefix whose text contains the stop string
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if hit in decode(ids[:mid]):
+                hi = mid
+            else:
+                lo = mid + 1
+        ids = ids[:lo]
+        return GenResult(ids, decode(ids), "stop", hit)
+    finish = "eos" if eos_at is not None or len(ids) < limit else "length"
+    return GenResult(ids, decode(ids), finish)
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> str | None:
+    found = [(text.find(s), s) for s in stop if s and s in text]
+    return min(found)[1] if found else None
+
+
+class TransformersEngine:
+    """In-process batched ``generate`` (left padding, stop strings): the portable fallback."""
+
+    name = "transformers"
+
+    def __init__(self, model_path: str | Path, *, dtype: str = "float32", device: str = "cpu",
+                 max_batch: int = 32):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        self.tokenizer.padding_side = "left"
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=getattr(torch, dtype)).to(device)
+        self.model.eval()
+        self.device, self.max_batch = device, max_batch
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        self.eos_ids.discard(None)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
+        out: list[GenResult] = []
+        for i in range(0, len(requests), self.max_batch):
+            out.extend(self._generate_batch(list(requests[i: i + self.max_batch])))
+        return out
+
+    def _generate_batch(self, reqs: list[GenRequest]) -> list[GenResult]:
+        import torch
+
+        width = max(len(r.prompt_ids) for r in reqs)
+        input_ids = torch.full((len(reqs), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(reqs), width), dtype=torch.long)
+        for row, r in enumerate(reqs):
+            input_ids[row, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            attention[row, width - len(r.prompt_ids):] = 1
+        first = reqs[0]
+        stop = sorted({s for r in reqs for s in r.stop})
+        if first.seed is not None:
+            torch.manual_seed(first.seed)
+        with torch.no_grad():
+            gen = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                max_new_tokens=max(r.max_new_tokens for r in reqs), do_sample=first.temperature > 0,
+                temperature=first.temperature if first.temperature > 0 else None,
+                top_p=first.top_p if first.temperature > 0 else None, pad_token_id=self.pad_id,
+                stop_strings=stop or None, tokenizer=self.tokenizer if stop else None)
+        new = gen[:, width:].tolist()
+        return [cut_at_stop(ids, self._decode, r.stop, self.eos_ids, r.max_new_tokens) for ids, r in zip(new, reqs)]

@@ -1,0 +1,187 @@
+"""The rollout loop (the paper's Algorithm 1), token-level and concurrent.
+
+Each trajectory is a coroutine: it asks the generation batcher to continue its exact token ids
+until ``</end_search>`` or the end, then either asks the search batcher for results and appends the
+rendered ``<search_result>`` block as observation tokens (real environment), or lets the policy
+write that block itself (simulated environment), and goes on. Budgets: at most ``max_actions``
+actions and ``max_context`` tokens; when either is exhausted an answer is forced by appending
+``</think>`` and a ``\\boxed{`` prompt (Algorithm 1, lines 29-31).
+
+The trajectory is never decoded and re-encoded: ``token_ids`` are the prompt, the ids the engine
+produced and the ids of each appended observation; ``policy_mask`` is 1 exactly on the ids the
+policy generated; ``spans`` locate every action and observation in token space.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from agent.batching import AsyncBatcher
+from agent.engines import Engine, GenRequest
+from agent.protocol import ACTION_CLOSE, ACTION_OPEN, OBS_CLOSE, OBS_OPEN, THINK_CLOSE
+from evals.grading import extract_boxed
+
+FORCE_ANSWER = f"\n{THINK_CLOSE}\n\nThe final answer is \\boxed{{"
+SEARCH_LIMIT = "The search limit is reached; answer with what you know."
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    max_actions: int = 5  # T
+    max_context: int = 2048  # N, in tokens, prompt included
+    max_turn_tokens: int = 512
+    answer_tokens: int = 24
+    temperature: float = 0.6
+    top_p: float = 0.95
+    search_k: int = 3
+    simulated: bool = False
+    seed: int | None = None
+
+
+@dataclass
+class Span:
+    kind: str  # action | observation | forced
+    start: int  # token offsets into Trajectory.token_ids, [start, end)
+    end: int
+    simulated: bool = False
+    text: str = ""
+
+
+@dataclass
+class Trajectory:
+    task_id: str
+    prompt_len: int
+    token_ids: list[int]
+    policy_mask: list[int]
+    spans: list[Span] = field(default_factory=list)
+    queries: list[str] = field(default_factory=list)
+    finish_reason: str = ""
+    answer: str | None = None
+    completion: str = ""
+    wall_seconds: float = 0.0
+    generated_tokens: int = 0
+    search_calls: int = 0
+
+    @property
+    def n_actions(self) -> int:
+        return sum(1 for s in self.spans if s.kind == "action")
+
+
+def _query_of(turn_text: str) -> str:
+    start = turn_text.rfind(ACTION_OPEN)
+    body = turn_text[start + len(ACTION_OPEN):] if start >= 0 else turn_text
+    return body.replace(ACTION_CLOSE, "").strip()
+
+
+def render_observation(rendered_results: str) -> str:
+    return f"\n{OBS_OPEN}\n{rendered_results}\n{OBS_CLOSE}\n"
+
+
+class Rollout:
+    """Runs many trajectories concurrently over one engine and one search function."""
+
+    def __init__(self, engine: Engine, search: Callable[[list[str]], list[str]] | None,
+                 config: RolloutConfig = RolloutConfig(), *, max_batch: int = 64, search_batch: int = 256):
+        if search is None and not config.simulated:
+            raise ValueError("a real-environment rollout needs a search function")
+        self.engine, self.config = engine, config
+        self.tokenizer = engine.tokenizer
+        self.generate = AsyncBatcher(engine.generate, max_batch, name="generate")
+        self.search = AsyncBatcher(search, search_batch, name="search") if search else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def run(self, tasks: Sequence[tuple[str, list[int]]]) -> list[Trajectory]:
+        """Roll out ``(task_id, prompt_ids)`` pairs; returns trajectories in task order."""
+        return asyncio.run(self._run_all(tasks))
+
+    async def _run_all(self, tasks):
+        try:
+            return await asyncio.gather(*(self.one(tid, ids) for tid, ids in tasks))
+        finally:
+            await self.generate.close()
+            if self.search:
+                await self.search.close()
+
+    async def _gen(self, traj: Trajectory, max_new: int, stop: tuple[str, ...]):
+        cfg = self.config
+        res = await self.generate.submit(GenRequest(list(traj.token_ids), max_new, stop, cfg.temperature,
+                                                    cfg.top_p, cfg.seed))
+        traj.token_ids += res.token_ids
+        traj.policy_mask += [1] * len(res.token_ids)
+        traj.generated_tokens += len(res.token_ids)
+        return res
+
+    def _append_env(self, traj: Trajectory, ids: list[int]) -> tuple[int, int]:
+        start = len(traj.token_ids)
+        traj.token_ids += ids
+        traj.policy_mask += [0] * len(ids)
+        return start, len(traj.token_ids)
+
+    def _token_at_char(self, ids: list[int], char_pos: int) -> int:
+        """Index of the token whose decoded text covers ``char_pos`` (prefix decodes grow monotonically)."""
+        lo, hi = 0, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.decode(ids[: mid + 1])) > char_pos:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    async def one(self, task_id: str, prompt_ids: list[int]) -> Trajectory:
+        cfg, t0 = self.config, time.perf_counter()
+        traj = Trajectory(task_id, len(prompt_ids), list(prompt_ids), [0] * len(prompt_ids))
+        forced = False
+        while True:
+            budget = cfg.max_context - len(traj.token_ids)
+            if budget <= cfg.answer_tokens + 8:
+                forced = True
+                break
+            turn_start = len(traj.token_ids)
+            res = await self._gen(traj, min(cfg.max_turn_tokens, budget - cfg.answer_tokens - 8), (ACTION_CLOSE,))
+            if res.finish_reason != "stop":
+                traj.finish_reason = res.finish_reason
+                forced = res.finish_reason == "length" and extract_boxed(self.decode(traj.token_ids[traj.prompt_len:])) is None
+                break
+            query = _query_of(res.text)
+            turn_ids = traj.token_ids[turn_start:]
+            action_at = self.decode(turn_ids).rfind(ACTION_OPEN)
+            start = turn_start + (self._token_at_char(turn_ids, action_at) if action_at >= 0 else 0)
+            traj.spans.append(Span("action", start, len(traj.token_ids), text=query))
+            traj.queries.append(query)
+            if traj.n_actions > cfg.max_actions:
+                # over the action budget: the environment says so instead of searching, then an
+                # answer is forced, so every action is still followed by an observation
+                start, end = self._append_env(traj, self.encode(render_observation(SEARCH_LIMIT)))
+                traj.spans.append(Span("observation", start, end, text=SEARCH_LIMIT))
+                forced = True
+                break
+            if cfg.simulated:
+                # the policy writes the result block itself (the internal world model)
+                start, _ = self._append_env(traj, self.encode(f"\n{OBS_OPEN}\n"))
+                sim = await self._gen(traj, min(cfg.max_turn_tokens, cfg.max_context - len(traj.token_ids) - 1),
+                                      (OBS_CLOSE,))
+                traj.spans.append(Span("observation", start, len(traj.token_ids), simulated=True,
+                                       text=sim.text.replace(OBS_CLOSE, "").strip()))
+            else:
+                rendered = await self.search.submit(query)
+                traj.search_calls += 1
+                start, end = self._append_env(traj, self.encode(render_observation(rendered)))
+                traj.spans.append(Span("observation", start, end, text=rendered))
+        if forced:
+            start, _ = self._append_env(traj, self.encode(FORCE_ANSWER))
+            await self._gen(traj, cfg.answer_tokens, ("}",))
+            traj.spans.append(Span("forced", start, len(traj.token_ids)))
+            traj.finish_reason = "forced"
+        traj.completion = self.decode(traj.token_ids[traj.prompt_len:])
+        traj.answer = extract_boxed(traj.completion)
+        traj.wall_seconds = time.perf_counter() - t0
+        return traj
