@@ -48,6 +48,7 @@ class Span:
     end: int
     simulated: bool = False
     text: str = ""
+    passage_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -80,10 +81,21 @@ def render_observation(rendered_results: str) -> str:
     return f"\n{OBS_OPEN}\n{rendered_results}\n{OBS_CLOSE}\n"
 
 
-class Rollout:
-    """Runs many trajectories concurrently over one engine and one search function."""
+def search_tool(engine, k: int) -> Callable[[list[str]], list[tuple[str, list[str]]]]:
+    """Adapt a ``retrieval`` search engine to the rollout: each query -> (rendered results, passage ids)."""
+    from retrieval.render import render_results
 
-    def __init__(self, engine: Engine, search: Callable[[list[str]], list[str]] | None,
+    def run(queries: list[str]) -> list[tuple[str, list[str]]]:
+        return [(render_results(hits), [p.id for p in hits]) for hits in engine.search(queries, k)]
+
+    return run
+
+
+class Rollout:
+    """Runs many trajectories concurrently over one engine and one search function
+    (``queries -> [(rendered results, passage ids)]``, see :func:`search_tool`)."""
+
+    def __init__(self, engine: Engine, search: Callable[[list[str]], list[tuple[str, list[str]]]] | None,
                  config: RolloutConfig = RolloutConfig(), *, max_batch: int = 64, search_batch: int = 256):
         if search is None and not config.simulated:
             raise ValueError("a real-environment rollout needs a search function")
@@ -172,10 +184,10 @@ class Rollout:
                 traj.spans.append(Span("observation", start, len(traj.token_ids), simulated=True,
                                        text=sim.text.replace(OBS_CLOSE, "").strip()))
             else:
-                rendered = await self.search.submit(query)
+                rendered, passage_ids = await self.search.submit(query)
                 traj.search_calls += 1
                 start, end = self._append_env(traj, self.encode(render_observation(rendered)))
-                traj.spans.append(Span("observation", start, end, text=rendered))
+                traj.spans.append(Span("observation", start, end, text=rendered, passage_ids=list(passage_ids)))
         if forced:
             start, _ = self._append_env(traj, self.encode(FORCE_ANSWER))
             await self._gen(traj, cfg.answer_tokens, ("}",))

@@ -40,7 +40,7 @@ class ScriptedPolicy:
 
 
 def fake_search(queries):
-    return [f'result 1: "Doc"\nabout {q}' for q in queries]
+    return [(f'result 1: "Doc"\nabout {q}', [f"p-{q}"]) for q in queries]
 
 
 def prompt(tok, i):
@@ -58,6 +58,7 @@ def test_real_environment_is_token_exact(embedded_tokenizer):
         obs = [s for s in t.spans if s.kind == "observation"]
         for s in obs:
             assert tok.decode(t.token_ids[s.start:s.end]) == render_observation(s.text)
+            assert s.passage_ids == [f"p-{s.text.split('about ')[1]}"]
             assert set(t.policy_mask[s.start:s.end]) == {0}
         # every token the policy generated is in the mask, nothing else is
         assert sum(t.policy_mask) == t.generated_tokens
@@ -134,3 +135,13 @@ def test_cut_at_stop(embedded_tokenizer, raw, stop, want, reason):
     ids = tok.encode(raw, add_special_tokens=False)
     res = cut_at_stop(ids, tok.decode, stop, {tok.eos_token_id}, len(ids))
     assert res.text == want and res.finish_reason == reason
+
+
+def test_search_tool_over_the_real_index():
+    from agent.rollout import search_tool
+    from retrieval.bm25 import BM25Index
+
+    index = BM25Index.build([{"id": "a", "contents": "Alpha\nAlpha is a poet."},
+                             {"id": "b", "contents": "Beta\nBeta is a city."}], show_progress=False)
+    rendered, ids = search_tool(index, 2)(["poet"])[0]
+    assert ids == ["a"] and rendered == 'result 1: "Alpha"\nAlpha is a poet.'
