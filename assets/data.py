@@ -8,6 +8,7 @@ from pydantic import Field
 
 from pipelines.metadata import bar_plot, latest_metadata, markdown_table, table_metadata, timed
 from pipelines.quality import REJECTED_EXPECTATIONS, gx_check
+from qadata.checks import answer_in_gold
 from qadata.loaders import SourceSpec, count_records, load_sources, normalise_hotpot
 from qadata.sampling import sample_questions
 from qadata.schema import QUESTION_SCHEMA, questions_table, reason_kind, rejected_table
@@ -51,11 +52,8 @@ def embedded_world_is_answerable(embedded_world: pa.Table) -> dg.AssetCheckResul
     problems = []
     for i, raw in enumerate(embedded_world.to_pylist()):
         rec = normalise_hotpot(raw, source="embedded", split=raw["split"], source_file="embedded", source_row=i)
-        paras = {p["title"]: p["sentences"] for p in rec["context"]}
-        gold_text = " ".join(paras[f["title"]][f["sent_id"]] for f in rec["supporting_facts"])
-        answer = rec["answer"]
-        if answer not in ("yes", "no") and answer not in gold_text and answer not in paras:
-            problems.append(f"{rec['id']}: answer {answer!r} not in its supporting sentences")
+        if not answer_in_gold(rec, sentences_only=True):
+            problems.append(f"{rec['id']}: answer {rec['answer']!r} not in its supporting sentences")
     return dg.AssetCheckResult(passed=not problems, metadata={"questions": embedded_world.num_rows,
                                                               "unanswerable": len(problems),
                                                               "examples": "\n".join(problems[:5])})
@@ -144,16 +142,14 @@ def hotpotqa_raw_answerable(hotpotqa_raw: pa.Table) -> dg.AssetCheckResult:
     checked = missing = 0
     examples = []
     for rec in hotpotqa_raw.select(["id", "answer", "supporting_facts", "context"]).to_pylist():
-        if not rec["context"] or not rec["supporting_facts"]:
+        found = answer_in_gold(rec)
+        if found is None:
             continue
         checked += 1
-        gold = {f["title"] for f in rec["supporting_facts"]}
-        text = " ".join(" ".join(p["sentences"]) + " " + p["title"] for p in rec["context"] if p["title"] in gold)
-        ans = rec["answer"]
-        if ans.lower() not in ("yes", "no") and ans.lower() not in text.lower():
+        if not found:
             missing += 1
             if len(examples) < 5:
-                examples.append(f"{rec['id']}: {ans!r}")
+                examples.append(f"{rec['id']}: {rec['answer']!r}")
     share = 1.0 - missing / checked if checked else 1.0
     # real HotpotQA has a few answers paraphrased from the paragraphs, so this is a WARN threshold
     return dg.AssetCheckResult(passed=share >= 0.9, severity=dg.AssetCheckSeverity.WARN,

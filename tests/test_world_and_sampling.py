@@ -2,6 +2,7 @@ import collections
 
 import pytest
 
+from qadata.checks import answer_in_gold
 from qadata.corpus import corpus_from_questions
 from qadata.loaders import normalise_hotpot
 from qadata.sampling import largest_remainder, sample_questions
@@ -34,8 +35,7 @@ def test_world_questions_are_hotpotqa_shaped_and_answerable():
         assert len(r["context"]) == 10
         for f in r["supporting_facts"]:
             assert f["title"] in paras and 0 <= f["sent_id"] < len(paras[f["title"]])
-        gold = " ".join(paras[f["title"]][f["sent_id"]] for f in r["supporting_facts"])
-        assert r["answer"] in ("yes", "no") or r["answer"] in gold or r["answer"] in paras
+        assert answer_in_gold(r, sentences_only=True), r["id"]
 
 
 def test_corpus_deduplicates_paragraphs_with_stable_ids():
@@ -84,3 +84,15 @@ def test_sample_takes_everything_when_asked_for_more():
 def test_sample_rejects_bad_fraction(fraction):
     with pytest.raises(ValueError):
         sample_questions([], total=1, cot_fraction=fraction)
+
+
+def test_answer_in_gold_predicate(hotpot_row):
+    from qadata.loaders import normalise_hotpot
+
+    rec = normalise_hotpot(hotpot_row, source="hf", split="train", source_file="x", source_row=0)
+    assert answer_in_gold(rec, sentences_only=True) is True      # "Beta" is in "Alpha was born in Beta."
+    assert answer_in_gold(rec | {"answer": "Gamma"}) is False
+    assert answer_in_gold(rec | {"answer": "beta"}) is True       # paragraphs: case-insensitive
+    assert answer_in_gold(rec | {"answer": "beta"}, sentences_only=True) is False
+    assert answer_in_gold(rec | {"answer": "No"}) is True
+    assert answer_in_gold(rec | {"context": []}) is None
