@@ -98,9 +98,17 @@ class TransformersEngine:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
-        out: list[GenResult] = []
-        for i in range(0, len(requests), self.max_batch):
-            out.extend(self._generate_batch(list(requests[i: i + self.max_batch])))
+        # One generate() call shares sampling settings and stop strings (a row halts on any stop
+        # string of its batch), so requests are grouped by them; results come back in request order.
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.temperature, r.top_p, r.seed, tuple(sorted(r.stop))), []).append(i)
+        out: list[GenResult | None] = [None] * len(requests)
+        for idx in groups.values():
+            for j in range(0, len(idx), self.max_batch):
+                chunk = idx[j: j + self.max_batch]
+                for i, res in zip(chunk, self._generate_batch([requests[i] for i in chunk])):
+                    out[i] = res
         return out
 
     def _generate_batch(self, reqs: list[GenRequest]) -> list[GenResult]:
@@ -112,8 +120,8 @@ class TransformersEngine:
         for row, r in enumerate(reqs):
             input_ids[row, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             attention[row, width - len(r.prompt_ids):] = 1
-        first = reqs[0]
-        stop = sorted({s for r in reqs for s in r.stop})
+        first = reqs[0]  # every request of the batch shares these settings (see generate)
+        stop = list(first.stop)
         if first.seed is not None:
             torch.manual_seed(first.seed)
         with torch.no_grad():

@@ -19,9 +19,6 @@ def recall_at_k(engine: SearchEngine, rows: Sequence[dict], ks: Sequence[int] = 
     if not rows:
         return {k: float("nan") for k in ks}
     hits = engine.search([r["question"] for r in rows], max(ks))
-    out = {}
-    for k in ks:
-        shares = [len({f["title"] for f in r["supporting_facts"]} & {p.title for p in h[:k]})
-                  / len({f["title"] for f in r["supporting_facts"]}) for r, h in zip(rows, hits)]
-        out[k] = round(float(np.mean(shares)), 4)
-    return out
+    golds = [{f["title"] for f in r["supporting_facts"]} for r in rows]
+    return {k: round(float(np.mean([len(g & {p.title for p in h[:k]}) / len(g) for g, h in zip(golds, hits)])), 4)
+            for k in ks}

@@ -124,6 +124,10 @@ def test_real_engine_on_the_embedded_model(embedded_checkpoint):
     assert isinstance(a, GenResult) and a.text == tok.decode(a.token_ids)
     assert a.finish_reason == "stop" and a.text.endswith("\n3.") and a.text.count("\n3.") == 1
     assert b.finish_reason == "length" and len(b.token_ids) == 5
+    # mixed stop strings in one call: each request halts on its own stop only
+    c, d = engine.generate([GenRequest(list(ids), 40, ("\n3.",), temperature=0.0),
+                            GenRequest(list(ids), 40, ("\n5.",), temperature=0.0)])
+    assert c.text.endswith("\n3.") and d.text.endswith("\n5.") and "\n3." in d.text
 
 
 @pytest.mark.parametrize("raw,stop,want,reason", [
