@@ -102,7 +102,9 @@ class TransformersEngine:
         # string of its batch), so requests are grouped by them; results come back in request order.
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault((r.temperature, r.top_p, r.seed, tuple(sorted(r.stop))), []).append(i)
+            # per-request seeds are not part of the key (torch has one generator per generate call):
+            # a batch is seeded by its first request, reproducible for the same batch composition
+            groups.setdefault((r.temperature, r.top_p, tuple(sorted(r.stop))), []).append(i)
         out: list[GenResult | None] = [None] * len(requests)
         for idx in groups.values():
             for j in range(0, len(idx), self.max_batch):
@@ -133,3 +135,80 @@ class TransformersEngine:
                 stop_strings=stop or None, tokenizer=self.tokenizer if stop else None)
         new = gen[:, width:].tolist()
         return [cut_at_stop(ids, self._decode, r.stop, self.eos_ids, r.max_new_tokens) for ids, r in zip(new, reqs)]
+
+
+# -- choosing an engine by config ---------------------------------------------------------------
+ENGINE_KINDS = ("auto", "vllm", "transformers", "openai")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What to load: ``kind`` (auto = vLLM when installed, else transformers), the model (``embedded``,
+    a checkpoint directory or a hub id) and the knobs each engine takes."""
+
+    kind: str = "auto"
+    model: str = "embedded"
+    dtype: str | None = None
+    max_model_len: int = 4096
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    max_batch: int = 64
+    base_urls: tuple[str, ...] = ()
+    served_model: str | None = None  # the model name the HTTP server knows; default: ``model``
+    api_key: str | None = None
+    seed: int = 0
+
+
+def resolve_model(model: str, cache_dir: str | Path) -> tuple[str, str]:
+    """``(path or hub id to load, display name)``; ``embedded`` converts the GGUF once into ``cache_dir``."""
+    if model == "embedded":
+        from agent.models import EMBEDDED_MODEL, ensure_embedded_checkpoint
+
+        return str(ensure_embedded_checkpoint(cache_dir)), EMBEDDED_MODEL
+    return model, Path(model).name if Path(model).exists() else model
+
+
+def resolve_kind(kind: str) -> str:
+    if kind not in ENGINE_KINDS:
+        raise ValueError(f"engine kind must be one of {ENGINE_KINDS}, got {kind!r}")
+    if kind != "auto":
+        return kind
+    from agent.vllm_engine import vllm_available
+
+    return "vllm" if vllm_available() else "transformers"
+
+
+_LOADED: dict[tuple, object] = {}
+
+
+def load_engine(spec: EngineSpec, cache_dir: str | Path) -> Engine:
+    """Build the engine a spec names, once per process (later calls with the same spec reuse it)."""
+    kind = resolve_kind(spec.kind)
+    key = (kind, spec, str(cache_dir))
+    if key in _LOADED:
+        return _LOADED[key]
+    path, display = resolve_model(spec.model, cache_dir)
+    if kind == "vllm":
+        from agent.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(path, dtype=spec.dtype, max_model_len=spec.max_model_len,
+                            tensor_parallel_size=spec.tensor_parallel_size,
+                            gpu_memory_utilization=spec.gpu_memory_utilization, seed=spec.seed)
+    elif kind == "transformers":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        engine = TransformersEngine(path, dtype=spec.dtype or ("bfloat16" if device == "cuda" else "float32"),
+                                    device=device, max_batch=spec.max_batch)
+    else:
+        from transformers import AutoTokenizer
+
+        from agent.http_engine import OpenAIEngine
+
+        if not spec.base_urls:
+            raise ValueError("engine kind 'openai' needs base_urls (e.g. http://127.0.0.1:8000)")
+        engine = OpenAIEngine(spec.base_urls, spec.served_model or path, AutoTokenizer.from_pretrained(path),
+                              api_key=spec.api_key)
+    engine.model_name = display
+    _LOADED[key] = engine
+    return engine

@@ -15,6 +15,7 @@ policy generated; ``spans`` locate every action and observation in token space.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from agent.engines import Engine, GenRequest
 from agent.protocol import ACTION_CLOSE, ACTION_OPEN, OBS_CLOSE, OBS_OPEN, THINK_CLOSE
 from evals.grading import extract_boxed
 
-FORCE_ANSWER = f"\n{THINK_CLOSE}\n\nThe final answer is \\boxed{{"
+FORCE_BOX = "\n\nThe final answer is \\boxed{"
+FORCE_ANSWER = f"\n{THINK_CLOSE}{FORCE_BOX}"
 SEARCH_LIMIT = "The search limit is reached; answer with what you know."
 
 
@@ -38,6 +40,7 @@ class RolloutConfig:
     top_p: float = 0.95
     search_k: int = 3
     simulated: bool = False
+    tools: bool = True  # False: CoT (no tool); the policy generates to the end, an action is not executed
     seed: int | None = None
 
 
@@ -49,6 +52,7 @@ class Span:
     simulated: bool = False
     text: str = ""
     passage_ids: list[str] = field(default_factory=list)
+    refused: bool = False  # an action over the budget T: answered with SEARCH_LIMIT, not executed
 
 
 @dataclass
@@ -68,7 +72,8 @@ class Trajectory:
 
     @property
     def n_actions(self) -> int:
-        return sum(1 for s in self.spans if s.kind == "action")
+        """Actions executed (an action over the budget is refused and not counted)."""
+        return sum(1 for s in self.spans if s.kind == "action" and not s.refused)
 
 
 def _query_of(turn_text: str) -> str:
@@ -96,13 +101,18 @@ class Rollout:
     (``queries -> [(rendered results, passage ids)]``, see :func:`search_tool`)."""
 
     def __init__(self, engine: Engine, search: Callable[[list[str]], list[tuple[str, list[str]]]] | None,
-                 config: RolloutConfig = RolloutConfig(), *, max_batch: int = 64, search_batch: int = 256):
-        if search is None and not config.simulated:
+                 config: RolloutConfig = RolloutConfig(), *, max_batch: int = 64, search_batch: int = 256,
+                 on_done: Callable[[Trajectory], None] | None = None):
+        if search is None and config.tools and not config.simulated:
             raise ValueError("a real-environment rollout needs a search function")
         self.engine, self.config = engine, config
         self.tokenizer = engine.tokenizer
-        self.generate = AsyncBatcher(engine.generate, max_batch, name="generate")
+        # engines with their own scheduler (vLLM's stepping thread, an HTTP server) take requests one
+        # by one; batch-only engines (transformers) get a dynamic batcher in front
+        self._streaming = hasattr(engine, "agenerate")
+        self.generate = None if self._streaming else AsyncBatcher(engine.generate, max_batch, name="generate")
         self.search = AsyncBatcher(search, search_batch, name="search") if search else None
+        self.on_done = on_done  # called as each trajectory finishes (progress bars, logs)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -118,18 +128,29 @@ class Rollout:
         try:
             return await asyncio.gather(*(self.one(tid, ids) for tid, ids in tasks))
         finally:
-            await self.generate.close()
+            if self.generate is not None:
+                await self.generate.close()
+            if hasattr(self.engine, "aclose"):
+                await self.engine.aclose()
             if self.search:
                 await self.search.close()
 
     async def _gen(self, traj: Trajectory, max_new: int, stop: tuple[str, ...]):
         cfg = self.config
-        res = await self.generate.submit(GenRequest(list(traj.token_ids), max_new, stop, cfg.temperature,
-                                                    cfg.top_p, cfg.seed))
+        req = GenRequest(list(traj.token_ids), max_new, stop, cfg.temperature, cfg.top_p,
+                         self._seed(traj.task_id, len(traj.token_ids)))
+        res = await (self.engine.agenerate(req) if self._streaming else self.generate.submit(req))
         traj.token_ids += res.token_ids
         traj.policy_mask += [1] * len(res.token_ids)
         traj.generated_tokens += len(res.token_ids)
         return res
+
+    def _seed(self, task_id: str, position: int) -> int | None:
+        """A distinct, reproducible seed per trajectory and turn (samples of one question must differ)."""
+        if self.config.seed is None:
+            return None
+        digest = hashlib.blake2b(f"{self.config.seed}/{task_id}/{position}".encode(), digest_size=4).digest()
+        return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
     def _append_env(self, traj: Trajectory, ids: list[int]) -> tuple[int, int]:
         start = len(traj.token_ids)
@@ -158,7 +179,8 @@ class Rollout:
                 forced = True
                 break
             turn_start = len(traj.token_ids)
-            res = await self._gen(traj, min(cfg.max_turn_tokens, budget - cfg.answer_tokens - 8), (ACTION_CLOSE,))
+            res = await self._gen(traj, min(cfg.max_turn_tokens, budget - cfg.answer_tokens - 8),
+                                  (ACTION_CLOSE,) if cfg.tools else ())
             if res.finish_reason != "stop":
                 traj.finish_reason = res.finish_reason
                 forced = res.finish_reason == "length" and extract_boxed(self.decode(traj.token_ids[traj.prompt_len:])) is None
@@ -169,7 +191,8 @@ class Rollout:
             start = turn_start + (self._token_at_char(turn_ids, action_at) if action_at >= 0 else 0)
             traj.spans.append(Span("action", start, len(traj.token_ids), text=query))
             traj.queries.append(query)
-            if traj.n_actions > cfg.max_actions:
+            if sum(1 for s in traj.spans if s.kind == "action") > cfg.max_actions:
+                traj.spans[-1].refused = True
                 # over the action budget: the environment says so instead of searching, then an
                 # answer is forced, so every action is still followed by an observation
                 start, end = self._append_env(traj, self.encode(render_observation(SEARCH_LIMIT)))
@@ -189,11 +212,15 @@ class Rollout:
                 start, end = self._append_env(traj, self.encode(render_observation(rendered)))
                 traj.spans.append(Span("observation", start, end, text=rendered, passage_ids=list(passage_ids)))
         if forced:
-            start, _ = self._append_env(traj, self.encode(FORCE_ANSWER))
+            # Algorithm 1, lines 29-31: close the reasoning (unless the policy already did) and prompt the box
+            closed = THINK_CLOSE in self.decode(traj.token_ids[traj.prompt_len:])
+            start, _ = self._append_env(traj, self.encode(FORCE_BOX if closed else FORCE_ANSWER))
             await self._gen(traj, cfg.answer_tokens, ("}",))
             traj.spans.append(Span("forced", start, len(traj.token_ids)))
             traj.finish_reason = "forced"
         traj.completion = self.decode(traj.token_ids[traj.prompt_len:])
         traj.answer = extract_boxed(traj.completion)
         traj.wall_seconds = time.perf_counter() - t0
+        if self.on_done is not None:
+            self.on_done(traj)
         return traj

