@@ -34,7 +34,7 @@ class OpenAIEngine:
     name = "openai"
 
     def __init__(self, base_urls: str | Sequence[str], model: str, tokenizer, *, api_key: str | None = None,
-                 timeout: float = 600.0, retries: int = 3, max_in_flight: int = 256):
+                 timeout: float = 600.0, retries: int = 3, max_in_flight: int = 256, transport=None):
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
         if not urls:
             raise ValueError("OpenAIEngine needs at least one base URL")
@@ -44,6 +44,7 @@ class OpenAIEngine:
         self.timeout, self.retries, self.max_in_flight = timeout, retries, max_in_flight
         self.in_flight = {u: 0 for u in self.base_urls}
         self.calls = {u: 0 for u in self.base_urls}
+        self._transport = transport  # an httpx transport (tests); default: real connections
         self._client = None
         self._client_loop = None
         self._sem: asyncio.Semaphore | None = None
@@ -57,7 +58,8 @@ class OpenAIEngine:
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
             limits = httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight)
-            self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits, headers=self.headers)
+            self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits, headers=self.headers,
+                                             transport=self._transport)
             self._client_loop = loop
             self._sem = asyncio.Semaphore(self.max_in_flight)
         return self._client

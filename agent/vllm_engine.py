@@ -154,12 +154,15 @@ class VLLMEngine:
     # -- sampling ---------------------------------------------------------------------------
     def _params(self, r: GenRequest):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         max_tokens = max(1, min(r.max_new_tokens, self.max_model_len - len(r.prompt_ids)))
         return SamplingParams(max_tokens=max_tokens, temperature=r.temperature,
                               top_p=r.top_p if r.temperature > 0 else 1.0, seed=r.seed,
                               stop=list(r.stop) or None, include_stop_str_in_output=True,
-                              skip_special_tokens=False, spaces_between_special_tokens=False)
+                              skip_special_tokens=False, spaces_between_special_tokens=False,
+                              # only the finished output (the default re-sends every token at every step)
+                              output_kind=RequestOutputKind.FINAL_ONLY)
 
     def _result(self, output, request: GenRequest) -> GenResult:
         comp = output.outputs[0]

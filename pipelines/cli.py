@@ -45,9 +45,10 @@ def _instance(home: Path):
 
 
 def _check_rows(result) -> list[dict]:
+    partition = result.dagster_run.tags.get("dagster/partition", "")
     rows = []
     for ev in result.get_asset_check_evaluations():
-        rows.append({"asset": ev.asset_key.to_user_string(), "check": ev.check_name,
+        rows.append({"asset": ev.asset_key.to_user_string(), "partition": partition, "check": ev.check_name,
                      "result": "passed" if ev.passed else f"FAILED ({ev.severity.value})",
                      "severity": ev.severity.value, "passed": ev.passed})
     return rows
@@ -56,7 +57,8 @@ def _check_rows(result) -> list[dict]:
 def _print_checks(rows: list[dict]) -> None:
     from tabulate import tabulate
 
-    print(tabulate([[r["asset"], r["check"], r["result"]] for r in rows], headers=["asset", "check", "result"]))
+    print(tabulate([[r["asset"], r["partition"], r["check"], r["result"]] for r in rows],
+                   headers=["asset", "partition", "check", "result"]))
 
 
 def _failed_steps(result) -> list[str]:

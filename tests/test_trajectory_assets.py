@@ -1,0 +1,130 @@
+"""The synthesis assets through Dagster: one shard for real, the checks, the weekly schedule, and a
+killed ``autocoa run`` that resumes without redoing finished shards."""
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipelines.definitions import build_definitions
+from pipelines.paths import REPO_ROOT, table_path
+from pipelines.sql import run_query
+
+ROLLOUT = {"max_turn_tokens": 40, "cot_max_tokens": 48, "max_context": 900, "max_actions": 2, "answer_tokens": 12,
+           "engine": {"kind": "transformers"}}
+BASE = {"embedded_world": {"config": {"people": 300, "works": 300, "orgs": 60, "places": 80, "questions": 200}},
+        "question_sample": {"config": {"total": 12}}}
+SYNTH = {"cot_trajectories": {"config": ROLLOUT}, "coa_trajectories": {"config": ROLLOUT}}
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, embedded_checkpoint):
+    home = tmp_path_factory.mktemp("home")
+    # reuse the session's converted checkpoint instead of converting again
+    models = home / "artifacts" / "models"
+    models.mkdir(parents=True)
+    (models / embedded_checkpoint.name).symlink_to(embedded_checkpoint)
+    return home
+
+
+@pytest.fixture(scope="module")
+def materialised(home):
+    instance = dg.DagsterInstance.ephemeral()
+    defs = build_definitions(home, shards=2)
+    base = defs.resolve_job_def("autocoa_embedded").execute_in_process(instance=instance, run_config={"ops": BASE})
+    assert base.success
+    instance.add_dynamic_partitions("synthesis_rounds", ["r000"])
+    result = defs.resolve_job_def("trajectory_synthesis").execute_in_process(
+        instance=instance, partition_key="r000|s00", run_config={"ops": SYNTH}, raise_on_error=False)
+    return instance, defs, result
+
+
+def test_one_shard_materialises_with_metadata_and_checks(materialised, home):
+    instance, _, result = materialised
+    assert result.success
+    for pool in ("cot", "coa"):
+        table = pq.read_table(table_path(home, [f"{pool}_trajectories"], "r000|s00"))
+        assert table.num_rows > 0
+        assert set(table.column("pool").to_pylist()) == {pool} and set(table.column("shard").to_pylist()) == {"s00"}
+        assert set(table.column("engine").to_pylist()) == {"transformers"}
+        mat = result.asset_materializations_for_node(f"{pool}_trajectories")[0]
+        assert {"accuracy_em", "mean_actions", "tokens_per_second", "preview", "answer_rate",
+                "dagster/row_count", "finish_reasons"} <= set(mat.metadata)
+        assert mat.metadata["trajectories"].value == table.num_rows
+    checks = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
+    assert len(checks) == 12
+    for (asset, name), ev in checks.items():
+        if ev.severity == dg.AssetCheckSeverity.ERROR:
+            assert ev.passed, (asset, name, ev.metadata)
+    assert checks[("coa_trajectories", "mask_aligned")].metadata["scope"].value.startswith("partition r000|s00")
+
+
+def test_sql_over_trajectories(materialised, home):
+    rel = run_query(home, "select pool, n_actions, count(*) n, avg(em) acc from "
+                          "(select * from cot_trajectories union all by name select * from coa_trajectories) "
+                          "group by all order by all")
+    rows = rel.fetchall()
+    assert {r[0] for r in rows} == {"cot", "coa"}
+    assert all(r[1] == 0 for r in rows if r[0] == "cot")
+
+
+def test_checks_only_job_covers_every_partition(materialised, home):
+    instance, defs, _ = materialised
+    result = defs.resolve_job_def("data_checks").execute_in_process(instance=instance, raise_on_error=False)
+    evs = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
+    scope = evs[("coa_trajectories", "mask_aligned")].metadata["scope"].value
+    assert scope.startswith("all partitions (1 files)") and evs[("coa_trajectories", "mask_aligned")].passed
+
+
+def test_weekly_schedule_adds_a_round_and_requests_every_shard(home):
+    defs = build_definitions(home, shards=3)
+    schedule = defs.resolve_schedule_def("weekly_resynthesis")
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED  # off in the embedded profile
+    instance = dg.DagsterInstance.ephemeral()
+    ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=dt.datetime(2026, 11, 23, 4),
+                                    repository_def=defs.get_repository_def())
+    data = schedule.evaluate_tick(ctx)
+    assert instance.get_dynamic_partitions("synthesis_rounds") == ["w2026-48"]
+    assert sorted(r.partition_key for r in data.run_requests) == ["w2026-48|s00", "w2026-48|s01", "w2026-48|s02"]
+
+
+def _cli(home: Path, config: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--home", str(home), "run", "--config", str(config)],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_killed_run_resumes_without_redoing_finished_shards(tmp_path, embedded_checkpoint):
+    home = tmp_path / "home"
+    (home / "artifacts" / "models").mkdir(parents=True)
+    (home / "artifacts" / "models" / embedded_checkpoint.name).symlink_to(embedded_checkpoint)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"ops": {**BASE, **SYNTH}}))
+    env = {**os.environ, "AUTOCOA_SHARDS": "3", "AUTOCOA_HOME": str(home), "DAGSTER_HOME": ""}
+    env.pop("DAGSTER_HOME")
+    first = [table_path(home, [f"{pool}_trajectories"], "r000|s00") for pool in ("cot", "coa")]
+    second = [table_path(home, [f"{pool}_trajectories"], "r000|s01") for pool in ("cot", "coa")]
+    proc = _cli(home, config, env)
+    deadline = time.time() + 400
+    # shard s00's run is over once anything of s01 appears; kill then (mid-s01 at the latest)
+    while not any(p.is_file() for p in second) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert all(p.is_file() for p in first), "the first shard never landed"
+    proc.send_signal(signal.SIGKILL)  # a crash: no cleanup
+    proc.wait()
+    stamps = [p.stat().st_mtime_ns for p in first]
+    rerun = _cli(home, config, env)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out[-3000:]
+    assert [p.stat().st_mtime_ns for p in first] == stamps  # the finished shard was not redone
+    assert "r000|s00: already materialised, skipped" in out
+    for shard in ("s00", "s01", "s02"):
+        for pool in ("cot", "coa"):
+            assert table_path(home, [f"{pool}_trajectories"], f"r000|{shard}").is_file()
