@@ -88,12 +88,15 @@ def test_weekly_schedule_adds_a_round_and_requests_every_shard(home):
     defs = build_definitions(home, shards=3)
     schedule = defs.resolve_schedule_def("weekly_resynthesis")
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED  # off in the embedded profile
-    instance = dg.DagsterInstance.ephemeral()
-    ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=dt.datetime(2026, 11, 23, 4),
-                                    repository_def=defs.get_repository_def())
-    data = schedule.evaluate_tick(ctx)
-    assert instance.get_dynamic_partitions("synthesis_rounds") == ["w2026-48"]
-    assert sorted(r.partition_key for r in data.run_requests) == ["w2026-48|s00", "w2026-48|s01", "w2026-48|s02"]
+    with dg.instance_for_test() as instance:
+        ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=dt.datetime(2026, 11, 23, 4),
+                                        repository_def=defs.get_repository_def())
+        data = schedule.evaluate_tick(ctx)
+        assert instance.get_dynamic_partitions("synthesis_rounds") == ["w2026-48"]
+        assert sorted(r.partition_key for r in data.run_requests) == ["w2026-48|s00", "w2026-48|s01", "w2026-48|s02"]
+        # a second tick in the same week adds nothing new
+        schedule.evaluate_tick(ctx)
+        assert instance.get_dynamic_partitions("synthesis_rounds") == ["w2026-48"]
 
 
 def _cli(home: Path, config: Path, env: dict) -> subprocess.Popen:
@@ -106,7 +109,10 @@ def test_killed_run_resumes_without_redoing_finished_shards(tmp_path, embedded_c
     (home / "artifacts" / "models").mkdir(parents=True)
     (home / "artifacts" / "models" / embedded_checkpoint.name).symlink_to(embedded_checkpoint)
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({"ops": {**BASE, **SYNTH}}))
+    quick = {**ROLLOUT, "max_turn_tokens": 16, "cot_max_tokens": 16, "max_actions": 1, "answer_tokens": 6}
+    config.write_text(yaml.safe_dump({"ops": {**BASE, "question_sample": {"config": {"total": 6}},
+                                              "cot_trajectories": {"config": quick},
+                                              "coa_trajectories": {"config": quick}}}))
     env = {**os.environ, "AUTOCOA_SHARDS": "3", "AUTOCOA_HOME": str(home), "DAGSTER_HOME": ""}
     env.pop("DAGSTER_HOME")
     first = [table_path(home, [f"{pool}_trajectories"], "r000|s00") for pool in ("cot", "coa")]
