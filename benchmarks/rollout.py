@@ -72,7 +72,8 @@ def rollout_tps(engine, search, prompts, cfg) -> dict:
     trajs = Rollout(engine, search, cfg).run([(f"t{i}", p) for i, p in enumerate(prompts)])
     wall = time.perf_counter() - t0
     gen = sum(t.generated_tokens for t in trajs)
-    return {"wall": wall, "tokens": gen, "tps": gen / wall, "trajs": trajs,
+    obs = sum(s.end - s.start for t in trajs for s in t.spans if s.kind in ("observation", "forced"))
+    return {"wall": wall, "tokens": gen, "tps": gen / wall, "trajs": trajs, "env_tokens": obs,
             "actions": sum(t.n_actions for t in trajs) / len(trajs),
             "turns": sum(1 + len([s for s in t.spans if s.kind == "observation"]) for t in trajs) / len(trajs)}
 
@@ -192,6 +193,11 @@ vLLM load: {vllm_load:.1f} s; transformers load: {hf_load:.1f} s.
 | naive sequential rollout loop (vLLM) | {args.sequential} of the same questions, one at a time | {seq['tokens']} | {seq['wall']:.1f} | {seq['tps']:.1f} |
 | rollout, vLLM | {args.small} trajectories, ≤2 searches, 64 tok/turn | {v_small['tokens']} | {v_small['wall']:.1f} | {v_small['tps']:.1f} |
 | rollout, transformers | same | {t_small['tokens']} | {t_small['wall']:.1f} | {t_small['tps']:.1f} |
+
+The multi-turn rollout also had to prefill {batched['env_tokens']} environment tokens (search results and
+forced-answer prompts; {batched['env_tokens'] / max(1, batched['tokens']):.1f} per generated token) that single-turn
+generation never sees: counting them, it processed {(batched['tokens'] + batched['env_tokens']) / batched['wall']:.1f}
+tokens/s. On a CPU prefill is as costly per token as decoding, so this is where the multi-turn ratio goes.
 
 | ratio | value | |
 |---|---:|---|

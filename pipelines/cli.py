@@ -306,10 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.command not in ("run", "check"):
+        # run/check print library logs through Dagster's console logger (managed_python_loggers);
+        # a root handler too would print every line twice
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
     args.home = Path(args.home).resolve()
     os.environ.setdefault("AUTOCOA_HOME", str(args.home))
     return args.func(args)

@@ -35,7 +35,7 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1600,1000"]
-DEFAULT_ASSETS = "embedded_world,hotpotqa_raw,question_sample,corpus,search_index"
+DEFAULT_ASSETS = "embedded_world,hotpotqa_raw,question_sample,corpus,search_index,cot_trajectories,coa_trajectories"
 MIN_PNG_BYTES = 50_000  # the loading-spinner page is ~37 kB, the drawn graph ~150 kB
 STATUS_QUERY = """{ workspaceOrError { __typename ... on Workspace { locationEntries {
   name loadStatus locationOrLoadError { __typename ... on PythonError { message } } } } }
