@@ -18,7 +18,8 @@ and the same prompts for every system:
 3. **vLLM ÷ transformers**: ``--small`` trajectories with a short budget through the same ``Rollout``
    on each engine (transformers: batched ``generate`` behind the dynamic batcher).
 
-Results are printed and replace the ``<!-- rollout:begin -->`` … ``<!-- rollout:end -->`` block of ``--out``.
+Every measured call starts with an empty prefix cache (``reset_prefix_cache``): a repeat must not reuse
+the KV of the previous one. Results are printed and replace the ``<!-- rollout:begin -->`` … ``<!-- rollout:end -->`` block of ``--out``.
 """
 
 from __future__ import annotations
@@ -65,9 +66,16 @@ def load_questions(n: int, seed: int = 0) -> tuple[list[dict], list[dict], str]:
     return rows[:n], passages, origin
 
 
+def cold(engine) -> None:
+    """Empty vLLM's prefix cache, so no measurement reuses KV computed by an earlier one."""
+    if hasattr(engine, "llm"):
+        engine.llm.reset_prefix_cache()
+
+
 def rollout_tps(engine, search, prompts, cfg) -> dict:
     from agent.rollout import Rollout
 
+    cold(engine)
     t0 = time.perf_counter()
     trajs = Rollout(engine, search, cfg).run([(f"t{i}", p) for i, p in enumerate(prompts)])
     wall = time.perf_counter() - t0
@@ -84,6 +92,7 @@ def single_turn_tps(vllm_engine, prompts, lengths) -> dict:
 
     params = [SamplingParams(max_tokens=max(1, n), min_tokens=max(1, n), ignore_eos=True, temperature=0.6,
                              top_p=0.95, seed=i, skip_special_tokens=False) for i, n in enumerate(lengths)]
+    cold(vllm_engine)
     t0 = time.perf_counter()
     outs = vllm_engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     wall = time.perf_counter() - t0

@@ -28,20 +28,26 @@ def test_every_asset_has_a_one_sentence_description(tmp_path):
 
 
 def test_profiles_parse_against_the_job_config():
-    defs = build_definitions("/tmp/unused-autocoa-home")
-    job = defs.resolve_job_def("autocoa_embedded")
     from dagster._core.system_config.objects import ResolvedRunConfig
 
-    for profile in ("shared", "paper"):
-        config = load_profile(profile)
-        # raises DagsterInvalidConfigError when a profile names a field the assets do not have
-        ResolvedRunConfig.build(job, config)
+    from pipelines.definitions import profile_config
+
+    defs = build_definitions("/tmp/unused-autocoa-home")
+    for job_name in ("autocoa_embedded", "trajectory_synthesis"):
+        job = defs.resolve_job_def(job_name)
+        ops = {n.name for n in job.graph.node_defs}
+        for profile in ("shared", "paper"):
+            # raises DagsterInvalidConfigError when a profile names a field the assets do not have
+            ResolvedRunConfig.build(job, profile_config(profile, ops))
     assert load_profile("paper")["ops"]["question_sample"]["config"]["total"] == 20000
+    teacher = load_profile("paper")["ops"]["coa_trajectories"]["config"]
+    assert teacher["engine"]["model"] == "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B" and teacher["temperature"] == 0.6
 
 
 def test_libraries_import_no_dagster():
     code = ("import sys; import qadata.loaders, qadata.world, qadata.sampling, qadata.corpus, retrieval.bm25, "
-            "retrieval.engine, retrieval.server, retrieval.metrics, agent, training, evals; "
+            "retrieval.engine, retrieval.server, retrieval.metrics, agent, agent.synthesis, agent.validate, "
+            "agent.vllm_engine, agent.http_engine, agent.engines, training, evals; "
             "print('dagster' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
