@@ -1,0 +1,92 @@
+"""Contrastive pair mining with a scripted policy (a unit-test fake) over the real SmolLM2 tokenizer."""
+
+from agent.engines import cut_at_stop
+from agent.rollout import RolloutConfig
+from training.pairs import first_action_juncture, first_sentence_juncture, mine_pairs
+
+PROMPT = "<|im_start|>user\nIn which country is Valdren?<|im_end|>\n<|im_start|>assistant\n<think>"
+
+
+class Scripted:
+    """Searches when an action was opened, answers Norsland after a result or when told to reason alone."""
+
+    name = "scripted"
+
+    def __init__(self, tokenizer, correct=True):
+        self.tokenizer, self.correct = tokenizer, correct
+
+    def generate(self, requests):
+        out = []
+        for r in requests:
+            so_far = self.tokenizer.decode(r.prompt_ids)
+            answer = "Norsland" if self.correct else "Brivia"
+            if so_far.rstrip().endswith("<begin_search>"):
+                text = " Valdren country </end_search>"
+            else:
+                text = f" So it is {answer}.</think>\n\n\\boxed{{{answer}}}"
+            ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+            out.append(cut_at_stop(ids, self.tokenizer.decode, r.stop, {self.tokenizer.eos_token_id}, r.max_new_tokens))
+        return out
+
+
+def _row(tok, kind, completion, em):
+    prompt = tok.encode(PROMPT, add_special_tokens=False)
+    comp = tok.encode(completion, add_special_tokens=False)
+    spans = []
+    if "<begin_search>" in completion:
+        at = completion.index("<begin_search>")
+        # the token covering the tag's first character, as the rollout records action spans
+        start = next(n for n in range(len(comp)) if len(tok.decode(comp[: n + 1])) > at)
+        spans = [{"kind": "action", "start": len(prompt) + start, "end": len(prompt) + start + 5}]
+    return {"trajectory_id": f"r/{kind}/q1/0", "question_id": "q1", "question": "In which country is Valdren?",
+            "gold_answers": ["Norsland"], "token_ids": prompt + comp, "prompt_tokens": len(prompt), "em": em,
+            "spans": spans}
+
+
+def _search(queries):
+    return [('result 1: "Valdren"\nValdren is a town in Norsland.', ["p2"]) for _ in queries]
+
+
+def test_junctures(embedded_tokenizer):
+    tok = embedded_tokenizer
+    cot = _row(tok, "cot", " Valdren is a town. It is in Brivia.</think>\n\n\\boxed{Brivia}", 0.0)
+    j = first_sentence_juncture(cot, tok.decode)
+    assert tok.decode(cot["token_ids"][cot["prompt_tokens"]: cot["prompt_tokens"] + j]) == " Valdren is a town."
+    coa = _row(tok, "coa", " I need it. <begin_search> Valdren </end_search>", 0.0)
+    j = first_action_juncture(coa)
+    assert tok.decode(coa["token_ids"][coa["prompt_tokens"]: coa["prompt_tokens"] + j]).strip() == "I need it."
+    assert first_sentence_juncture(_row(tok, "cot", " no sentence end</think>", 0.0), tok.decode) is None
+
+
+def test_mining_builds_both_kinds_and_accounts_for_every_wrong_row(embedded_tokenizer):
+    tok = embedded_tokenizer
+    cot_wrong = _row(tok, "cot", " Valdren is a town. It is in Brivia.</think>\n\n\\boxed{Brivia}", 0.0)
+    cot_right = _row(tok, "cot", " Valdren is in Norsland.</think>\n\n\\boxed{Norsland}", 1.0)
+    coa_wrong = _row(tok, "coa", " I need it. <begin_search> Valdren </end_search>\n<search_result>x</search_result>"
+                                 " It is Brivia.</think>\n\n\\boxed{Brivia}", 0.0)
+    coa_no_action = _row(tok, "coa", " It is Brivia.</think>\n\n\\boxed{Brivia}", 0.0)
+    prompt_ids = lambda q: tok.encode(PROMPT, add_special_tokens=False)  # noqa: E731
+    cfg = RolloutConfig(max_actions=2, max_context=400, max_turn_tokens=40, answer_tokens=8)
+    pairs, discarded = mine_pairs([cot_wrong, cot_right], [coa_wrong, coa_no_action], engine=Scripted(tok),
+                                  search=_search, coa_prompt_ids=prompt_ids, config=cfg, attempts=2)
+    assert len(pairs) + len(discarded) == 3  # the three wrong rows
+    a = next(p for p in pairs if p.kind == "a")
+    b = next(p for p in pairs if p.kind == "b")
+    assert a.chosen_has_action and not a.rejected_has_action and a.chosen_correct and not a.rejected_correct
+    assert b.rejected_has_action and not b.chosen_has_action and b.chosen_correct and not b.rejected_correct
+    assert tok.decode(a.prefix_ids) == " Valdren is a town." and a.juncture_rule == "first-sentence"
+    assert tok.decode(b.prefix_ids).strip() == "I need it." and b.juncture_rule == "first-action"
+    # token-level: the shared prefix is the trajectory's own ids, and the chosen observation is recorded
+    assert cot_wrong["token_ids"][cot_wrong["prompt_tokens"]:][: len(a.prefix_ids)] == a.prefix_ids
+    (s, e), = a.chosen_observation_spans
+    assert "Norsland" in tok.decode(a.chosen_ids[s:e])
+    assert [d.reason for d in discarded] == ["wrong CoA took no action: nothing to remove"]
+
+
+def test_no_correct_continuation_is_discarded_with_a_reason(embedded_tokenizer):
+    tok = embedded_tokenizer
+    cot_wrong = _row(tok, "cot", " Valdren is a town. It is in Brivia.</think>\n\n\\boxed{Brivia}", 0.0)
+    pairs, discarded = mine_pairs([cot_wrong], [], engine=Scripted(tok, correct=False), search=_search,
+                                  coa_prompt_ids=lambda q: tok.encode(PROMPT, add_special_tokens=False),
+                                  config=RolloutConfig(max_context=400, max_turn_tokens=40, answer_tokens=8), attempts=3)
+    assert pairs == [] and discarded[0].reason == "no correct action continuation in 3 attempts"

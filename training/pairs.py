@@ -1,0 +1,173 @@
+"""Contrastive pair mining (AutoCoA §3.2.1, "CoT+A data"), token-level and engine-agnostic.
+
+From questions whose CoT or CoA trajectory is wrong, build pairs that share a prefix and diverge at a
+reasoning juncture on whether an action is taken:
+
+(a) **CoT wrong**: context c = CoA prompt + the CoT reasoning up to the juncture; chosen = an action
+    opened there (``<begin_search>``) and continued with real search to a correct answer; rejected =
+    the CoT's own continuation from the juncture (no action, wrong).
+(b) **CoA wrong**: c = CoA prompt + the CoA reasoning up to its first action; chosen = a continuation
+    with the tool disabled (internal reasoning only) that answers correctly; rejected = the CoA's
+    own continuation from the juncture (the action, wrong).
+
+Junctures (recorded per pair): ``first-sentence`` for (a) = the end of the first sentence of the CoT
+reasoning (the earliest point where a search could replace recall); ``first-action`` for (b) = right
+before the CoA's first ``<begin_search>``. All sequences are token ids: the prefix is sliced from the
+trajectory's own ids (never decoded and re-encoded) and continuations come from the rollout library.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from agent.protocol import ACTION_OPEN, THINK_CLOSE
+from agent.rollout import Rollout, RolloutConfig
+from evals.grading import score
+
+SENTENCE_END = re.compile(r"[.!?](?=\s)")
+
+
+@dataclass
+class Pair:
+    pair_id: str
+    question_id: str
+    kind: str  # "a" (action inserted) | "b" (action removed)
+    juncture_rule: str
+    prompt_ids: list[int]  # the template prompt (shared)
+    prefix_ids: list[int]  # the shared reasoning prefix after the prompt
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    chosen_correct: bool
+    rejected_correct: bool
+    chosen_answer: str | None = None
+    rejected_answer: str | None = None
+    source_trajectory: str = ""
+    chosen_has_action: bool = False
+    rejected_has_action: bool = False
+    chosen_observation_spans: list[tuple[int, int]] = field(default_factory=list)  # within chosen_ids
+
+
+@dataclass
+class Discarded:
+    question_id: str
+    kind: str
+    reason: str
+
+
+def _token_at_char(decode: Callable[[list[int]], str], ids: list[int], char_pos: int) -> int:
+    """Smallest n such that decode(ids[:n]) covers ``char_pos`` characters."""
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(decode(ids[:mid])) >= char_pos:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def first_sentence_juncture(row: dict, decode) -> int | None:
+    """Token index (into the completion) right after the first sentence of the CoT's reasoning."""
+    completion = row["token_ids"][row["prompt_tokens"]:]
+    text = decode(completion)
+    end = text.find(THINK_CLOSE)
+    reasoning = text[: end if end >= 0 else len(text)]
+    m = SENTENCE_END.search(reasoning)
+    if m is None:
+        return None
+    n = _token_at_char(decode, completion, m.end())
+    return n if 0 < n < len(completion) else None
+
+
+def first_action_juncture(row: dict) -> int | None:
+    """Token index (into the completion) where the CoA's first action span starts."""
+    actions = [s for s in row["spans"] if s["kind"] == "action"]
+    if not actions:
+        return None
+    n = actions[0]["start"] - row["prompt_tokens"]
+    return n if n >= 0 else None
+
+
+def _graded(text: str, golds: Sequence[str]) -> tuple[str | None, bool]:
+    from evals.grading import extract_boxed
+
+    answer = extract_boxed(text)
+    return answer, bool(score(answer, golds).em)
+
+
+def mine_pairs(cot_rows: Sequence[dict], coa_rows: Sequence[dict], *, engine, search, coa_prompt_ids: Callable[[str], list[int]],
+               config: RolloutConfig, attempts: int = 4) -> tuple[list[Pair], list[Discarded]]:
+    """Mine (a) pairs from wrong CoT rows and (b) pairs from wrong CoA rows; every wrong row ends up as a
+    pair or as a :class:`Discarded` with the reason, so the counts reconcile."""
+    tok = engine.tokenizer
+
+    def decode(ids):
+        return tok.decode(list(ids), skip_special_tokens=False)
+
+    action_open = tok.encode(f" {ACTION_OPEN}", add_special_tokens=False)
+    plans, discarded = [], []
+    for row in cot_rows:
+        if row["em"] >= 1.0:
+            continue
+        j = first_sentence_juncture(row, decode)
+        if j is None:
+            discarded.append(Discarded(row["question_id"], "a", "no sentence boundary before </think>"))
+            continue
+        plans.append(("a", "first-sentence", row, j))
+    for row in coa_rows:
+        if row["em"] >= 1.0:
+            continue
+        j = first_action_juncture(row)
+        if j is None:
+            discarded.append(Discarded(row["question_id"], "b", "wrong CoA took no action: nothing to remove"))
+            continue
+        plans.append(("b", "first-action", row, j))
+
+    tasks_a, tasks_b = [], []
+    contexts = {}
+    for i, (kind, rule, row, j) in enumerate(plans):
+        prompt = coa_prompt_ids(row["question"])
+        prefix = row["token_ids"][row["prompt_tokens"]: row["prompt_tokens"] + j]
+        contexts[i] = (prompt, prefix)
+        for k in range(attempts):
+            if kind == "a":
+                tasks_a.append((f"{i}/{k}", prompt + prefix + action_open))
+            else:
+                tasks_b.append((f"{i}/{k}", prompt + prefix))
+    with_tool = Rollout(engine, search, config).run(tasks_a) if tasks_a else []
+    no_tool = Rollout(engine, None, RolloutConfig(**{**config.__dict__, "tools": False})).run(tasks_b) if tasks_b else []
+    by_plan: dict[int, list] = {}
+    for t in with_tool + no_tool:
+        by_plan.setdefault(int(t.task_id.split("/")[0]), []).append(t)
+
+    pairs = []
+    for i, (kind, rule, row, j) in enumerate(plans):
+        prompt, prefix = contexts[i]
+        golds = row["gold_answers"]
+        base = len(prompt) + len(prefix)
+        chosen = None
+        for t in sorted(by_plan.get(i, []), key=lambda t: t.task_id):
+            cont = t.token_ids[base:]
+            answer, ok = _graded(decode(prefix + cont), golds)
+            if ok:
+                chosen = (t, cont, answer)
+                break
+        if chosen is None:
+            discarded.append(Discarded(row["question_id"], kind,
+                                       f"no correct {'action' if kind == 'a' else 'no-action'} continuation in {attempts} attempts"))
+            continue
+        t, cont, answer = chosen
+        rejected = row["token_ids"][row["prompt_tokens"] + j:]
+        rej_answer, rej_ok = _graded(decode(prefix + rejected), golds)
+        obs = [(s.start - base, s.end - base) for s in t.spans if s.kind == "observation" and s.start >= base]
+        pairs.append(Pair(
+            pair_id=f"{row['trajectory_id']}#{kind}", question_id=row["question_id"], kind=kind, juncture_rule=rule,
+            prompt_ids=prompt, prefix_ids=prefix, chosen_ids=cont, rejected_ids=rejected,
+            chosen_correct=True, rejected_correct=rej_ok, chosen_answer=answer, rejected_answer=rej_answer,
+            source_trajectory=row["trajectory_id"],
+            chosen_has_action=decode(cont).lstrip().startswith(ACTION_OPEN),
+            rejected_has_action=decode(rejected).lstrip().startswith(ACTION_OPEN),
+            chosen_observation_spans=obs))
+    return pairs, discarded
