@@ -148,6 +148,17 @@ def cmd_run(args) -> int:
         synthesis = run_synthesis(instance, defs, home, profile=args.profile, round_key=args.round, extra=extra,
                                   force=args.force)
         results += [r for _, _, r in synthesis if r is not None]
+        if all(st != "FAILED" for _, st, _ in synthesis):
+            from pipelines.definitions import AFTER_JOB
+
+            after = defs.resolve_job_def(f"{AFTER_JOB}_paper" if args.profile == "paper" else AFTER_JOB)
+            after_ops = {n.name for n in after.graph.node_defs}
+            after_config = _run_config("embedded", after_ops, extra) if args.profile == "paper" else \
+                _run_config(args.profile, after_ops, extra)
+            if "contrastive_pairs" in after_ops:
+                after_config = _deep_merge({"ops": {"contrastive_pairs": {"config": {"round": args.round}}}}, after_config)
+            print(f"\nmaterialising what follows synthesis (round {args.round}) ...", flush=True)
+            results.append(after.execute_in_process(instance=instance, run_config=after_config, raise_on_error=False))
     tables = discover_tables(home)
     import glob as globlib
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from assets import data, retrieval, trajectories
+from assets import data, pairs, retrieval, sft_data, trajectories
 from pipelines.paths import REPO_ROOT, default_home
 from pipelines.resources import SearchEngineResource
 from pipelines.sensors import build_incoming_sensor
 from pipelines.storage import ParquetIOManager, StorageResource
 
-ASSET_MODULES = [data, retrieval]
+ASSET_MODULES = [data, retrieval, pairs, sft_data]
 PROFILES_DIR = REPO_ROOT / "configs"
 
 
@@ -38,6 +38,7 @@ def profile_config(name: str, ops: set[str] | None = None) -> dict:
 
 
 SYNTHESIS_JOB = "trajectory_synthesis"
+AFTER_JOB = "autocoa_after_synthesis"
 SYNTHESIS_OPS = {f"{p}_trajectories" for p in trajectories.POOLS}
 
 
@@ -49,8 +50,11 @@ def build_definitions(home: str | Path | None = None, shards: int | None = None)
     assets, checks = assets + traj_assets, checks + traj_checks
     # a job runs one partitions definition: the unpartitioned stages in one, the sharded synthesis in another
     synthesis = dg.AssetSelection.assets(*traj_assets)
-    unpartitioned = dg.AssetSelection.all() - synthesis
-    base_ops = {a.op.name for a in assets if a not in traj_assets}
+    # three jobs in run order: what synthesis needs, synthesis (partitioned), what comes after it
+    before = synthesis.upstream().required_multi_asset_neighbors()
+    unpartitioned = before - synthesis
+    after = dg.AssetSelection.all() - before
+    base_ops = {a.op.name for a in assets if a not in traj_assets}  # profile config for either side
     embedded_job = dg.define_asset_job(
         "autocoa_embedded", selection=unpartitioned,
         description="Materialise every unpartitioned asset on the embedded default (CPU, generated data, SmolLM2); "
@@ -66,6 +70,12 @@ def build_definitions(home: str | Path | None = None, shards: int | None = None)
         f"{SYNTHESIS_JOB}_paper", selection=synthesis, partitions_def=traj_partitions,
         config=profile_config("paper", SYNTHESIS_OPS),
         description="Trajectory synthesis with the paper profile's teacher (vLLM, DeepSeek-R1-Distill-Qwen-32B).")
+    after_job = dg.define_asset_job(
+        AFTER_JOB, selection=after,
+        description="Everything downstream of synthesis (contrastive pairs, SFT data and checkpoints), embedded defaults.")
+    after_paper_job = dg.define_asset_job(
+        f"{AFTER_JOB}_paper", selection=after, config=profile_config("paper", base_ops),
+        description="Everything downstream of synthesis with the paper profile.")
     profile = os.environ.get("AUTOCOA_PROFILE", "embedded")
     resynthesis = trajectories.build_resynthesis_schedule(
         synthesis_paper_job if profile == "paper" else synthesis_job,
@@ -79,7 +89,7 @@ def build_definitions(home: str | Path | None = None, shards: int | None = None)
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
-        jobs=[embedded_job, paper_job, checks_job, synthesis_job, synthesis_paper_job],
+        jobs=[embedded_job, paper_job, checks_job, synthesis_job, synthesis_paper_job, after_job, after_paper_job],
         schedules=[nightly_checks, resynthesis],
         sensors=[build_incoming_sensor(home, embedded_job)],
         resources={

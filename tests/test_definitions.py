@@ -33,7 +33,7 @@ def test_profiles_parse_against_the_job_config():
     from pipelines.definitions import profile_config
 
     defs = build_definitions("/tmp/unused-autocoa-home")
-    for job_name in ("autocoa_embedded", "trajectory_synthesis"):
+    for job_name in ("autocoa_embedded", "trajectory_synthesis", "autocoa_after_synthesis"):
         job = defs.resolve_job_def(job_name)
         ops = {n.name for n in job.graph.node_defs}
         for profile in ("shared", "paper"):

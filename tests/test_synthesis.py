@@ -58,6 +58,25 @@ def test_coa_synthesis_rows_are_token_exact_and_pass_the_structural_checks(engin
         assert r["em"] in (0.0, 1.0) and 0.0 <= r["f1"] <= 1.0
     assert stats["generated_tokens"] == sum(r["generated_tokens"] for r in rows)
 
+    # SFT-2/3 labels from these real trajectories: observations out of the stage-2 loss, in the stage-3 one
+    from training.sft_data import IGNORE, stage23_rows
+
+    for r, sft in zip(rows, stage23_rows(rows, max_length=4096)):
+        ids, l2, l3 = sft["input_ids"], sft["labels_stage2"], sft["labels_stage3"]
+        assert ids == r["token_ids"] and not sft["truncated"]
+        assert all(x == IGNORE for x in l2[: r["prompt_tokens"]] + l3[: r["prompt_tokens"]])
+        for i, m in enumerate(r["policy_mask"]):
+            if m:
+                assert l2[i] == ids[i]  # every policy token is trained on in stage 2
+        for s in r["spans"]:
+            if s["kind"] == "observation":
+                assert set(l2[s["start"]: s["end"]]) == {IGNORE}
+                assert l3[s["start"]: s["end"]] == ids[s["start"]: s["end"]]
+        # environment tokens (observations, forced-answer prompts) = in the stage-3 loss only
+        assert sft["env_tokens"] == len(ids) - r["prompt_tokens"] - sum(r["policy_mask"])
+    short = stage23_rows(rows[:1], max_length=rows[0]["prompt_tokens"] + 3)[0]
+    assert short["truncated"] and len(short["input_ids"]) == rows[0]["prompt_tokens"] + 3
+
 
 def test_cot_synthesis_takes_no_action(engine):
     cfg = RolloutConfig(tools=False, max_context=900, max_turn_tokens=48, answer_tokens=12, seed=1)

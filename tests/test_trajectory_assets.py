@@ -47,6 +47,42 @@ def materialised(home):
     return instance, defs, result
 
 
+PAIRS = {"contrastive_pairs": {"config": {"engine": {"kind": "transformers"}, "attempts": 1, "max_per_kind": 2,
+                                          "max_turn_tokens": 40, "max_context": 900, "max_actions": 2}}}
+
+
+def test_pairs_mined_from_the_shard_reconcile(materialised, home):
+    instance, defs, _ = materialised
+    result = defs.resolve_job_def("autocoa_after_synthesis").execute_in_process(
+        instance=instance, run_config={"ops": PAIRS}, raise_on_error=False)
+    assert result.success
+    pairs = pq.read_table(table_path(home, ["contrastive_pairs"]))
+    discarded = pq.read_table(table_path(home, ["contrastive_pairs_discarded"]))
+    wrong = sum(pq.read_table(table_path(home, [f"{p}_trajectories"], "r000|s00")).column("em").to_pylist().count(0.0)
+                for p in ("cot", "coa"))
+    assert pairs.num_rows + discarded.num_rows == wrong > 0
+    assert any("max_per_kind" in r for r in discarded.column("reason").to_pylist())  # capped, not silently dropped
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert len(checks) == 8  # contrastive pairs + stage-2/3 data
+    for name, ev in checks.items():
+        if ev.severity == dg.AssetCheckSeverity.ERROR:
+            assert ev.passed, (name, ev.metadata)
+    mat = result.asset_materializations_for_node("contrastive_pairs")
+    assert {"pairs", "discarded", "wrong_trajectories", "yield_plot"} <= set(mat[0].metadata)
+    # SFT data: stage 1 = the pairs; stage 2/3 = the correct trajectories, exported for LLaMA-Factory and HF datasets
+    assert pq.read_table(table_path(home, ["sft_stage1_data"])).num_rows == pairs.num_rows
+    stage23 = pq.read_table(table_path(home, ["sft_stage23_data"]))
+    correct = sum(pq.read_table(table_path(home, [f"{p}_trajectories"], "r000|s00")).column("em").to_pylist().count(1.0)
+                  for p in ("cot", "coa"))
+    assert stage23.num_rows == correct
+    exports = home / "artifacts" / "sft_stage23_data"
+    import json
+
+    assert len(json.loads((exports / "autocoa_sft.json").read_text())) == correct
+    assert "autocoa_sft" in json.loads((exports / "dataset_info.json").read_text())
+    assert pq.read_table(exports / "hf" / "train.parquet").num_rows == correct
+
+
 def test_one_shard_materialises_with_metadata_and_checks(materialised, home):
     instance, _, result = materialised
     assert result.success

@@ -18,6 +18,7 @@ trajectory's own ids (never decoded and re-encoded) and continuations come from 
 
 from __future__ import annotations
 
+import collections
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -98,9 +99,11 @@ def _graded(text: str, golds: Sequence[str]) -> tuple[str | None, bool]:
 
 
 def mine_pairs(cot_rows: Sequence[dict], coa_rows: Sequence[dict], *, engine, search, coa_prompt_ids: Callable[[str], list[int]],
-               config: RolloutConfig, attempts: int = 4) -> tuple[list[Pair], list[Discarded]]:
+               config: RolloutConfig, attempts: int = 4,
+               max_per_kind: int | None = None) -> tuple[list[Pair], list[Discarded]]:
     """Mine (a) pairs from wrong CoT rows and (b) pairs from wrong CoA rows; every wrong row ends up as a
-    pair or as a :class:`Discarded` with the reason, so the counts reconcile."""
+    pair or as a :class:`Discarded` with the reason, so the counts reconcile. ``max_per_kind`` caps the
+    rows mined per kind (in question-id order); the rest are discarded with that reason."""
     tok = engine.tokenizer
 
     def decode(ids):
@@ -125,6 +128,15 @@ def mine_pairs(cot_rows: Sequence[dict], coa_rows: Sequence[dict], *, engine, se
             continue
         plans.append(("b", "first-action", row, j))
 
+    if max_per_kind is not None:
+        kept, seen = [], collections.Counter()
+        for plan in sorted(plans, key=lambda p: (p[0], p[2]["question_id"], p[2]["trajectory_id"])):
+            if seen[plan[0]] < max_per_kind:
+                seen[plan[0]] += 1
+                kept.append(plan)
+            else:
+                discarded.append(Discarded(plan[2]["question_id"], plan[0], f"not mined: over max_per_kind={max_per_kind}"))
+        plans = kept
     tasks_a, tasks_b = [], []
     contexts = {}
     for i, (kind, rule, row, j) in enumerate(plans):
