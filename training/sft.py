@@ -1,0 +1,143 @@
+"""The three SFT stages with TRL, one function per stage, configs built from small overrides.
+
+- :func:`train_stage1`: the contrastive loss (``CPOTrainer``, see :mod:`training.losses`) on the pairs.
+- :func:`train_trajectory_sft`: SFT on pre-tokenised trajectories (``SFTTrainer`` with our own
+  ``labels``): stage 2 with observations masked (``labels_stage2``), stage 3 unmasked (``labels_stage3``).
+
+Every stage writes a checkpoint directory atomically: safetensors + tokenizer + ``meta.json`` (base
+model, data version, config, steps, loss curve, wall time). Full fine-tuning by default, LoRA via
+``lora`` (peft), packing where TRL supports it (pre-tokenised SFT data), gradient checkpointing, bf16
+on GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from qadata.io import atomic_directory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    max_steps: int = 8
+    learning_rate: float = 1e-5
+    batch_size: int = 2
+    grad_accum: int = 1
+    max_length: int = 2048
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    alpha: float = 1.0  # SFT-1 only: weight of the NLL term on the chosen side
+    lora: dict | None = None  # e.g. {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
+    save_steps: int | None = None  # mid-training checkpoints (resume) every N steps
+
+
+@dataclass
+class TrainResult:
+    path: str
+    steps: int
+    loss_curve: list[float] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    metrics: dict = field(default_factory=dict)
+    logps_chosen: list[float] = field(default_factory=list)
+    logps_rejected: list[float] = field(default_factory=list)
+
+
+def _common_args(s: TrainSettings, out: Path) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return dict(output_dir=str(out), max_steps=s.max_steps, learning_rate=s.learning_rate,
+                per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
+                warmup_ratio=s.warmup_ratio, weight_decay=s.weight_decay, seed=s.seed, logging_steps=1,
+                report_to=[], bf16=cuda, use_cpu=not cuda, gradient_checkpointing=s.gradient_checkpointing,
+                save_strategy="steps" if s.save_steps else "no", save_steps=s.save_steps or 500,
+                disable_tqdm=False, dataloader_num_workers=0, lr_scheduler_type="constant")
+
+
+def _load(model_path: str, s: TrainSettings):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    if s.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **s.lora))
+    return model, tok
+
+
+def _save(trainer, model, tok, out: Path, meta: dict) -> None:
+    with atomic_directory(out) as tmp:
+        final = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        final.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+
+
+def _history(trainer, key: str) -> list[float]:
+    return [float(h[key]) for h in trainer.state.log_history if key in h and not math.isnan(float(h[key]))]
+
+
+def train_stage1(model_path: str, pairs: Sequence[dict], out: str | Path, settings: TrainSettings = TrainSettings(),
+                 *, data_version: str = "", resume_from: str | None = None) -> TrainResult:
+    """SFT-1 on ``pairs`` (dicts with ``prompt``, ``chosen``, ``rejected`` text)."""
+    from datasets import Dataset
+    from trl.experimental.cpo import CPOTrainer
+
+    from training.losses import sft1_trl_config
+
+    out = Path(out)
+    model, tok = _load(model_path, settings)
+    args = sft1_trl_config(str(out) + ".work", alpha=settings.alpha, max_length=settings.max_length,
+                           **_common_args(settings, Path(str(out) + ".work")))
+    ds = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs])
+    trainer = CPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    wall = time.perf_counter() - t0
+    result = TrainResult(str(out), trainer.state.global_step, _history(trainer, "loss"), wall,
+                         logps_chosen=_history(trainer, "logps/chosen"), logps_rejected=_history(trainer, "logps/rejected"))
+    _save(trainer, model, tok, out, {"stage": 1, "base_model": model_path, "data_version": data_version,
+                                     "settings": asdict(settings), "steps": result.steps, "loss_curve": result.loss_curve,
+                                     "logps_chosen": result.logps_chosen, "logps_rejected": result.logps_rejected,
+                                     "wall_seconds": wall, "examples": len(pairs)})
+    return result
+
+
+def train_trajectory_sft(model_path: str, rows: Sequence[dict], labels_key: str, out: str | Path,
+                         settings: TrainSettings = TrainSettings(), *, stage: int, data_version: str = "",
+                         resume_from: str | None = None) -> TrainResult:
+    """SFT-2 (``labels_stage2``) or SFT-3 (``labels_stage3``) on pre-tokenised trajectories."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    out = Path(out)
+    model, tok = _load(model_path, settings)
+    work = Path(str(out) + ".work")
+    args = SFTConfig(max_length=settings.max_length, packing=settings.packing,
+                     packing_strategy="bfd" if settings.packing else "bfd", **_common_args(settings, work))
+    ds = Dataset.from_list([{"input_ids": list(r["input_ids"]), "labels": list(r[labels_key])} for r in rows])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    wall = time.perf_counter() - t0
+    tokens = sum(sum(1 for x in r[labels_key] if x != -100) for r in rows)
+    result = TrainResult(str(out), trainer.state.global_step, _history(trainer, "loss"), wall,
+                         metrics={"trained_tokens_per_epoch": tokens})
+    _save(trainer, model, tok, out, {"stage": stage, "base_model": model_path, "data_version": data_version,
+                                     "labels": labels_key, "settings": asdict(settings), "steps": result.steps,
+                                     "loss_curve": result.loss_curve, "wall_seconds": wall, "examples": len(rows)})
+    return result
