@@ -8,13 +8,13 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from assets import data, pairs, retrieval, sft_data, trajectories
+from assets import data, pairs, retrieval, sft, sft_data, trajectories
 from pipelines.paths import REPO_ROOT, default_home
 from pipelines.resources import SearchEngineResource
 from pipelines.sensors import build_incoming_sensor
 from pipelines.storage import ParquetIOManager, StorageResource
 
-ASSET_MODULES = [data, retrieval, pairs, sft_data]
+ASSET_MODULES = [data, retrieval, pairs, sft_data, sft]
 PROFILES_DIR = REPO_ROOT / "configs"
 
 

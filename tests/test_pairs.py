@@ -55,7 +55,10 @@ def test_junctures(embedded_tokenizer):
     coa = _row(tok, "coa", " I need it. <begin_search> Valdren </end_search>", 0.0)
     j = first_action_juncture(coa)
     assert tok.decode(coa["token_ids"][coa["prompt_tokens"]: coa["prompt_tokens"] + j]).strip() == "I need it."
-    assert first_sentence_juncture(_row(tok, "cot", " no sentence end</think>", 0.0), tok.decode) is None
+    one = _row(tok, "cot", " no sentence end</think>", 0.0)
+    j = first_sentence_juncture(one, tok.decode)  # one sentence: the juncture is the end of the reasoning
+    assert tok.decode(one["token_ids"][one["prompt_tokens"]: one["prompt_tokens"] + j]) == " no sentence end"
+    assert first_sentence_juncture(_row(tok, "cot", "</think> \\boxed{x}", 0.0), tok.decode) is None
 
 
 def test_mining_builds_both_kinds_and_accounts_for_every_wrong_row(embedded_tokenizer):

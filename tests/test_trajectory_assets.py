@@ -53,8 +53,11 @@ PAIRS = {"contrastive_pairs": {"config": {"engine": {"kind": "transformers"}, "a
 
 def test_pairs_mined_from_the_shard_reconcile(materialised, home):
     instance, defs, _ = materialised
+    # pairs and SFT data; the checkpoints train in the full embedded run (CI) and in tests/test_sft_training.py
+    selection = [dg.AssetKey(k) for k in ("contrastive_pairs", "contrastive_pairs_discarded", "sft_stage1_data",
+                                          "sft_stage23_data")]
     result = defs.resolve_job_def("autocoa_after_synthesis").execute_in_process(
-        instance=instance, run_config={"ops": PAIRS}, raise_on_error=False)
+        instance=instance, run_config={"ops": PAIRS}, raise_on_error=False, asset_selection=selection)
     assert result.success
     pairs = pq.read_table(table_path(home, ["contrastive_pairs"]))
     discarded = pq.read_table(table_path(home, ["contrastive_pairs_discarded"]))

@@ -11,7 +11,9 @@ reasoning juncture on whether an action is taken:
     own continuation from the juncture (the action, wrong).
 
 Junctures (recorded per pair): ``first-sentence`` for (a) = the end of the first sentence of the CoT
-reasoning (the earliest point where a search could replace recall); ``first-action`` for (b) = right
+reasoning, or the end of the reasoning when it is one sentence (the earliest point where a search
+could replace recall); a continuation only counts when it is what its side claims: (a) chosen must
+reach the search engine, (b) chosen must not write an action even though the tool is off; ``first-action`` for (b) = right
 before the CoA's first ``<begin_search>``. All sequences are token ids: the prefix is sliced from the
 trajectory's own ids (never decoded and re-encoded) and continuations come from the rollout library.
 """
@@ -27,7 +29,7 @@ from agent.protocol import ACTION_OPEN, THINK_CLOSE
 from agent.rollout import Rollout, RolloutConfig
 from evals.grading import score
 
-SENTENCE_END = re.compile(r"[.!?](?=\s)")
+SENTENCE_END = re.compile(r"[.!?](?=\s)")  # a sentence boundary inside the reasoning
 
 
 @dataclass
@@ -75,10 +77,11 @@ def first_sentence_juncture(row: dict, decode) -> int | None:
     text = decode(completion)
     end = text.find(THINK_CLOSE)
     reasoning = text[: end if end >= 0 else len(text)]
-    m = SENTENCE_END.search(reasoning)
-    if m is None:
+    if not reasoning.strip():
         return None
-    n = _token_at_char(decode, completion, m.end())
+    m = SENTENCE_END.search(reasoning)
+    # the first sentence's end, or the end of a one-sentence reasoning (an action can still replace the answer)
+    n = _token_at_char(decode, completion, m.end() if m else len(reasoning.rstrip()))
     return n if 0 < n < len(completion) else None
 
 
@@ -116,7 +119,7 @@ def mine_pairs(cot_rows: Sequence[dict], coa_rows: Sequence[dict], *, engine, se
             continue
         j = first_sentence_juncture(row, decode)
         if j is None:
-            discarded.append(Discarded(row["question_id"], "a", "no sentence boundary before </think>"))
+            discarded.append(Discarded(row["question_id"], "a", "empty reasoning before </think>: no juncture"))
             continue
         plans.append(("a", "first-sentence", row, j))
     for row in coa_rows:
@@ -162,6 +165,11 @@ def mine_pairs(cot_rows: Sequence[dict], coa_rows: Sequence[dict], *, engine, se
         chosen = None
         for t in sorted(by_plan.get(i, []), key=lambda t: t.task_id):
             cont = t.token_ids[base:]
+            text = decode(cont)
+            if kind == "b" and ACTION_OPEN in text:
+                continue  # tool disabled, but the policy wrote an action anyway: not an action-free branch
+            if kind == "a" and not any(s.kind == "observation" and s.start >= base for s in t.spans):
+                continue  # the opened action never reached the search engine
             answer, ok = _graded(decode(prefix + cont), golds)
             if ok:
                 chosen = (t, cont, answer)

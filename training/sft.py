@@ -34,7 +34,7 @@ class TrainSettings:
     max_length: int = 2048
     packing: bool = False
     gradient_checkpointing: bool = False
-    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     seed: int = 0
     alpha: float = 1.0  # SFT-1 only: weight of the NLL term on the chosen side
@@ -59,7 +59,7 @@ def _common_args(s: TrainSettings, out: Path) -> dict:
     cuda = torch.cuda.is_available()
     return dict(output_dir=str(out), max_steps=s.max_steps, learning_rate=s.learning_rate,
                 per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
-                warmup_ratio=s.warmup_ratio, weight_decay=s.weight_decay, seed=s.seed, logging_steps=1,
+                warmup_steps=s.warmup_steps, weight_decay=s.weight_decay, seed=s.seed, logging_steps=1,
                 report_to=[], bf16=cuda, use_cpu=not cuda, gradient_checkpointing=s.gradient_checkpointing,
                 save_strategy="steps" if s.save_steps else "no", save_steps=s.save_steps or 500,
                 disable_tqdm=False, dataloader_num_workers=0, lr_scheduler_type="constant")
@@ -87,6 +87,14 @@ def _save(trainer, model, tok, out: Path, meta: dict) -> None:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
 
 
+def root_model(model_path: str) -> str:
+    """The model a chain of our checkpoints started from (``meta.json`` records it), else the path itself."""
+    meta = Path(model_path) / "meta.json"
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("root_model", model_path)
+    return model_path
+
+
 def _history(trainer, key: str) -> list[float]:
     return [float(h[key]) for h in trainer.state.log_history if key in h and not math.isnan(float(h[key]))]
 
@@ -101,8 +109,8 @@ def train_stage1(model_path: str, pairs: Sequence[dict], out: str | Path, settin
 
     out = Path(out)
     model, tok = _load(model_path, settings)
-    args = sft1_trl_config(str(out) + ".work", alpha=settings.alpha, max_length=settings.max_length,
-                           **_common_args(settings, Path(str(out) + ".work")))
+    common = _common_args(settings, Path(str(out) + ".work"))
+    args = sft1_trl_config(common.pop("output_dir"), alpha=settings.alpha, max_length=settings.max_length, **common)
     ds = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs])
     trainer = CPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     t0 = time.perf_counter()
@@ -110,7 +118,7 @@ def train_stage1(model_path: str, pairs: Sequence[dict], out: str | Path, settin
     wall = time.perf_counter() - t0
     result = TrainResult(str(out), trainer.state.global_step, _history(trainer, "loss"), wall,
                          logps_chosen=_history(trainer, "logps/chosen"), logps_rejected=_history(trainer, "logps/rejected"))
-    _save(trainer, model, tok, out, {"stage": 1, "base_model": model_path, "data_version": data_version,
+    _save(trainer, model, tok, out, {"stage": 1, "base_model": model_path, "root_model": root_model(model_path), "data_version": data_version,
                                      "settings": asdict(settings), "steps": result.steps, "loss_curve": result.loss_curve,
                                      "logps_chosen": result.logps_chosen, "logps_rejected": result.logps_rejected,
                                      "wall_seconds": wall, "examples": len(pairs)})
@@ -127,8 +135,7 @@ def train_trajectory_sft(model_path: str, rows: Sequence[dict], labels_key: str,
     out = Path(out)
     model, tok = _load(model_path, settings)
     work = Path(str(out) + ".work")
-    args = SFTConfig(max_length=settings.max_length, packing=settings.packing,
-                     packing_strategy="bfd" if settings.packing else "bfd", **_common_args(settings, work))
+    args = SFTConfig(max_length=settings.max_length, packing=settings.packing, **_common_args(settings, work))
     ds = Dataset.from_list([{"input_ids": list(r["input_ids"]), "labels": list(r[labels_key])} for r in rows])
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     t0 = time.perf_counter()
@@ -137,7 +144,7 @@ def train_trajectory_sft(model_path: str, rows: Sequence[dict], labels_key: str,
     tokens = sum(sum(1 for x in r[labels_key] if x != -100) for r in rows)
     result = TrainResult(str(out), trainer.state.global_step, _history(trainer, "loss"), wall,
                          metrics={"trained_tokens_per_epoch": tokens})
-    _save(trainer, model, tok, out, {"stage": stage, "base_model": model_path, "data_version": data_version,
+    _save(trainer, model, tok, out, {"stage": stage, "base_model": model_path, "root_model": root_model(model_path), "data_version": data_version,
                                      "labels": labels_key, "settings": asdict(settings), "steps": result.steps,
                                      "loss_curve": result.loss_curve, "wall_seconds": wall, "examples": len(rows)})
     return result

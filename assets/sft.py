@@ -1,0 +1,187 @@
+"""SFT stage: the three SFT checkpoints of the paper (and the stage-2-only ablation of its Table 1)."""
+
+import json
+import math
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+from pydantic import Field
+
+from agent.engines import resolve_model
+from assets.pairs import NOT_MATERIALISED, _table
+from pipelines.metadata import plot_markdown, table_metadata
+from pipelines.storage import StorageResource
+from training.sft import TrainSettings, train_stage1, train_trajectory_sft
+
+GROUP = "sft"
+MANIFEST = pa.schema([("path", pa.string()), ("stage", pa.string()), ("base_model", pa.string()),
+                      ("steps", pa.int32()), ("loss_first", pa.float64()), ("loss_last", pa.float64()),
+                      ("wall_seconds", pa.float64()), ("examples", pa.int32())])
+
+
+class SftConfig(dg.Config):
+    base_model: str = Field("embedded", description="Start checkpoint for stage 1 / the ablation: 'embedded', a path or a hub id "
+                                                     "(paper: deepseek-ai/DeepSeek-R1-Distill-Qwen-7B).")
+    max_steps: int = Field(6, description="Optimiser steps (embedded: a few, minutes on CPU).")
+    learning_rate: float = Field(5e-5, description="Learning rate (constant schedule).")
+    batch_size: int = Field(2, description="Per-device batch size.")
+    grad_accum: int = Field(1, description="Gradient accumulation steps.")
+    max_length: int = Field(2048, description="Longest training sequence.")
+    packing: bool = Field(False, description="Pack sequences (stages 2/3; TRL's bfd packing).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    alpha: float = Field(1.0, description="SFT-1: weight of the chosen-side NLL term.")
+    lora_r: int = Field(0, description="LoRA rank; 0 = full fine-tuning.")
+    seed: int = Field(0, description="Training seed.")
+
+    def settings(self) -> TrainSettings:
+        lora = {"r": self.lora_r, "lora_alpha": 2 * self.lora_r, "target_modules": "all-linear"} if self.lora_r else None
+        return TrainSettings(max_steps=self.max_steps, learning_rate=self.learning_rate, batch_size=self.batch_size,
+                             grad_accum=self.grad_accum, max_length=self.max_length, packing=self.packing,
+                             gradient_checkpointing=self.gradient_checkpointing, alpha=self.alpha, lora=lora,
+                             seed=self.seed)
+
+
+def _loss_plot(curves: dict[str, list[float]], title: str) -> dg.MetadataValue:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for name, ys in curves.items():
+        ax.plot(range(1, len(ys) + 1), ys, marker="o", label=name)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return plot_markdown(fig)
+
+
+def _output(context, result, stage: str, base: str, examples: int, extra_curves: dict | None = None) -> dg.Output:
+    curve = result.loss_curve
+    row = {"path": result.path, "stage": stage, "base_model": base, "steps": result.steps,
+           "loss_first": curve[0] if curve else float("nan"), "loss_last": curve[-1] if curve else float("nan"),
+           "wall_seconds": result.wall_seconds, "examples": examples}
+    table = pa.Table.from_pylist([row], schema=MANIFEST)
+    context.log.info("%s: %d steps in %.0fs, loss %.4f -> %.4f, saved to %s", stage, result.steps, result.wall_seconds,
+                     row["loss_first"], row["loss_last"], result.path)
+    md = {**table_metadata(table), "checkpoint": dg.MetadataValue.path(result.path), "steps": result.steps,
+          "loss_first": row["loss_first"], "loss_last": row["loss_last"], "wall_seconds": round(result.wall_seconds, 2),
+          "examples": examples,
+          "loss_curve": _loss_plot({"loss": curve, **(extra_curves or {})}, f"{stage} training")}
+    return dg.Output(table, metadata=md)
+
+
+def _base(storage: StorageResource, model: str) -> str:
+    return resolve_model(model, storage.artifact_dir("models"))[0]
+
+
+def _checkpoint_of(storage: StorageResource, asset: str) -> str:
+    manifest = _table(storage, asset)
+    if manifest is None:
+        raise dg.Failure(f"{asset} is not materialised yet")
+    return manifest.column("path")[0].as_py()
+
+
+@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"}, deps=["sft_stage1_data"])
+def sft_stage1_checkpoint(context: dg.AssetExecutionContext, config: SftConfig, storage: StorageResource) -> dg.Output[pa.Table]:
+    """SFT-1: the base model trained on the contrastive pairs (−logσ(P̄c − P̄r) + α·(−P̄c)); also the stage-1-only ablation."""
+    data = _table(storage, "sft_stage1_data")
+    if data is None or data.num_rows == 0:
+        raise dg.Failure("sft_stage1_checkpoint: sft_stage1_data has no pairs to train on (see contrastive_pairs_discarded)")
+    base = _base(storage, config.base_model)
+    result = train_stage1(base, data.to_pylist(), storage.artifact_dir("sft_stage1_checkpoint"), config.settings(),
+                          data_version=f"sft_stage1_data:{data.num_rows}")
+    return _output(context, result, "sft_stage1", base, data.num_rows,
+                   {"logp chosen": result.logps_chosen, "logp rejected": result.logps_rejected})
+
+
+def _trajectory_stage(context, config: SftConfig, storage: StorageResource, asset: str, base: str, labels: str,
+                      stage: int) -> dg.Output:
+    data = _table(storage, "sft_stage23_data")
+    if data is None or data.num_rows == 0:
+        raise dg.Failure(f"{asset}: sft_stage23_data has no correct trajectories to train on")
+    result = train_trajectory_sft(base, data.to_pylist(), labels, storage.artifact_dir(asset), config.settings(),
+                                  stage=stage, data_version=f"sft_stage23_data:{data.num_rows}")
+    return _output(context, result, asset.replace("_checkpoint", ""), base, data.num_rows)
+
+
+@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"}, deps=["sft_stage1_checkpoint", "sft_stage23_data"])
+def sft_stage2_checkpoint(context: dg.AssetExecutionContext, config: SftConfig, storage: StorageResource) -> dg.Output[pa.Table]:
+    """SFT-2: from the stage-1 checkpoint, trajectory SFT with the search results masked out of the loss."""
+    return _trajectory_stage(context, config, storage, "sft_stage2_checkpoint",
+                             _checkpoint_of(storage, "sft_stage1_checkpoint"), "labels_stage2", 2)
+
+
+@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"}, deps=["sft_stage2_checkpoint", "sft_stage23_data"])
+def sft_stage3_checkpoint(context: dg.AssetExecutionContext, config: SftConfig, storage: StorageResource) -> dg.Output[pa.Table]:
+    """SFT-3: from the stage-2 checkpoint, the same data with search results in the loss (the internal world model)."""
+    return _trajectory_stage(context, config, storage, "sft_stage3_checkpoint",
+                             _checkpoint_of(storage, "sft_stage2_checkpoint"), "labels_stage3", 3)
+
+
+@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"}, deps=["sft_stage23_data"])
+def sft_stage2_only_checkpoint(context: dg.AssetExecutionContext, config: SftConfig, storage: StorageResource) -> dg.Output[pa.Table]:
+    """Ablation (Table 1): stage-2 trajectory SFT straight from the base model, without the contrastive stage."""
+    return _trajectory_stage(context, config, storage, "sft_stage2_only_checkpoint", _base(storage, config.base_model),
+                             "labels_stage2", 2)
+
+
+CHECKPOINTS = ["sft_stage1_checkpoint", "sft_stage2_checkpoint", "sft_stage3_checkpoint", "sft_stage2_only_checkpoint"]
+
+
+def _build_checks(asset: str):
+    @dg.asset_check(asset=asset, name="loads_and_learned", blocking=True, description=(
+        "The checkpoint loads back with transformers, its loss is finite and lower at the end than at the start, "
+        "and its parameters differ from the start model's."))
+    def loads_and_learned(storage: StorageResource) -> dg.AssetCheckResult:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        manifest = _table(storage, asset)
+        if manifest is None:
+            return NOT_MATERIALISED
+        row = manifest.to_pylist()[0]
+        meta = json.loads((Path(row["path"]) / "meta.json").read_text())
+        curve = meta["loss_curve"]
+        trained = AutoModelForCausalLM.from_pretrained(row["path"]).state_dict()
+        start = AutoModelForCausalLM.from_pretrained(meta["base_model"]).state_dict()
+        changed = sum(1 for k, v in trained.items() if k in start and not torch.equal(v, start[k]))
+        finite = bool(curve) and all(math.isfinite(x) for x in curve)
+        lower = finite and curve[-1] < curve[0]
+        return dg.AssetCheckResult(passed=finite and lower and changed > 0, metadata={
+            "loss_first": curve[0] if curve else -1.0, "loss_last": curve[-1] if curve else -1.0,
+            "finite": finite, "lower_at_end": lower, "tensors_changed": changed, "tensors": len(trained)})
+
+    @dg.asset_check(asset=asset, name="answers_a_smoke_prompt", description=(
+        "Greedy generation on a smoke question yields a parsable trajectory with a boxed answer (WARN)."))
+    def answers_a_smoke_prompt(storage: StorageResource) -> dg.AssetCheckResult:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from agent.models import EMBEDDED_MODEL
+        from agent.prompts import template_for
+        from agent.protocol import parse
+
+        manifest = _table(storage, asset)
+        if manifest is None:
+            return NOT_MATERIALISED
+        path = manifest.column("path")[0].as_py()
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        root = json.loads((Path(path) / "meta.json").read_text()).get("root_model", EMBEDDED_MODEL)
+        template = template_for("coa", root)
+        ids = template.prompt_ids(tok, "In which country is the city of Valdren?")
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=96, do_sample=False,
+                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        text = tok.decode(out[0, len(ids):], skip_special_tokens=False)
+        parsed = parse(text, think_open=template.prefill.strip() == "<think>")
+        return dg.AssetCheckResult(passed=parsed.answer is not None, severity=dg.AssetCheckSeverity.WARN,
+                                   metadata={"answer": str(parsed.answer), "issues": "; ".join(parsed.issues[:3]),
+                                             "text": text[:500]})
+
+    return [loads_and_learned, answers_a_smoke_prompt]
+
+
+sft_checks = [c for a in CHECKPOINTS for c in _build_checks(a)]

@@ -1,0 +1,82 @@
+"""SFT training smoke tests on a tiny random Llama (SmolLM2's tokenizer): parameters change, the loss is
+finite, checkpoints reload, and training resumes from a mid-training checkpoint."""
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(embedded_tokenizer, tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(embedded_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=embedded_tokenizer.pad_token_id or embedded_tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    embedded_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _rows(tok, n=6):
+    rows = []
+    for i in range(n):
+        prompt = tok.encode(f"Question {i}: where is Valdren?\n<think>", add_special_tokens=False)
+        policy = tok.encode(" I search. <begin_search> Valdren </end_search>", add_special_tokens=False)
+        obs = tok.encode("\n<search_result>\nValdren is in Norsland.\n</search_result>\n", add_special_tokens=False)
+        answer = tok.encode(" So Norsland.</think>\n\n\\boxed{Norsland}", add_special_tokens=False)
+        ids = prompt + policy + obs + answer
+        l2 = [-100] * len(prompt) + policy + [-100] * len(obs) + answer
+        l3 = [-100] * len(prompt) + policy + obs + answer
+        rows.append({"input_ids": ids, "labels_stage2": l2, "labels_stage3": l3})
+    return rows
+
+
+def _params(path):
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
+
+
+def test_stage2_trains_reloads_and_changes_parameters(tiny_model, embedded_tokenizer, tmp_path):
+    from training.sft import TrainSettings, train_trajectory_sft
+
+    out = tmp_path / "ckpt"
+    res = train_trajectory_sft(tiny_model, _rows(embedded_tokenizer), "labels_stage2", out,
+                               TrainSettings(max_steps=4, learning_rate=1e-2, batch_size=2, max_length=256), stage=2)
+    assert res.steps == 4 and len(res.loss_curve) == 4 and all(torch.isfinite(torch.tensor(res.loss_curve)))
+    assert res.loss_curve[-1] < res.loss_curve[0]
+    before, after = _params(tiny_model), _params(out)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["stage"] == 2 and meta["labels"] == "labels_stage2" and meta["steps"] == 4
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+
+
+def test_resume_from_a_mid_training_checkpoint(tiny_model, embedded_tokenizer, tmp_path):
+    from training.sft import TrainSettings, train_trajectory_sft
+
+    settings = TrainSettings(max_steps=4, learning_rate=1e-2, batch_size=2, max_length=256, save_steps=2)
+    first = train_trajectory_sft(tiny_model, _rows(embedded_tokenizer), "labels_stage3", tmp_path / "a", settings, stage=3)
+    mid = tmp_path / "a.work" / "checkpoint-2"
+    assert mid.is_dir()
+    resumed = train_trajectory_sft(tiny_model, _rows(embedded_tokenizer), "labels_stage3", tmp_path / "b", settings,
+                                   stage=3, resume_from=str(mid))
+    assert resumed.steps == 4
+    # the curve carries the restored history; steps 3-4 re-run from the checkpoint land where the uninterrupted run did
+    assert resumed.loss_curve == pytest.approx(first.loss_curve, rel=1e-4)
+
+
+def test_stage1_trains_on_pairs_and_logs_logps(tiny_model, tmp_path):
+    from training.sft import TrainSettings, train_stage1
+
+    pairs = [{"prompt": f"Q{i}: where is Valdren?\n<think>I need it.", "chosen": " <begin_search> Valdren </end_search>",
+              "rejected": " It is in Brivia.</think> \\boxed{Brivia}"} for i in range(4)]
+    res = train_stage1(tiny_model, pairs, tmp_path / "s1", TrainSettings(max_steps=3, learning_rate=1e-2, batch_size=2,
+                                                                        max_length=128, alpha=0.5))
+    assert res.steps == 3 and len(res.logps_chosen) == 3 and len(res.logps_rejected) == 3
+    assert json.loads((tmp_path / "s1" / "meta.json").read_text())["settings"]["alpha"] == 0.5
