@@ -62,7 +62,8 @@ def _common_args(s: TrainSettings, out: Path) -> dict:
                 warmup_steps=s.warmup_steps, weight_decay=s.weight_decay, seed=s.seed, logging_steps=1,
                 report_to=[], bf16=cuda, use_cpu=not cuda, gradient_checkpointing=s.gradient_checkpointing,
                 save_strategy="steps" if s.save_steps else "no", save_steps=s.save_steps or 500,
-                disable_tqdm=False, dataloader_num_workers=0, lr_scheduler_type="constant")
+                disable_tqdm=False, dataloader_num_workers=0, lr_scheduler_type="constant",
+                include_num_input_tokens_seen="non_padding")  # real tokens trained on: tokens/s, packing gains
 
 
 def _load(model_path: str, s: TrainSettings):
@@ -143,7 +144,8 @@ def train_trajectory_sft(model_path: str, rows: Sequence[dict], labels_key: str,
     wall = time.perf_counter() - t0
     tokens = sum(sum(1 for x in r[labels_key] if x != -100) for r in rows)
     result = TrainResult(str(out), trainer.state.global_step, _history(trainer, "loss"), wall,
-                         metrics={"trained_tokens_per_epoch": tokens})
+                         metrics={"trained_tokens_per_epoch": tokens,
+                                  "tokens_seen": int(trainer.state.num_input_tokens_seen or 0)})
     _save(trainer, model, tok, out, {"stage": stage, "base_model": model_path, "root_model": root_model(model_path), "data_version": data_version,
                                      "labels": labels_key, "settings": asdict(settings), "steps": result.steps,
                                      "loss_curve": result.loss_curve, "wall_seconds": wall, "examples": len(rows)})
