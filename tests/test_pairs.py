@@ -93,3 +93,18 @@ def test_no_correct_continuation_is_discarded_with_a_reason(embedded_tokenizer):
                                   coa_prompt_ids=lambda q: tok.encode(PROMPT, add_special_tokens=False),
                                   config=RolloutConfig(max_context=400, max_turn_tokens=40, answer_tokens=8), attempts=3)
     assert pairs == [] and discarded[0].reason == "no correct action continuation in 3 attempts"
+
+
+def test_cap_discards_the_rest_with_a_reason(embedded_tokenizer):
+    tok = embedded_tokenizer
+    rows = []
+    for i in range(3):
+        r = _row(tok, "cot", " Valdren is a town. It is in Brivia.</think>\n\n\\boxed{Brivia}", 0.0)
+        rows.append({**r, "question_id": f"q{i}", "trajectory_id": f"r/cot/q{i}/0"})
+    pairs, discarded = mine_pairs(rows, [], engine=Scripted(tok), search=_search,
+                                  coa_prompt_ids=lambda q: tok.encode(PROMPT, add_special_tokens=False),
+                                  config=RolloutConfig(max_context=400, max_turn_tokens=40, answer_tokens=8),
+                                  attempts=1, max_per_kind=1)
+    assert [p.question_id for p in pairs] == ["q0"]
+    assert sorted((d.question_id, d.reason) for d in discarded) == [
+        ("q1", "not mined: over max_per_kind=1"), ("q2", "not mined: over max_per_kind=1")]
