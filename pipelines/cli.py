@@ -49,7 +49,8 @@ def _check_rows(result) -> list[dict]:
     rows = []
     for ev in result.get_asset_check_evaluations():
         rows.append({"asset": ev.asset_key.to_user_string(), "partition": partition, "check": ev.check_name,
-                     "result": "passed" if ev.passed else f"FAILED ({ev.severity.value})",
+                     "result": ("skipped (not materialised)" if "skipped" in ev.metadata else "passed") if ev.passed
+                     else f"FAILED ({ev.severity.value})",
                      "severity": ev.severity.value, "passed": ev.passed})
     return rows
 

@@ -54,13 +54,17 @@ def build_definitions(home: str | Path | None = None, shards: int | None = None)
     before = synthesis.upstream().required_multi_asset_neighbors()
     unpartitioned = before - synthesis
     after = dg.AssetSelection.all() - before
-    base_ops = {a.op.name for a in assets if a not in traj_assets}  # profile config for either side
+    def ops_of(selection: dg.AssetSelection) -> set[str]:
+        """Op names of a selection: a job's baked config may name only its own ops."""
+        keys = selection.resolve(assets)
+        return {a.op.name for a in assets if set(a.keys) & keys}
+
     embedded_job = dg.define_asset_job(
         "autocoa_embedded", selection=unpartitioned,
         description="Materialise every unpartitioned asset on the embedded default (CPU, generated data, SmolLM2); "
                     "then run trajectory_synthesis for each shard (`autocoa run` does both).")
     paper_job = dg.define_asset_job(
-        "autocoa_paper", selection=unpartitioned, config=profile_config("paper", base_ops),
+        "autocoa_paper", selection=unpartitioned, config=profile_config("paper", ops_of(unpartitioned)),
         description="Materialise every unpartitioned asset with the paper profile (paper sizes and models; needs a GPU box).")
     synthesis_job = dg.define_asset_job(
         SYNTHESIS_JOB, selection=synthesis, partitions_def=traj_partitions,
@@ -74,7 +78,7 @@ def build_definitions(home: str | Path | None = None, shards: int | None = None)
         AFTER_JOB, selection=after,
         description="Everything downstream of synthesis (contrastive pairs, SFT data and checkpoints), embedded defaults.")
     after_paper_job = dg.define_asset_job(
-        f"{AFTER_JOB}_paper", selection=after, config=profile_config("paper", base_ops),
+        f"{AFTER_JOB}_paper", selection=after, config=profile_config("paper", ops_of(after)),
         description="Everything downstream of synthesis with the paper profile.")
     profile = os.environ.get("AUTOCOA_PROFILE", "embedded")
     resynthesis = trajectories.build_resynthesis_schedule(

@@ -44,6 +44,15 @@ def test_profiles_parse_against_the_job_config():
     assert teacher["engine"]["model"] == "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B" and teacher["temperature"] == 0.6
 
 
+def test_every_job_and_its_baked_config_resolve():
+    # what `dagster dev` does when it loads the code location: a bad baked profile config fails here
+    defs = build_definitions("/tmp/unused-autocoa-home")
+    jobs = defs.get_repository_def().get_all_jobs()
+    names = {j.name for j in jobs}
+    assert {"autocoa_embedded", "autocoa_paper", "trajectory_synthesis", "trajectory_synthesis_paper",
+            "autocoa_after_synthesis", "autocoa_after_synthesis_paper", "data_checks"} <= names
+
+
 def test_libraries_import_no_dagster():
     code = ("import sys; import qadata.loaders, qadata.world, qadata.sampling, qadata.corpus, retrieval.bm25, "
             "retrieval.engine, retrieval.server, retrieval.metrics, agent, agent.synthesis, agent.validate, "
