@@ -55,7 +55,7 @@ def cpu_environment() -> dict[str, str]:
     last = max(0, (os.cpu_count() or 1) - 1)
     applied = {}
     for key, value in CPU_DEFAULTS.items():
-        os.environ.setdefault(key, value.format(last=last, cores=last + 1))
+        os.environ.setdefault(key, value.format(last=last))
         applied[key] = os.environ[key]
     return applied
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from agent.engines import EngineSpec, load_engine
+from agent.engines import load_engine
 from agent.prompts import TEMPLATES, template_for
 from agent.rollout import RolloutConfig, search_tool
 from assets.trajectories import EngineConfig
@@ -78,11 +78,7 @@ def contrastive_pairs(context: dg.AssetExecutionContext, config: PairsConfig, st
         raise dg.Failure(f"contrastive_pairs: round {config.round!r} has no materialised "
                          f"{'cot' if cot is None else 'coa'}_trajectories partitions; synthesise it first")
     with timed(md):
-        e = config.engine
-        engine = load_engine(EngineSpec(kind=e.kind, model=e.model, dtype=e.dtype, max_model_len=max(e.max_model_len, config.max_context),
-                                        tensor_parallel_size=e.tensor_parallel_size, max_batch=e.max_batch,
-                                        base_urls=tuple(e.base_urls), served_model=e.served_model),
-                             storage.artifact_dir("models"))
+        engine = load_engine(config.engine.spec(config.max_context), storage.artifact_dir("models"))
         template = TEMPLATES[config.template_id] if config.template_id else template_for("coa", engine.model_name)
         rcfg = RolloutConfig(max_actions=config.max_actions, max_context=config.max_context,
                              max_turn_tokens=config.max_turn_tokens, temperature=config.temperature,

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from agent.synthesis import SPAN
 from assets.pairs import NOT_MATERIALISED, _table, read_round
 from pipelines.metadata import table_metadata, timed
 from pipelines.storage import StorageResource
@@ -25,8 +26,6 @@ STAGE1_SCHEMA = pa.schema([
     ("pair_id", pa.string()), ("question_id", pa.string()), ("kind", pa.string()),
     ("context_ids", pa.list_(pa.int32())), ("chosen_ids", pa.list_(pa.int32())), ("rejected_ids", pa.list_(pa.int32())),
     ("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()), ("truncated", pa.bool_())])
-SPAN = pa.struct([("kind", pa.string()), ("start", pa.int32()), ("end", pa.int32()), ("simulated", pa.bool_()),
-                  ("refused", pa.bool_()), ("text", pa.string()), ("passage_ids", pa.list_(pa.string()))])
 STAGE23_SCHEMA = pa.schema([
     ("trajectory_id", pa.string()), ("question_id", pa.string()), ("pool", pa.string()), ("em", pa.float32()),
     ("input_ids", pa.list_(pa.int32())), ("labels_stage2", pa.list_(pa.int32())), ("labels_stage3", pa.list_(pa.int32())),

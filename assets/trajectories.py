@@ -56,6 +56,13 @@ class EngineConfig(dg.Config):
     base_urls: list[str] = Field(default_factory=list, description="OpenAI-compatible servers (kind 'openai'); several form a fleet.")
     served_model: Optional[str] = Field(None, description="Model name the HTTP server serves (default: model).")
 
+    def spec(self, min_model_len: int = 0) -> EngineSpec:
+        return EngineSpec(kind=self.kind, model=self.model, dtype=self.dtype,
+                          max_model_len=max(self.max_model_len, min_model_len),
+                          tensor_parallel_size=self.tensor_parallel_size,
+                          gpu_memory_utilization=self.gpu_memory_utilization, max_batch=self.max_batch,
+                          base_urls=tuple(self.base_urls), served_model=self.served_model)
+
 
 class TrajectoryConfig(dg.Config):
     profile: str = Field("embedded", description="Profile name recorded with every row.")
@@ -155,11 +162,7 @@ def build_trajectory_asset(pool: str, partitions: dg.MultiPartitionsDefinition):
             questions = questions[: config.max_questions]
         md: dict = {}
         with timed(md):
-            e = config.engine
-            spec = EngineSpec(kind=e.kind, model=e.model, dtype=e.dtype, max_model_len=max(e.max_model_len, config.max_context),
-                              tensor_parallel_size=e.tensor_parallel_size, gpu_memory_utilization=e.gpu_memory_utilization,
-                              max_batch=e.max_batch, base_urls=tuple(e.base_urls), served_model=e.served_model)
-            engine = load_engine(spec, storage.artifact_dir("models"))
+            engine = load_engine(config.engine.spec(config.max_context), storage.artifact_dir("models"))
             template = TEMPLATES[config.template_id] if config.template_id else template_for(pool, engine.model_name)
             if template.mode != pool:
                 raise dg.Failure(f"{pool}_trajectories: template {template.id!r} is a {template.mode} template")

@@ -156,12 +156,12 @@ def cmd_run(args) -> int:
             after_ops = {n.name for n in after.graph.node_defs}
             after_config = _run_config("embedded", after_ops, extra) if args.profile == "paper" else \
                 _run_config(args.profile, after_ops, extra)
-            if "contrastive_pairs" in after_ops:
-                after_config = _deep_merge({"ops": {"contrastive_pairs": {"config": {"round": args.round}}}}, after_config)
+            # the stages that read a round read the one just synthesised
+            for op in ("contrastive_pairs", "sft_stage23_data"):
+                if op in after_ops:
+                    after_config = _deep_merge({"ops": {op: {"config": {"round": args.round}}}}, after_config)
             selection = None
             if not args.train:  # SFT checkpoints train only when asked (--train): minutes of CPU per stage
-                import dagster as dg
-
                 selection = [k for k in after.asset_layer.executable_asset_keys
                              if not k.to_user_string().endswith("_checkpoint")]
                 after_config = {**after_config, "ops": {k: v for k, v in after_config.get("ops", {}).items()

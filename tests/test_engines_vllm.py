@@ -102,7 +102,7 @@ def vllm_server(embedded_checkpoint, tmp_path_factory):
     port = _free_port()
     env = {**os.environ}
     for k, v in CPU_DEFAULTS.items():
-        env.setdefault(k, v.format(last=max(0, (os.cpu_count() or 1) - 1), cores=os.cpu_count() or 1))
+        env.setdefault(k, v.format(last=max(0, (os.cpu_count() or 1) - 1)))
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # the API server runs its engine core in a subprocess
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     with open(log, "w") as fh:

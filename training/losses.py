@@ -14,8 +14,6 @@ more than under a per-pair mean; ``tests/test_sft_loss.py`` pins both facts down
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 
 def mean_logprob(logits, input_ids, labels):
     """P̄ per row: mean log-prob of the tokens whose label is not -100 (next-token shift applied)."""
@@ -48,6 +46,3 @@ def sft1_trl_config(output_dir: str, alpha: float = 1.0, **overrides):
         raise ValueError(f"SFT-1 fixes {', '.join(clash)} (they define the paper's loss); got overrides {clash}")
     return CPOConfig(output_dir=output_dir, **{**overrides, **fixed})
 
-
-def per_pair(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
