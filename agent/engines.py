@@ -86,8 +86,24 @@ class TransformersEngine:
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
         self.tokenizer.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=getattr(torch, dtype)).to(device)
-        self.model.eval()
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=getattr(torch, dtype)).to(device)
+        model.eval()
+        self._bind(model, device, max_batch)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, *, max_batch: int = 32) -> TransformersEngine:
+        """Generate with a model already in memory (the policy a trainer is updating), without copying it.
+
+        Neither the model's train/eval mode nor the tokenizer is changed (the batch is padded by hand),
+        so the caller decides the mode, e.g. eval for sampling without dropout, then back to train.
+        """
+        engine = cls.__new__(cls)
+        engine.tokenizer = tokenizer
+        engine._bind(model, str(model.device), max_batch)
+        return engine
+
+    def _bind(self, model, device: str, max_batch: int) -> None:
+        self.model = model
         self.device, self.max_batch = device, max_batch
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}

@@ -42,6 +42,12 @@ class RolloutConfig:
     simulated: bool = False
     tools: bool = True  # False: CoT (no tool); the policy generates to the end, an action is not executed
     seed: int | None = None
+    # the policy ended (EOS) without a boxed answer: drop the EOS and prompt the box, as at the budget
+    # (Algorithm 1's forced answer, applied to every unanswered end; finish_reason says "forced")
+    force_answer: bool = False
+    # tools off: an action the policy opens ends its reasoning there (the opened tag is cut) and the
+    # answer is forced, so a no-tool trajectory never contains an action (finish_reason "action_cut")
+    cut_actions: bool = False
 
 
 @dataclass
@@ -158,6 +164,14 @@ class Rollout:
         traj.policy_mask += [0] * len(ids)
         return start, len(traj.token_ids)
 
+    def _drop_trailing_eos(self, traj: Trajectory) -> None:
+        """Remove the end-of-sequence ids the policy just wrote, so the forced answer continues its text."""
+        eos = set(getattr(self.engine, "eos_ids", ())) | set(self.tokenizer.all_special_ids)
+        while len(traj.token_ids) > traj.prompt_len and traj.policy_mask[-1] and traj.token_ids[-1] in eos:
+            traj.token_ids.pop()
+            traj.policy_mask.pop()
+            traj.generated_tokens -= 1
+
     def _token_at_char(self, ids: list[int], char_pos: int) -> int:
         """Index of the token whose decoded text covers ``char_pos`` (prefix decodes grow monotonically)."""
         lo, hi = 0, len(ids)
@@ -172,18 +186,29 @@ class Rollout:
     async def one(self, task_id: str, prompt_ids: list[int]) -> Trajectory:
         cfg, t0 = self.config, time.perf_counter()
         traj = Trajectory(task_id, len(prompt_ids), list(prompt_ids), [0] * len(prompt_ids))
-        forced = False
+        forced = cut_action = False
         while True:
             budget = cfg.max_context - len(traj.token_ids)
             if budget <= cfg.answer_tokens + 8:
                 forced = True
                 break
             turn_start = len(traj.token_ids)
-            res = await self._gen(traj, min(cfg.max_turn_tokens, budget - cfg.answer_tokens - 8),
-                                  (ACTION_CLOSE,) if cfg.tools else ())
+            stop = (ACTION_CLOSE,) if cfg.tools else (ACTION_OPEN,) if cfg.cut_actions else ()
+            res = await self._gen(traj, min(cfg.max_turn_tokens, budget - cfg.answer_tokens - 8), stop)
+            if not cfg.tools and res.finish_reason == "stop":
+                # cut_actions: drop the opened action (from the token where its tag starts) and answer
+                turn_ids = traj.token_ids[turn_start:]
+                cut = turn_start + self._token_at_char(turn_ids, self.decode(turn_ids).rfind(ACTION_OPEN))
+                del traj.token_ids[cut:], traj.policy_mask[cut:]
+                traj.generated_tokens -= len(turn_ids) - (cut - turn_start)
+                forced, cut_action = True, True
+                break
             if res.finish_reason != "stop":
                 traj.finish_reason = res.finish_reason
-                forced = res.finish_reason == "length" and extract_boxed(self.decode(traj.token_ids[traj.prompt_len:])) is None
+                unanswered = extract_boxed(self.decode(traj.token_ids[traj.prompt_len:])) is None
+                forced = unanswered and (res.finish_reason == "length" or cfg.force_answer)
+                if forced and res.finish_reason == "eos":
+                    self._drop_trailing_eos(traj)
                 break
             query = _query_of(res.text)
             turn_ids = traj.token_ids[turn_start:]
@@ -217,7 +242,7 @@ class Rollout:
             start, _ = self._append_env(traj, self.encode(FORCE_BOX if closed else FORCE_ANSWER))
             await self._gen(traj, cfg.answer_tokens, ("}",))
             traj.spans.append(Span("forced", start, len(traj.token_ids)))
-            traj.finish_reason = "forced"
+            traj.finish_reason = "action_cut" if cut_action else "forced"
         traj.completion = self.decode(traj.token_ids[traj.prompt_len:])
         traj.answer = extract_boxed(traj.completion)
         traj.wall_seconds = time.perf_counter() - t0

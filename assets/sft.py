@@ -33,6 +33,13 @@ class SftConfig(dg.Config):
     alpha: float = Field(1.0, description="SFT-1: weight of the chosen-side NLL term.")
     lora_r: int = Field(0, description="LoRA rank; 0 = full fine-tuning.")
     seed: int = Field(0, description="Training seed.")
+    launcher: str = Field("inprocess", description=(
+        "'inprocess' (train inside the Dagster step), or run training.launch as a subprocess: 'python', "
+        "'accelerate' (multi-GPU / DeepSpeed, see accelerate_config) or 'torchrun'."))
+    num_processes: int = Field(1, description="Processes (GPUs) for the 'accelerate' / 'torchrun' launchers.")
+    accelerate_config: str | None = Field(None, description=(
+        "Accelerate config: a path or a name under configs/accelerate/ (multi_gpu, deepspeed_zero2, deepspeed_zero3); "
+        "default multi_gpu on CUDA, cpu otherwise."))
 
     def settings(self) -> TrainSettings:
         lora = {"r": self.lora_r, "lora_alpha": 2 * self.lora_r, "target_modules": "all-linear"} if self.lora_r else None
@@ -72,6 +79,25 @@ def _output(context, result, stage: str, base: str, examples: int, extra_curves:
     return dg.Output(table, metadata=md)
 
 
+def _train(context, config: SftConfig, storage: StorageResource, *, stage: int, model: str, data: pa.Table,
+           data_asset: str, out: str, labels: str | None = None):
+    """Train in this process, or run ``training.launch`` as a subprocess whose output lands in the run log."""
+    version = f"{data_asset}:{data.num_rows}"
+    if config.launcher == "inprocess":
+        if stage == 1:
+            return train_stage1(model, data.to_pylist(), out, config.settings(), data_version=version)
+        return train_trajectory_sft(model, data.to_pylist(), labels, out, config.settings(), stage=stage,
+                                    data_version=version)
+    from pipelines.paths import table_path
+    from training.launch import launch_command, run_launcher
+
+    argv = launch_command(stage, model, table_path(storage.home, [data_asset]), out, config.settings(),
+                          launcher=config.launcher, num_processes=config.num_processes,
+                          accelerate_config=config.accelerate_config, labels=labels, data_version=version)
+    context.log.info("launching: %s", " ".join(argv))
+    return run_launcher(argv, log=context.log.info)
+
+
 def _base(storage: StorageResource, model: str) -> str:
     return resolve_model(model, storage.artifact_dir("models"))[0]
 
@@ -90,8 +116,8 @@ def sft_stage1_checkpoint(context: dg.AssetExecutionContext, config: SftConfig, 
     if data is None or data.num_rows == 0:
         raise dg.Failure("sft_stage1_checkpoint: sft_stage1_data has no pairs to train on (see contrastive_pairs_discarded)")
     base = _base(storage, config.base_model)
-    result = train_stage1(base, data.to_pylist(), storage.artifact_dir("sft_stage1_checkpoint"), config.settings(),
-                          data_version=f"sft_stage1_data:{data.num_rows}")
+    result = _train(context, config, storage, stage=1, model=base, data=data, data_asset="sft_stage1_data",
+                    out=storage.artifact_dir("sft_stage1_checkpoint"))
     return _output(context, result, "sft_stage1", base, data.num_rows,
                    {"logp chosen": result.logps_chosen, "logp rejected": result.logps_rejected})
 
@@ -101,8 +127,8 @@ def _trajectory_stage(context, config: SftConfig, storage: StorageResource, asse
     data = _table(storage, "sft_stage23_data")
     if data is None or data.num_rows == 0:
         raise dg.Failure(f"{asset}: sft_stage23_data has no correct trajectories to train on")
-    result = train_trajectory_sft(base, data.to_pylist(), labels, storage.artifact_dir(asset), config.settings(),
-                                  stage=stage, data_version=f"sft_stage23_data:{data.num_rows}")
+    result = _train(context, config, storage, stage=stage, model=base, data=data, data_asset="sft_stage23_data",
+                    out=storage.artifact_dir(asset), labels=labels)
     return _output(context, result, asset.replace("_checkpoint", ""), base, data.num_rows)
 
 

@@ -77,6 +77,9 @@ class TrajectoryConfig(dg.Config):
     max_turn_tokens: int = Field(256, description="Tokens the policy may write before its next action (CoA).")
     cot_max_tokens: int = Field(512, description="Tokens a CoT trajectory may write.")
     answer_tokens: int = Field(24, description="Tokens allowed for a forced answer.")
+    force_answer: bool = Field(True, description=(
+        "A trajectory that ends without \\boxed{} is prompted for the answer (as at the budget, Algorithm 1); "
+        "finish_reason 'forced' marks it."))
     search_k: int = Field(3, description="Passages per search.")
     max_questions: Optional[int] = Field(None, description="Cap on questions per shard (quick runs).")
     answer_rate_floor: float = Field(0.5, description="The non-empty-answer check warns below this share.")
@@ -170,7 +173,8 @@ def build_trajectory_asset(pool: str, partitions: dg.MultiPartitionsDefinition):
             rcfg = RolloutConfig(max_actions=config.max_actions, max_context=config.max_context,
                                  max_turn_tokens=config.max_turn_tokens if pool == "coa" else config.cot_max_tokens,
                                  answer_tokens=config.answer_tokens, temperature=config.temperature, top_p=config.top_p,
-                                 search_k=config.search_k, tools=pool == "coa", seed=seed)
+                                 search_k=config.search_k, tools=pool == "coa", seed=seed,
+                                 force_answer=config.force_answer)
             search = search_tool(search_engine.get_engine(), config.search_k) if pool == "coa" else None
             info = RunInfo(pool=pool, round=round_key, shard=shard, profile=config.profile, engine=engine.name,
                            model=engine.model_name, template=template, seed=seed, samples=config.samples_per_question)

@@ -161,13 +161,13 @@ def cmd_run(args) -> int:
                 if op in after_ops:
                     after_config = _deep_merge({"ops": {op: {"config": {"round": args.round}}}}, after_config)
             selection = None
-            if not args.train:  # SFT checkpoints train only when asked (--train): minutes of CPU per stage
+            if args.no_train:  # --no-train: the data stages only (checkpoints take minutes of CPU each)
                 selection = [k for k in after.asset_layer.executable_asset_keys
                              if not k.to_user_string().endswith("_checkpoint")]
                 after_config = {**after_config, "ops": {k: v for k, v in after_config.get("ops", {}).items()
                                                         if not k.endswith("_checkpoint")}}
             print(f"\nmaterialising what follows synthesis (round {args.round}"
-                  f"{', SFT checkpoints included' if args.train else ''}) ...", flush=True)
+                  f"{', checkpoints excluded' if args.no_train else ', checkpoints included'}) ...", flush=True)
             results.append(after.execute_in_process(instance=instance, run_config=after_config, raise_on_error=False,
                                                     asset_selection=selection))
     tables = discover_tables(home)
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--round", default="r000", help="synthesis round to fill (default r000); a new name = a new partition")
     r.add_argument("--force", action="store_true", help="re-synthesise shards that are already materialised")
     r.add_argument("--skip-synthesis", action="store_true", help="only the unpartitioned assets")
-    r.add_argument("--train", action="store_true", help="also train the SFT checkpoints (stage 1/2/3 and the ablation)")
+    r.add_argument("--no-train", action="store_true", help="skip the checkpoint assets (training) after synthesis")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("check", help="run every data-quality check on the materialised data; non-zero exit on failure")

@@ -78,6 +78,24 @@ def test_rollout_on_vllm_is_token_exact(vllm_engine):
                 assert all(t.policy_mask[s.start: s.end])
 
 
+@needs_vllm
+def test_wrapping_an_existing_llm_returns_sampled_logprobs(vllm_engine):
+    """The GRPO path wraps TRL's colocated LLM; the rollout then needs each sampled token's log-prob."""
+    import math
+
+    from agent.vllm_engine import VLLMEngine
+
+    wrapped = VLLMEngine.from_llm(vllm_engine.llm, vllm_engine.tokenizer, logprobs=True)
+    assert wrapped.max_model_len == 2048 and vllm_engine.logprobs is False
+    req = GenRequest(_prompt(wrapped.tokenizer), 12, ("</end_search>",), 0.6, 0.95, seed=4)
+    (res,) = wrapped.generate([req])
+    streamed = asyncio.run(wrapped.agenerate(req))
+    for r in (res, streamed):
+        lp = r.meta["logprobs"]
+        assert len(lp) == len(r.token_ids) > 0 and all(math.isfinite(x) and x <= 0 for x in lp)
+    assert "logprobs" not in vllm_engine.generate([req])[0].meta  # off by default
+
+
 def test_cpu_environment_keeps_user_settings(monkeypatch):
     for key in CPU_DEFAULTS:
         monkeypatch.delenv(key, raising=False)

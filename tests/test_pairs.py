@@ -2,7 +2,7 @@
 
 from agent.engines import cut_at_stop
 from agent.rollout import RolloutConfig
-from training.pairs import first_action_juncture, first_sentence_juncture, mine_pairs
+from training.pairs import cot_juncture, first_action_juncture, first_sentence_juncture, mine_pairs
 
 PROMPT = "<|im_start|>user\nIn which country is Valdren?<|im_end|>\n<|im_start|>assistant\n<think>"
 
@@ -12,8 +12,8 @@ class Scripted:
 
     name = "scripted"
 
-    def __init__(self, tokenizer, correct=True):
-        self.tokenizer, self.correct = tokenizer, correct
+    def __init__(self, tokenizer, correct=True, searches_anyway=False):
+        self.tokenizer, self.correct, self.searches_anyway = tokenizer, correct, searches_anyway
 
     def generate(self, requests):
         out = []
@@ -22,6 +22,10 @@ class Scripted:
             answer = "Norsland" if self.correct else "Brivia"
             if so_far.rstrip().endswith("<begin_search>"):
                 text = " Valdren country </end_search>"
+            elif so_far.endswith("\\boxed{"):
+                text = f"{answer}}}"
+            elif self.searches_anyway and "<search_result>" not in so_far:
+                text = " Let me check. <begin_search> Valdren </end_search>"
             else:
                 text = f" So it is {answer}.</think>\n\n\\boxed{{{answer}}}"
             ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
@@ -59,6 +63,9 @@ def test_junctures(embedded_tokenizer):
     j = first_sentence_juncture(one, tok.decode)  # one sentence: the juncture is the end of the reasoning
     assert tok.decode(one["token_ids"][one["prompt_tokens"]: one["prompt_tokens"] + j]) == " no sentence end"
     assert first_sentence_juncture(_row(tok, "cot", "</think> \\boxed{x}", 0.0), tok.decode) is None
+    # an empty reasoning still has a juncture: the start of the reasoning (empty shared prefix)
+    assert cot_juncture(_row(tok, "cot", "</think> \\boxed{x}", 0.0), tok.decode) == (0, "reasoning-start")
+    assert cot_juncture(cot, tok.decode)[1] == "first-sentence"
 
 
 def test_mining_builds_both_kinds_and_accounts_for_every_wrong_row(embedded_tokenizer):
@@ -108,3 +115,17 @@ def test_cap_discards_the_rest_with_a_reason(embedded_tokenizer):
     assert [p.question_id for p in pairs] == ["q0"]
     assert sorted((d.question_id, d.reason) for d in discarded) == [
         ("q1", "not mined: over max_per_kind=1"), ("q2", "not mined: over max_per_kind=1")]
+
+
+def test_no_action_branch_cuts_an_action_and_forces_the_answer(embedded_tokenizer):
+    tok = embedded_tokenizer
+    coa_wrong = _row(tok, "coa", " I need it. <begin_search> Valdren </end_search>\n<search_result>x</search_result>"
+                                 " It is Brivia.</think>\n\n\\boxed{Brivia}", 0.0)
+    pairs, discarded = mine_pairs([], [coa_wrong], engine=Scripted(tok, searches_anyway=True), search=_search,
+                                  coa_prompt_ids=lambda q: tok.encode(PROMPT, add_special_tokens=False),
+                                  config=RolloutConfig(max_context=400, max_turn_tokens=40, answer_tokens=8), attempts=1)
+    (b,) = pairs
+    chosen = tok.decode(b.chosen_ids)
+    # the policy opened an action with the tool off: it was cut where it began and the answer forced
+    assert "<begin_search>" not in chosen and chosen.startswith(" Let me check.")
+    assert b.chosen_answer == "Norsland" and not b.chosen_has_action and b.rejected_has_action

@@ -151,3 +151,53 @@ def test_search_tool_over_the_real_index():
                              {"id": "b", "contents": "Beta\nBeta is a city."}], show_progress=False)
     rendered, ids = search_tool(index, 2)(["poet"])[0]
     assert ids == ["a"] and rendered == 'result 1: "Alpha"\nAlpha is a poet.'
+
+
+class UnansweredPolicy:
+    """Fake engine: reasons without a box and stops (EOS); with tools off it may open an action; after a
+    forced box prompt it writes the answer."""
+
+    name = "unanswered"
+
+    def __init__(self, tokenizer, opens_action: bool = False):
+        self.tokenizer, self.opens_action = tokenizer, opens_action
+
+    def generate(self, requests):
+        out = []
+        for r in requests:
+            so_far = self.tokenizer.decode(r.prompt_ids)
+            if so_far.endswith("\\boxed{"):
+                text = "Orvantis}"
+            elif self.opens_action:
+                text = " I am not sure. <begin_search> city of Orvantis </end_search> more"
+            else:
+                text = " It is probably Orvantis.</think>"
+            ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+            out.append(cut_at_stop(ids, self.tokenizer.decode, r.stop, {self.tokenizer.eos_token_id}, r.max_new_tokens))
+        return out
+
+
+def test_force_answer_on_an_unanswered_end(embedded_tokenizer):
+    tok = embedded_tokenizer
+    plain = Rollout(UnansweredPolicy(tok), None, RolloutConfig(tools=False)).run([prompt(tok, 0)])[0]
+    assert plain.answer is None and plain.finish_reason == "eos"  # default: an unanswered end stays unanswered
+    t = Rollout(UnansweredPolicy(tok), None, RolloutConfig(tools=False, force_answer=True)).run([prompt(tok, 0)])[0]
+    assert t.answer == "Orvantis" and t.finish_reason == "forced"
+    assert tok.eos_token_id not in t.token_ids[t.prompt_len:]  # the EOS the policy wrote was dropped
+    forced = [s for s in t.spans if s.kind == "forced"][0]
+    # the reasoning was closed by the policy, so only the box prompt is environment text
+    assert tok.decode(t.token_ids[forced.start:forced.end]).startswith("\n\nThe final answer is \\boxed{")
+    assert all(m == 0 for m in t.policy_mask[forced.start:forced.start + 3])
+    assert len(t.token_ids) == len(t.policy_mask)
+
+
+def test_cut_actions_keeps_a_no_tool_trajectory_action_free(embedded_tokenizer):
+    tok = embedded_tokenizer
+    kept = Rollout(UnansweredPolicy(tok, opens_action=True), None, RolloutConfig(tools=False)).run([prompt(tok, 0)])[0]
+    assert "<begin_search>" in kept.completion  # default: the text is kept (and not executed)
+    t = Rollout(UnansweredPolicy(tok, opens_action=True), None,
+                RolloutConfig(tools=False, cut_actions=True)).run([prompt(tok, 0)])[0]
+    assert "<begin_search>" not in t.completion and t.n_actions == 0
+    assert t.completion.startswith(" I am not sure.") and t.answer == "Orvantis"
+    assert t.finish_reason == "action_cut" and len(t.token_ids) == len(t.policy_mask)
+    assert t.generated_tokens == sum(t.policy_mask)

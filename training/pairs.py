@@ -10,12 +10,21 @@ reasoning juncture on whether an action is taken:
     with the tool disabled (internal reasoning only) that answers correctly; rejected = the CoA's
     own continuation from the juncture (the action, wrong).
 
-Junctures (recorded per pair): ``first-sentence`` for (a) = the end of the first sentence of the CoT
-reasoning, or the end of the reasoning when it is one sentence (the earliest point where a search
-could replace recall); a continuation only counts when it is what its side claims: (a) chosen must
-reach the search engine, (b) chosen must not write an action even though the tool is off; ``first-action`` for (b) = right
-before the CoA's first ``<begin_search>``. All sequences are token ids: the prefix is sliced from the
-trajectory's own ids (never decoded and re-encoded) and continuations come from the rollout library.
+Junctures (recorded per pair):
+
+- ``first-sentence`` for (a): the end of the first sentence of the CoT reasoning, or the end of the
+  reasoning when it is one sentence (the earliest point where a search could replace recall);
+  ``reasoning-start`` for (a) when the CoT wrote no reasoning at all (it closed ``</think>`` at once):
+  the shared prefix is empty and the action is inserted as the first step.
+- ``first-action`` for (b): right before the CoA's first ``<begin_search>``.
+
+A continuation only counts when it is what its side claims: (a) chosen must reach the search engine;
+(b) chosen is rolled out with the tool off and ``cut_actions`` (an action the policy opens ends its
+reasoning there and the answer is forced), so it never contains an action. Every continuation is
+rolled out with ``force_answer``: one that ends without ``\boxed{}`` is prompted for it, so a branch is
+judged on an answer rather than discarded for lack of one. All sequences are token ids: the prefix
+is sliced from the trajectory's own ids (never decoded and re-encoded) and continuations come from
+the rollout library.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from __future__ import annotations
 import collections
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from agent.protocol import ACTION_OPEN, THINK_CLOSE
 from agent.rollout import Rollout, RolloutConfig
@@ -72,7 +81,8 @@ def _token_at_char(decode: Callable[[list[int]], str], ids: list[int], char_pos:
 
 
 def first_sentence_juncture(row: dict, decode) -> int | None:
-    """Token index (into the completion) right after the first sentence of the CoT's reasoning."""
+    """Token index (into the completion) right after the first sentence of the CoT's reasoning
+    (None when the reasoning is empty: see :func:`cot_juncture`)."""
     completion = row["token_ids"][row["prompt_tokens"]:]
     text = decode(completion)
     end = text.find(THINK_CLOSE)
@@ -83,6 +93,18 @@ def first_sentence_juncture(row: dict, decode) -> int | None:
     # the first sentence's end, or the end of a one-sentence reasoning (an action can still replace the answer)
     n = _token_at_char(decode, completion, m.end() if m else len(reasoning.rstrip()))
     return n if 0 < n < len(completion) else None
+
+
+def cot_juncture(row: dict, decode) -> tuple[int, str] | None:
+    """The (a) juncture and its rule: ``first-sentence``, else ``reasoning-start`` for an empty reasoning."""
+    j = first_sentence_juncture(row, decode)
+    if j is not None:
+        return j, "first-sentence"
+    completion = row["token_ids"][row["prompt_tokens"]:]
+    text = decode(completion)
+    if THINK_CLOSE in text and not text[: text.find(THINK_CLOSE)].strip():
+        return 0, "reasoning-start"
+    return None
 
 
 def first_action_juncture(row: dict) -> int | None:
@@ -117,11 +139,11 @@ def mine_pairs(cot_rows: Sequence[dict], coa_rows: Sequence[dict], *, engine, se
     for row in cot_rows:
         if row["em"] >= 1.0:
             continue
-        j = first_sentence_juncture(row, decode)
-        if j is None:
-            discarded.append(Discarded(row["question_id"], "a", "empty reasoning before </think>: no juncture"))
+        found = cot_juncture(row, decode)
+        if found is None:
+            discarded.append(Discarded(row["question_id"], "a", "no sentence boundary and no </think>: no juncture"))
             continue
-        plans.append(("a", "first-sentence", row, j))
+        plans.append(("a", found[1], row, found[0]))
     for row in coa_rows:
         if row["em"] >= 1.0:
             continue
@@ -151,8 +173,9 @@ def mine_pairs(cot_rows: Sequence[dict], coa_rows: Sequence[dict], *, engine, se
                 tasks_a.append((f"{i}/{k}", prompt + prefix + action_open))
             else:
                 tasks_b.append((f"{i}/{k}", prompt + prefix))
-    with_tool = Rollout(engine, search, config).run(tasks_a) if tasks_a else []
-    no_tool = Rollout(engine, None, RolloutConfig(**{**config.__dict__, "tools": False})).run(tasks_b) if tasks_b else []
+    with_tool = Rollout(engine, search, replace(config, force_answer=True)).run(tasks_a) if tasks_a else []
+    no_tool = (Rollout(engine, None, replace(config, tools=False, cut_actions=True, force_answer=True)).run(tasks_b)
+               if tasks_b else [])
     by_plan: dict[int, list] = {}
     for t in with_tool + no_tool:
         by_plan.setdefault(int(t.task_id.split("/")[0]), []).append(t)

@@ -81,11 +81,18 @@ def _load(model_path: str, s: TrainSettings):
 
 
 def _save(trainer, model, tok, out: Path, meta: dict) -> None:
-    with atomic_directory(out) as tmp:
-        final = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        final.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    # Multi-process launches (training.launch): ZeRO-3 shards are gathered on every rank (a collective),
+    # then only the main process writes, and the others wait for it.
+    acc = trainer.accelerator
+    plugin = acc.state.deepspeed_plugin if acc.distributed_type == "DEEPSPEED" else None
+    state = acc.get_state_dict(trainer.model_wrapped) if plugin is not None and plugin.zero_stage == 3 else None
+    if acc.is_main_process:
+        with atomic_directory(out) as tmp:
+            final = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+            final.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    acc.wait_for_everyone()
 
 
 def root_model(model_path: str) -> str:

@@ -1,0 +1,166 @@
+"""World-model fidelity: how close the policy's simulated ``<search_result>`` is to the real one.
+
+For one query we have the text the policy wrote as its own search result (the internal world model,
+used in RL stage 1) and the text the real search engine returns for the same query. We measure:
+
+* ``token_f1`` — bag-of-tokens F1 between the two texts, tokens from ``grading.normalize_answer``
+  (the SQuAD/HotpotQA normalisation: lower-case, no punctuation, no articles);
+* ``rouge_l`` — ROUGE-L F1 (longest common token subsequence; P = LCS/|simulated|,
+  R = LCS/|real|, F = 2PR/(P+R), as the ``rouge-score`` package computes it), same tokens;
+* ``sim_has_gold`` / ``real_has_gold`` — the text contains a gold answer (see :func:`contains_answer`);
+* ``hallucination`` — the simulated result *states an answer the real one does not support*:
+  it contains a gold answer that the real result lacks (``unsupported_gold``), or it contains the
+  policy's final answer while the real result does not (``unsupported_prediction``). Either way
+  the world model handed the policy an answer the real environment would not have.
+
+Answers that normalise to ``yes``/``no``/``noanswer`` (comparison questions) never count as
+contained: those words occur in ordinary prose, so a match would say nothing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+
+from evals.grading import normalize_answer
+
+_UNCHECKABLE = ("", "yes", "no", "noanswer")
+
+
+def tokens(text: str) -> list[str]:
+    return normalize_answer(text).split()
+
+
+def token_f1(candidate: str, reference: str) -> float:
+    """Bag-of-tokens F1 (1.0 when both texts are empty, 0.0 when only one is).
+
+    Not ``grading.f1``: that one zeroes any pair where one side is yes/no, right for short answers
+    and wrong for passages.
+    """
+    cand, ref = tokens(candidate), tokens(reference)
+    if not cand or not ref:
+        return float(cand == ref)
+    same = sum((Counter(cand) & Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(cand), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence (O(len(a) * len(b)) time, O(len(b)) memory)."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b, start=1):
+            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 of ``candidate`` against ``reference`` (1.0 when both are empty, 0.0 when one is)."""
+    cand, ref = tokens(candidate), tokens(reference)
+    if not cand or not ref:
+        return float(cand == ref)
+    lcs = lcs_length(cand, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(cand), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def contains_answer(text: str, answers: Iterable[str | None]) -> bool:
+    """Whether the normalised text contains a normalised answer as whole tokens.
+
+    Like cover-EM, but on token boundaries: plain substring matching would find "no" in "north"
+    and "1" in "1990". Answers normalising to yes/no/noanswer or to nothing are skipped.
+    """
+    padded = f" {normalize_answer(text)} "
+    for answer in answers:
+        if answer is None:
+            continue
+        norm = normalize_answer(answer)
+        if norm not in _UNCHECKABLE and f" {norm} " in padded:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class ObservationFidelity:
+    token_f1: float
+    rouge_l: float
+    sim_has_gold: bool
+    real_has_gold: bool
+    sim_has_prediction: bool
+    real_has_prediction: bool
+    unsupported_gold: bool
+    unsupported_prediction: bool
+
+    @property
+    def hallucination(self) -> bool:
+        return self.unsupported_gold or self.unsupported_prediction
+
+    def as_row(self) -> dict:
+        return {**asdict(self), "hallucination": self.hallucination}
+
+
+def compare_observation(simulated: str, real: str, golden_answers: Sequence[str],
+                        prediction: str | None = None) -> ObservationFidelity:
+    """Fidelity of one simulated search result against the real result for the same query.
+
+    Args:
+        golden_answers: the question's gold answers.
+        prediction: the policy's final answer for the trajectory (None when it gave none).
+    """
+    sim_gold, real_gold = contains_answer(simulated, golden_answers), contains_answer(real, golden_answers)
+    sim_pred, real_pred = contains_answer(simulated, [prediction]), contains_answer(real, [prediction])
+    return ObservationFidelity(
+        token_f1=token_f1(simulated, real), rouge_l=rouge_l(simulated, real),
+        sim_has_gold=sim_gold, real_has_gold=real_gold, sim_has_prediction=sim_pred, real_has_prediction=real_pred,
+        unsupported_gold=sim_gold and not real_gold, unsupported_prediction=sim_pred and not real_pred)
+
+
+def simulated_observations(trajectory) -> list[tuple[str, str]]:
+    """``(query, simulated result text)`` for each executed action of a simulated-environment
+    :class:`agent.rollout.Trajectory`: the pairs to replay against the real search engine."""
+    pairs: list[tuple[str, str]] = []
+    spans = list(trajectory.spans)
+    for i, span in enumerate(spans):
+        if span.kind != "action" or span.refused or i + 1 >= len(spans):
+            continue
+        obs = spans[i + 1]
+        if obs.kind == "observation" and obs.simulated:
+            pairs.append((span.text, obs.text))
+    return pairs
+
+
+FIDELITY_COLUMNS = ("token_f1", "rouge_l", "sim_has_gold", "real_has_gold", "hallucination",
+                    "unsupported_gold", "unsupported_prediction")
+
+
+def aggregate_fidelity(rows: Iterable[Mapping | ObservationFidelity], by: str | Sequence[str] = "checkpoint") -> pd.DataFrame:
+    """Mean of every fidelity measure per group (e.g. per checkpoint), with the number of queries.
+
+    Boolean measures become rates (``hallucination`` -> share of queries whose simulated result
+    states an unsupported answer). Rows are :meth:`ObservationFidelity.as_row` dicts plus the
+    ``by`` column(s).
+    """
+    keys = [by] if isinstance(by, str) else list(by)
+    records = [r.as_row() if isinstance(r, ObservationFidelity) else dict(r) for r in rows]
+    if not records:
+        return pd.DataFrame(columns=[*keys, "n_queries", *FIDELITY_COLUMNS])
+    df = pd.DataFrame(records)
+    missing = set(keys) - set(df.columns)
+    if missing:
+        raise ValueError(f"fidelity rows lack grouping columns {sorted(missing)}")
+    cols = [c for c in FIDELITY_COLUMNS if c in df.columns]
+    df[cols] = df[cols].astype(float)
+    out = df.groupby(keys, sort=True)[cols].mean()
+    out.insert(0, "n_queries", df.groupby(keys, sort=True).size())
+    return out.reset_index()

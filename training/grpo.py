@@ -1,0 +1,191 @@
+"""The RL stages: GRPO (TRL) over AutoCoA rollouts in the simulated and the real environment.
+
+:func:`train_grpo` trains one checkpoint: each optimizer step samples ``questions_per_step``
+questions, rolls out ``num_generations`` trajectories each with the live policy
+(:mod:`training.grpo_rollout`), scores them (:mod:`training.rewards`: exact match + format
+penalties, each logged) and takes a GRPO step. ``simulated_fraction`` of the steps (the first ones)
+run in the simulated environment, where the policy writes its own ``<search_result>`` blocks and
+no search call is made (RL-1); the rest search for real (RL-2). The checkpoint directory is written
+atomically, like the SFT stages: safetensors + tokenizer + ``meta.json`` (settings, reward, per
+component reward, KL and loss curves, the per-batch cost table and its totals, wall time, root model).
+
+The paper's profile (set by the pipeline config, not here): 48 questions x 5 samples per step,
+learning rate 7e-7, KL coefficient 0.001, temperature 0.6, up to 10 searches, responses up to 8192
+tokens, 96 steps of which 80 simulated then 16 real (``PAPER_SIMULATED_FRACTION``). TRL's KL term
+(``beta``) is the low-variance k3 estimator ``exp(ref - logp) - (ref - logp) - 1`` per token, the
+one the paper (after DeepSeekMath/R1) uses; ``beta=0`` skips the reference model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from agent.prompts import PromptTemplate, template_for
+from agent.rollout import RolloutConfig
+from training.grpo_rollout import (PAPER_SIMULATED_FRACTION, CostLedger, EngineFactory, SearchFn,
+                                   SimulationSchedule, make_rollout_func)
+from training.rewards import COMPONENTS, RewardSettings, trl_reward_funcs, trl_reward_weights
+from training.sft import _history, _load, _save, root_model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GrpoSettings", "GrpoResult", "PAPER_SIMULATED_FRACTION", "grpo_config", "train_grpo"]
+
+
+@dataclass(frozen=True)
+class GrpoSettings:
+    """The knobs of one GRPO run; defaults are sized for a CPU smoke run, the paper's are in the module doc."""
+
+    max_steps: int = 4
+    learning_rate: float = 1e-6
+    questions_per_step: int = 2  # paper: 48
+    num_generations: int = 4  # samples per question, GRPO's group (paper: 5)
+    micro_batch: int | None = None  # completions per forward/backward; None: the whole step at once
+    beta: float = 0.001  # KL coefficient (k3 estimator)
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_actions: int = 10  # T: searches per trajectory
+    max_completion_tokens: int = 1024  # paper: 8192; the rollout context is the longest prompt + this
+    max_turn_tokens: int = 512  # tokens per generation call between actions
+    answer_tokens: int = 24  # budget of a forced answer
+    search_k: int = 3
+    loss_type: str = "dapo"  # TRL's default: token-level normalisation over the batch
+    epsilon: float = 0.2  # PPO clip
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    lora: dict | None = None  # e.g. {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
+    gradient_checkpointing: bool = False
+    use_vllm: bool = False  # TRL's colocated vLLM (GPU); the rollout wraps it, see grpo_rollout.policy_engine
+    vllm_gpu_memory_utilization: float = 0.3
+    mask_simulated_observations: bool = True  # keep policy-written result blocks out of the loss
+    save_steps: int | None = None
+
+
+@dataclass
+class GrpoResult:
+    path: str
+    steps: int
+    simulated_steps: int
+    reward_curve: list[float] = field(default_factory=list)
+    reward_components: dict[str, list[float]] = field(default_factory=dict)
+    kl_curve: list[float] = field(default_factory=list)
+    loss_curve: list[float] = field(default_factory=list)
+    cost: list[dict] = field(default_factory=list)
+    cost_totals: dict = field(default_factory=dict)
+    wall_seconds: float = 0.0
+
+
+def _batch(settings: GrpoSettings) -> tuple[int, int]:
+    """Validate the settings; returns (micro batch, gradient accumulation steps) for one step's completions."""
+    for name in ("max_steps", "questions_per_step", "num_generations", "max_actions", "max_completion_tokens"):
+        if getattr(settings, name) < 1:
+            raise ValueError(f"GrpoSettings.{name} must be >= 1, got {getattr(settings, name)}")
+    if settings.num_generations < 2:
+        raise ValueError("GrpoSettings.num_generations must be >= 2: GRPO's advantage is relative within a group")
+    total = settings.questions_per_step * settings.num_generations
+    micro = settings.micro_batch or total
+    if micro < 1 or total % micro:
+        raise ValueError(f"GrpoSettings.micro_batch={settings.micro_batch} must divide questions_per_step x "
+                         f"num_generations = {total}")
+    return micro, total // micro
+
+
+def _check_questions(settings: GrpoSettings, questions: Sequence[dict]) -> None:
+    if len(questions) < settings.questions_per_step:
+        raise ValueError(f"{len(questions)} questions cannot fill GrpoSettings.questions_per_step="
+                         f"{settings.questions_per_step}")
+    for q in questions:
+        missing = [k for k in ("question_id", "question", "gold_answers") if k not in q]
+        if missing:
+            raise ValueError(f"question {q.get('question_id', q)!r} lacks {missing}")
+        golds = q["gold_answers"]
+        if isinstance(golds, str) or not golds or not all(isinstance(g, str) for g in golds):
+            raise ValueError(f"question {q['question_id']!r}: gold_answers must be a non-empty list of strings")
+
+
+def grpo_config(settings: GrpoSettings, output_dir: str | Path, *, max_context: int):
+    """The ``GRPOConfig`` for ``settings`` (one generation batch per optimizer step: on-policy, μ = 1)."""
+    import torch
+    from trl import GRPOConfig
+
+    micro, accum = _batch(settings)
+    cuda = torch.cuda.is_available()
+    if settings.use_vllm and not cuda:
+        raise ValueError("GrpoSettings.use_vllm needs a GPU (TRL's colocated vLLM); the CPU path uses the live "
+                         "transformers policy")
+    extra = dict(vllm_mode="colocate", vllm_gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+                 vllm_max_model_length=max_context + settings.answer_tokens + 16) if settings.use_vllm else {}
+    return GRPOConfig(
+        output_dir=str(output_dir), max_steps=settings.max_steps, learning_rate=settings.learning_rate,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=accum, num_generations=settings.num_generations,
+        num_iterations=1, beta=settings.beta, temperature=settings.temperature, top_p=settings.top_p,
+        max_completion_length=settings.max_completion_tokens, loss_type=settings.loss_type,
+        epsilon=settings.epsilon, max_grad_norm=settings.max_grad_norm, reward_weights=trl_reward_weights(),
+        seed=settings.seed, logging_steps=1, report_to=[], bf16=cuda, use_cpu=not cuda,
+        gradient_checkpointing=settings.gradient_checkpointing, lr_scheduler_type="constant", warmup_steps=0,
+        save_strategy="steps" if settings.save_steps else "no", save_steps=settings.save_steps or 500,
+        dataloader_num_workers=0, disable_tqdm=False, use_vllm=settings.use_vllm, **extra)
+
+
+def train_grpo(model_path: str, questions: Sequence[dict], out: str | Path, settings: GrpoSettings = GrpoSettings(),
+               *, search: SearchFn | None = None, simulated_fraction: float = 1.0,
+               reward_settings: RewardSettings = RewardSettings(), template: PromptTemplate | None = None,
+               engine_factory: EngineFactory | None = None, data_version: str = "", stage: str = "rl",
+               resume_from: str | None = None) -> GrpoResult:
+    """GRPO on ``questions`` (dicts with ``question_id``, ``question``, ``gold_answers``) from ``model_path``.
+
+    The first ``round(simulated_fraction * max_steps)`` steps roll out in the simulated environment,
+    the rest call ``search`` (``queries -> [(rendered results, passage ids)]``, e.g.
+    :func:`agent.rollout.search_tool`), required when any step is real. Prompts use ``template``
+    (default: the CoA template of the chain's root model). ``engine_factory(trainer)`` overrides the
+    sampling engine (a context manager; default: the live policy). Writes the checkpoint to ``out``.
+    """
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    _batch(settings)
+    _check_questions(settings, questions)
+    schedule = SimulationSchedule.from_fraction(simulated_fraction, settings.max_steps)
+    if schedule.simulated_steps < settings.max_steps and search is None:
+        raise ValueError(f"simulated_fraction={simulated_fraction} leaves {settings.max_steps - schedule.simulated_steps}"
+                         " real-environment steps, which need a `search` function")
+    out = Path(out)
+    model, tok = _load(model_path, settings)
+    template = template or template_for("coa", root_model(model_path))
+    prompts = [template.render(tok, q["question"]) for q in questions]
+    max_prompt = max(len(tok.encode(p, add_special_tokens=False)) for p in prompts)
+    rollout_config = RolloutConfig(max_actions=settings.max_actions, max_context=max_prompt + settings.max_completion_tokens,
+                                   max_turn_tokens=settings.max_turn_tokens, answer_tokens=settings.answer_tokens,
+                                   temperature=settings.temperature, top_p=settings.top_p, search_k=settings.search_k,
+                                   seed=settings.seed)
+    dataset = Dataset.from_list([{"prompt": p, "question_id": str(q["question_id"]), "gold_answers": list(q["gold_answers"])}
+                                 for p, q in zip(prompts, questions)])
+    ledger = CostLedger()
+    rollout_func = make_rollout_func(search=search, schedule=schedule, rollout_config=rollout_config, ledger=ledger,
+                                     engine_factory=engine_factory,
+                                     mask_simulated_observations=settings.mask_simulated_observations)
+    args = grpo_config(settings, Path(str(out) + ".work"), max_context=rollout_config.max_context)
+    trainer = GRPOTrainer(model=model, reward_funcs=trl_reward_funcs(reward_settings), args=args,
+                          train_dataset=dataset, processing_class=tok, rollout_func=rollout_func)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    wall = time.perf_counter() - start
+    result = GrpoResult(
+        str(out), trainer.state.global_step, schedule.simulated_steps, _history(trainer, "reward"),
+        {name: _history(trainer, f"rewards/{name}/mean") for name in COMPONENTS}, _history(trainer, "kl"),
+        _history(trainer, "loss"), ledger.rows(), ledger.totals(), wall)
+    log.info("GRPO: %d steps (%d simulated) in %.0fs, cost %s", result.steps, result.simulated_steps, wall,
+             result.cost_totals)
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    _save(trainer, policy, tok, out, {
+        "stage": stage, "base_model": model_path, "root_model": root_model(model_path), "data_version": data_version,
+        "template": template.id, "settings": asdict(settings), "reward_settings": asdict(reward_settings),
+        "rollout": asdict(rollout_config), "simulated_fraction": simulated_fraction,
+        "simulated_steps": result.simulated_steps, "steps": result.steps, "reward_curve": result.reward_curve,
+        "reward_components": result.reward_components, "kl_curve": result.kl_curve, "loss_curve": result.loss_curve,
+        "cost": result.cost, "cost_totals": result.cost_totals, "wall_seconds": wall, "questions": len(questions)})
+    return result
