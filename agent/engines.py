@@ -7,8 +7,9 @@ and returns the exact ids it generated, cut right after the token that completed
 
 from __future__ import annotations
 
+import gc
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -228,3 +229,37 @@ def load_engine(spec: EngineSpec, cache_dir: str | Path) -> Engine:
     engine.model_name = display
     _LOADED[key] = engine
     return engine
+
+
+def release_engines(keep: Iterable[EngineSpec] = ()) -> int:
+    """Drop the cached engines not loaded from a spec in ``keep``, shut them down and free their memory.
+
+    :func:`load_engine` keeps every engine for the life of the process (a vLLM engine holds its
+    weights and KV cache, ~2 GB for the embedded model), so a process that evaluates checkpoint after
+    checkpoint calls this between them. An engine with a ``close()`` (vLLM: stepping thread and
+    engine core) is closed first. Returns how many engines were released.
+    """
+    keep = set(keep)
+    dropped = [key for key in _LOADED if key[1] not in keep]
+    for key in dropped:
+        engine = _LOADED.pop(key)
+        close = getattr(engine, "close", None)
+        if callable(close):
+            close()
+        log.info("released engine %s (%s)", getattr(engine, "name", "?"), getattr(engine, "model_name", key[1].model))
+        del engine
+    if dropped:
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+    return len(dropped)
+
+
+def loaded_engines() -> list[EngineSpec]:
+    """Specs of the engines :func:`load_engine` holds now (what :func:`release_engines` would drop)."""
+    return [key[1] for key in _LOADED]

@@ -28,6 +28,7 @@ from agent.engines import GenRequest, GenResult
 
 log = logging.getLogger(__name__)
 
+_STOP = object()  # put on the submission queue by VLLMEngine.close()
 CPU_DEFAULTS = {
     "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB of KV cache
     "VLLM_CPU_OMP_THREADS_BIND": "0-{last}",
@@ -152,6 +153,7 @@ class VLLMEngine:
         log.info("loading vLLM engine: %s", kwargs)
         # the rollout encodes observations with the same tokenizer the engine uses
         self._bind(LLM(**kwargs), AutoTokenizer.from_pretrained(str(model)), str(model), max_model_len, logprobs)
+        self._owns_llm = True  # close() shuts the engine core down (never an LLM wrapped by from_llm)
 
     @classmethod
     def from_llm(cls, llm, tokenizer, *, logprobs: bool = True) -> VLLMEngine:
@@ -214,6 +216,20 @@ class VLLMEngine:
             outs = self.llm.generate(prompts, [self._params(r) for r in requests], use_tqdm=False)
         return [self._result(o, r) for o, r in zip(outs, requests)]
 
+    def close(self) -> None:
+        """Stop the stepping thread and shut the engine core down, so its weights and KV cache can be
+        freed (the thread holds the engine otherwise). An engine wrapped by :meth:`from_llm` keeps
+        its ``LLM`` running: its owner closes it."""
+        thread, self._thread = self._thread, None
+        if thread is not None and thread.is_alive():
+            self._submissions.put(_STOP)
+            thread.join(timeout=60)
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if getattr(self, "_owns_llm", False) and core is not None and hasattr(core, "shutdown"):
+            with self._engine_lock:
+                core.shutdown()
+        self._owns_llm = False
+
     # -- continuous batching ----------------------------------------------------------------
     async def agenerate(self, request: GenRequest) -> GenResult:
         self._check(request)
@@ -257,6 +273,13 @@ class VLLMEngine:
                     batch.append(self._submissions.get_nowait())
                 except queue.Empty:
                     break
+            if any(item is _STOP for item in batch):  # close(): fail what is still running and exit
+                for req, fut, loop in pending.values():
+                    deliver(fut, loop, exc=RuntimeError("vLLM engine closed"))
+                for item in batch:
+                    if item is not _STOP:
+                        deliver(item[1], item[2], exc=RuntimeError("vLLM engine closed"))
+                return
             with self._engine_lock:
                 for req, fut, loop in batch:
                     rid = f"r{next(self._ids)}"

@@ -166,3 +166,22 @@ def sft_stage23_lengths(context: dg.AssetCheckExecutionContext, storage: Storage
     truncated = sum(t.column("truncated").to_pylist())
     return dg.AssetCheckResult(passed=over == 0 and truncated == 0, severity=dg.AssetCheckSeverity.WARN,
                                metadata={"over_limit": over, "truncated": truncated, "max_length": limit})
+
+
+@dg.asset_check(asset=sft_stage1_data, blocking=True, description=(
+    "Every contrastive pair became exactly one SFT-1 example whose context is the pair's prompt + shared prefix ids."))
+def sft_stage1_data_matches_the_pairs(storage: StorageResource) -> dg.AssetCheckResult:
+    data, pairs = _table(storage, "sft_stage1_data"), _table(storage, "contrastive_pairs")
+    if data is None or pairs is None:
+        return NOT_MATERIALISED
+    by_id = {p["pair_id"]: p for p in pairs.select(["pair_id", "prompt_ids", "prefix_ids"]).to_pylist()}
+    rows = data.select(["pair_id", "context_ids"]).to_pylist()
+    ids = [r["pair_id"] for r in rows]
+    bad = [f"{r['pair_id']}: no such pair" for r in rows if r["pair_id"] not in by_id]
+    bad += [f"{r['pair_id']}: context is not prompt + prefix" for r in rows if r["pair_id"] in by_id
+            and r["context_ids"] != by_id[r["pair_id"]]["prompt_ids"] + by_id[r["pair_id"]]["prefix_ids"]]
+    missing = sorted(set(by_id) - set(ids))
+    dup = len(ids) - len(set(ids))
+    return dg.AssetCheckResult(passed=not bad and not missing and not dup, metadata={
+        "examples": len(rows), "pairs": len(by_id), "missing": len(missing), "duplicates": dup,
+        "problems": "\n".join((bad + [f"{m}: pair without an example" for m in missing])[:8]) or "none"})

@@ -8,13 +8,13 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from assets import data, pairs, retrieval, sft, sft_data, trajectories
+from assets import data, pairs, retrieval, rl, sft, sft_data, trajectories
 from pipelines.paths import REPO_ROOT, default_home
 from pipelines.resources import SearchEngineResource
 from pipelines.sensors import build_incoming_sensor
 from pipelines.storage import ParquetIOManager, StorageResource
 
-ASSET_MODULES = [data, retrieval, pairs, sft_data, sft]
+ASSET_MODULES = [data, retrieval, pairs, sft_data, sft, rl]
 PROFILES_DIR = REPO_ROOT / "configs"
 
 
@@ -76,7 +76,7 @@ def build_definitions(home: str | Path | None = None, shards: int | None = None)
         description="Trajectory synthesis with the paper profile's teacher (vLLM, DeepSeek-R1-Distill-Qwen-32B).")
     after_job = dg.define_asset_job(
         AFTER_JOB, selection=after,
-        description="Everything downstream of synthesis (contrastive pairs, SFT data and checkpoints), embedded defaults.")
+        description="Everything downstream of synthesis (contrastive pairs, SFT data, SFT and RL checkpoints), embedded defaults.")
     after_paper_job = dg.define_asset_job(
         f"{AFTER_JOB}_paper", selection=after, config=profile_config("paper", ops_of(after)),
         description="Everything downstream of synthesis with the paper profile.")

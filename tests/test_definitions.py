@@ -4,7 +4,9 @@ import sys
 from pipelines.definitions import build_definitions, load_profile
 
 EXPECTED_ASSETS = {"embedded_world", "hotpotqa_raw", "hotpotqa_raw_rejected", "question_sample", "corpus",
-                   "corpus_rejected", "search_index"}
+                   "corpus_rejected", "search_index", "contrastive_pairs", "sft_stage1_data", "sft_stage23_data",
+                   "sft_stage1_checkpoint", "sft_stage2_checkpoint", "sft_stage3_checkpoint", "sft_stage2_only_checkpoint",
+                   "rl_stage2_only_checkpoint", "sft123_rl1_checkpoint", "sft123_rl12_checkpoint", "sft12_rl2_checkpoint"}
 
 
 def test_definitions_name_the_expected_assets(tmp_path):
@@ -42,6 +44,9 @@ def test_profiles_parse_against_the_job_config():
     assert load_profile("paper")["ops"]["question_sample"]["config"]["total"] == 20000
     teacher = load_profile("paper")["ops"]["coa_trajectories"]["config"]
     assert teacher["engine"]["model"] == "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B" and teacher["temperature"] == 0.6
+    rl = load_profile("paper")["ops"]["sft123_rl12_checkpoint"]["config"]
+    assert (rl["questions_per_step"], rl["num_generations"], rl["learning_rate"], rl["max_steps"]) == (48, 5, 7e-7, 96)
+    assert round(rl["simulated_fraction"] * rl["max_steps"]) == 80  # 80 simulated steps, then 16 real
 
 
 def test_every_job_and_its_baked_config_resolve():
@@ -56,7 +61,9 @@ def test_every_job_and_its_baked_config_resolve():
 def test_libraries_import_no_dagster():
     code = ("import sys; import qadata.loaders, qadata.world, qadata.sampling, qadata.corpus, retrieval.bm25, "
             "retrieval.engine, retrieval.server, retrieval.metrics, agent, agent.synthesis, agent.validate, "
-            "agent.vllm_engine, agent.http_engine, agent.engines, training, evals; "
+            "agent.vllm_engine, agent.http_engine, agent.engines, training, training.pairs, training.sft, "
+            "training.sft_data, training.launch, training.grpo, training.rewards, evals, evals.benchmarks, "
+            "evals.judge, evals.report, evals.fidelity, evals.react; "
             "print('dagster' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -4,6 +4,7 @@ switches from the simulated to the real environment."""
 
 import json
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -12,8 +13,15 @@ from agent.engines import cut_at_stop
 from agent.protocol import OBS_CLOSE
 from agent.rollout import FORCE_ANSWER, FORCE_BOX, SEARCH_LIMIT, RolloutConfig, render_observation
 from training.grpo_rollout import CostLedger, SimulationSchedule, check_groups, make_rollout_func
-from training.rewards import (COMPONENTS, RewardSettings, breakdowns, score_completion, think_left_open,
-                              trl_reward_funcs, trl_reward_weights)
+from training.rewards import (
+    COMPONENTS,
+    RewardSettings,
+    breakdowns,
+    score_completion,
+    think_left_open,
+    trl_reward_funcs,
+    trl_reward_weights,
+)
 
 GOLD = ["Norsland"]
 
@@ -147,7 +155,7 @@ def expected_mask(tok, out, i, traj_spans_of):
 
 
 @pytest.mark.parametrize("simulated", [True, False])
-def test_rollout_func_returns_aligned_ids_masks_and_logprobs(embedded_tokenizer, simulated):
+def test_rollout_func_returns_aligned_ids_masks_and_logprobs(embedded_tokenizer, simulated, monkeypatch):
     tok = embedded_tokenizer
     calls = []
 
@@ -171,11 +179,8 @@ def test_rollout_func_returns_aligned_ids_masks_and_logprobs(embedded_tokenizer,
             sampled[i] = t.policy_mask[t.prompt_len:]
         return original(trajs, prompts, recorder, mask_sim)
 
-    gr.rollout_outputs = spy
-    try:
-        out = rf(prompts_for(2, 3), fake_trainer(tok, step=5, num_generations=3))
-    finally:
-        gr.rollout_outputs = original
+    monkeypatch.setattr(gr, "rollout_outputs", spy)
+    out = rf(prompts_for(2, 3), fake_trainer(tok, step=5, num_generations=3))
     assert len(out["completion_ids"]) == 6 and out["simulated"] == [simulated] * 6
     for i in range(6):
         ids, mask, lp = out["completion_ids"][i], out["env_mask"][i], out["logprobs"][i]
@@ -249,7 +254,8 @@ def tiny_model(embedded_tokenizer, tmp_path_factory):
 
 
 QUESTIONS = [{"question_id": "q0", "question": "Where is Valdren?", "gold_answers": ["Norsland"]},
-             {"question_id": "q1", "question": "Which country is Valdren in?", "gold_answers": ["Norsland", "Norsland Republic"]}]
+             {"question_id": "q1", "question": "Which country is Valdren in?",
+              "gold_answers": ["Norsland", "Norsland Republic"]}]
 
 
 def test_grpo_switches_from_simulated_to_real_and_updates_the_policy(tiny_model, tmp_path):
@@ -278,8 +284,8 @@ def test_grpo_switches_from_simulated_to_real_and_updates_the_policy(tiny_model,
                 name, tokenizer = "hybrid", engine.tokenizer
 
                 def generate(self, requests):
-                    from dataclasses import replace
-                    heads = [r.token_ids for r in engine.generate([replace(r, max_new_tokens=2, stop=()) for r in requests])]
+                    firsts = engine.generate([replace(r, max_new_tokens=2, stop=()) for r in requests])
+                    heads = [r.token_ids for r in firsts]
                     live.extend(heads)
                     return script.generate(requests, prefixes=heads)
 

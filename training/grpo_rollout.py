@@ -14,7 +14,9 @@ What TRL does with the returned ``logprobs`` (read in ``grpo_trainer.py``): they
 The ratio of the loss itself is recomputed from the model. TRL's own transformers generation path
 returns ``None`` for them, and so does this rollout with the live transformers policy (sampling is
 on-policy there); with vLLM each sampled token's processed log-probability is returned (0.0 on
-environment tokens, which the mask excludes anyway).
+environment tokens, which the mask excludes anyway). Those are what the wrapped ``LLM``'s
+``logprobs_mode`` gives: TRL builds its colocated LLM with ``processed_logprobs`` (temperature
+applied), matching its own temperature-scaled recomputation.
 
 ``env_mask`` (TRL's ``tool_mask``) is 1 on tokens the policy sampled and 0 on environment tokens:
 real ``<search_result>`` blocks, the ``\\n<search_result>\\n`` opener of a simulated block, the
@@ -227,8 +229,7 @@ def rollout_outputs(trajs: Sequence[Trajectory], prompts: Sequence[str], recorde
             for s in sims:
                 mask[s.start - p: s.end - p] = [0] * (s.end - s.start)
         if logprobs is not None:
-            lp = recorder.logprobs(t)[: len(completion)]
-            logprobs.append(lp)
+            logprobs.append(recorder.logprobs(t))
         if len(mask) != len(completion) or (logprobs is not None and len(logprobs[-1]) != len(completion)):
             raise RuntimeError(f"{t.task_id}: completion ids, env_mask and logprobs are not aligned")
         out["prompt_ids"].append(t.token_ids[:p])
@@ -245,7 +246,7 @@ def rollout_outputs(trajs: Sequence[Trajectory], prompts: Sequence[str], recorde
     return {**out, "logprobs": logprobs}
 
 
-def make_rollout_func(*, search: SearchFn | None = None, schedule: Callable[[int], bool] = SimulationSchedule(1 << 30),
+def make_rollout_func(*, search: SearchFn | None = None, schedule: Callable[[int], bool] | None = None,
                       rollout_config: RolloutConfig = RolloutConfig(), ledger: CostLedger | None = None,
                       engine_factory: EngineFactory | None = None, mask_simulated_observations: bool = True,
                       max_batch: int = 64) -> Callable[[list, object], dict]:
@@ -254,15 +255,16 @@ def make_rollout_func(*, search: SearchFn | None = None, schedule: Callable[[int
     ``prompts`` are the rendered prompt strings of the dataset (``training.grpo`` renders the CoA
     template; the prefilled ``<think>`` included) and are encoded exactly as
     ``PromptTemplate.prompt_ids`` does. ``schedule(trainer.state.global_step)`` says simulated (True)
-    or real (False) for each generation batch; a real batch needs ``search``. ``engine_factory(trainer)``
-    is a context manager yielding the engine (default :func:`policy_engine`). Each batch's cost is
+    or real (False) for each generation batch (default: always simulated); a real batch needs
+    ``search``. ``engine_factory(trainer)`` is a context manager yielding the engine (default
+    :func:`policy_engine`). Each batch's cost is
     appended to ``ledger``.
     """
     factory = engine_factory or (lambda trainer: policy_engine(trainer, max_batch=max_batch))
 
     def rollout_func(prompts: list, trainer) -> dict:
         step = int(trainer.state.global_step)
-        simulated = bool(schedule(step))
+        simulated = True if schedule is None else bool(schedule(step))
         if not simulated and search is None:
             raise ValueError(f"step {step} is scheduled in the real environment but no `search` function was given "
                              "(pass search=..., or simulated_fraction=1.0 for a simulated-only run)")

@@ -116,7 +116,7 @@ def _text(completion) -> str:
     """A TRL completion: a string, or a conversational list of messages (the assistant content)."""
     if isinstance(completion, str):
         return completion
-    return "".join(m.get("content", "") for m in completion if isinstance(m, dict) and isinstance(m.get("content"), str))
+    return "".join(m["content"] for m in completion if isinstance(m, dict) and isinstance(m.get("content"), str))
 
 
 def breakdowns(prompts: Sequence, completions: Sequence, settings: RewardSettings = RewardSettings(),
