@@ -238,9 +238,15 @@ def release_engines(keep: Iterable[EngineSpec] = ()) -> int:
     weights and KV cache, ~2 GB for the embedded model), so a process that evaluates checkpoint after
     checkpoint calls this between them. An engine with a ``close()`` (vLLM: stepping thread and
     engine core) is closed first. Returns how many engines were released.
+
+    In-process vLLM engines share the process's distributed state, and shutting one down tears it
+    down for all (vLLM's ``EngineCore.shutdown``), so releasing one vLLM engine releases every vLLM
+    engine, kept ones included: :func:`load_engine` reloads those on their next use (seconds).
     """
     keep = set(keep)
     dropped = [key for key in _LOADED if key[1] not in keep]
+    if any(key[0] == "vllm" for key in dropped):
+        dropped += [key for key in _LOADED if key[0] == "vllm" and key not in dropped]
     for key in dropped:
         engine = _LOADED.pop(key)
         close = getattr(engine, "close", None)

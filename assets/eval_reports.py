@@ -5,7 +5,6 @@ import base64
 import dataclasses
 import math
 from collections.abc import Collection
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -14,10 +13,11 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from agent.engines import load_engine, release_engines
-from agent.prompts import template_for
+from agent.models import EMBEDDED_MODEL
 from agent.rollout import Rollout, RolloutConfig, search_tool
 from assets.evals import (
     EMBEDDED,
+    EMBEDDED_JUDGE_NOTE,
     FIDELITY_METHODS,
     FIDELITY_SCHEMA,
     GROUP,
@@ -28,7 +28,7 @@ from assets.evals import (
     _questions,
     _read_predictions,
     _result,
-    _root_model,
+    checkpoint_template,
 )
 from assets.pairs import NOT_MATERIALISED, _table
 from assets.trajectories import EngineConfig
@@ -112,7 +112,8 @@ def eval_table(context: dg.AssetExecutionContext, storage: StorageResource) -> d
     md.update({
         "table1": dg.MetadataValue.md(report.table1_markdown(t1, caption=(
             "**Table 1 (ours)**: percent; Avg = unweighted mean over the benchmarks; — = the method lacks that "
-            "benchmark. LLM = judged by " + ", ".join(sorted(set(df["judge_model"]))) + "."))),
+            "benchmark. LLM = judged by " + ", ".join(sorted(set(df["judge_model"])))
+            + (f" ({EMBEDDED_JUDGE_NOTE})" if EMBEDDED_MODEL in set(df["judge_model"]) else "") + "."))),
         "ours_vs_paper": dg.MetadataValue.md(report.ours_vs_paper_markdown(t1, paper, method_map=PAPER_ROWS)),
         "paper_table1": dg.MetadataValue.md(
             report.table1_markdown(paper, caption=f"**The paper's Table 1** ({report.PAPER_TABLE1_SOURCE})")
@@ -358,7 +359,7 @@ def build_fidelity(existing: Collection[str]):
                 spec = dataclasses.replace(config.engine.spec(config.max_context), model=ckpt)
                 release_engines(keep={spec})
                 engine = load_engine(spec, storage.artifact_dir("models"))
-                template = template_for("coa", Path(_root_model(ckpt)).name)
+                template = checkpoint_template(ckpt)
                 rollout = Rollout(engine, None, rcfg)
                 trajs = rollout.run([(q.key, template.prompt_ids(rollout.tokenizer, q.question)) for q in questions])
                 new = _fidelity_rows(method, ckpt, questions, trajs, search)

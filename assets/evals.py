@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from agent.engines import EngineSpec, load_engine, release_engines
-from agent.prompts import PromptTemplate, template_for
+from agent.prompts import TEMPLATES, PromptTemplate, template_for
 from agent.rollout import RolloutConfig, search_tool
 from agent.synthesis import RunInfo, synthesize
 from assets.pairs import NOT_MATERIALISED, _table
@@ -127,7 +127,7 @@ def _result(checked: int, problems: list[str], scope: str, severity=dg.AssetChec
 class EvalQuestionsConfig(dg.Config):
     autocoa_test_file: str = Field(str(SHARED_DATA / "autocoa" / "test.parquet"), description=(
         "AutoCoA's evaluation parquet (the six shared benchmarks); when absent those partitions are empty."))
-    n: int | None = Field(6, description="Questions sampled per benchmark; None = all (paper).")
+    n: int | None = Field(4, description="Questions sampled per benchmark; None = all (paper).")
     seed: int = Field(0, description="Sampling seed (samples are nested: the first 6 of n=10 are the sample of 6).")
     embedded_splits: list[str] = Field(default_factory=lambda: ["dev", "train"], description=(
         "Splits of embedded_world whose questions, minus every question_sample question, are the embedded pool."))
@@ -275,20 +275,25 @@ class EvalPredictionsConfig(dg.Config):
     temperature: float = Field(0.0, description="Sampling temperature of the policy (0 = greedy, reproducible).")
     top_p: float = Field(1.0, description="Nucleus sampling.")
     seed: int = Field(0, description="Sampling seed.")
-    max_actions: int = Field(3, description="T: searches allowed (paper: up to 10).")
+    max_actions: int = Field(2, description="T: searches allowed (paper: up to 10).")
     max_context: int = Field(1536, description="N: tokens per trajectory, prompt included.")
-    max_turn_tokens: int = Field(128, description="Tokens the policy may write before its next action.")
-    cot_max_tokens: int = Field(256, description="Tokens a base_cot answer may write.")
+    max_turn_tokens: int = Field(80, description="Tokens the policy may write before its next action.")
+    cot_max_tokens: int = Field(160, description="Tokens a base_cot answer may write.")
     answer_tokens: int = Field(24, description="Tokens allowed for a forced answer.")
     force_answer: bool = Field(True, description="A trajectory ending without \\boxed{} is prompted for the answer.")
     search_k: int = Field(3, description="Passages per search.")
 
 
-def _root_model(checkpoint: str) -> str:
-    meta = Path(checkpoint) / "meta.json"
-    if not meta.is_file():
-        raise dg.Failure(f"eval_predictions: {meta} not found; a checkpoint directory must hold meta.json with root_model")
-    return json.loads(meta.read_text()).get("root_model") or checkpoint
+def checkpoint_template(checkpoint: str) -> PromptTemplate:
+    """The CoA template a checkpoint was trained with: ``meta.json``'s ``template`` when it names one
+    (RL records it), else the CoA template of the chain's root model (``root_model``)."""
+    meta_path = Path(checkpoint) / "meta.json"
+    if not meta_path.is_file():
+        raise dg.Failure(f"{meta_path} not found: a checkpoint directory must hold meta.json with root_model")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("template") in TEMPLATES:
+        return TEMPLATES[meta["template"]]
+    return template_for("coa", Path(meta.get("root_model") or checkpoint).name)
 
 
 def _checkpoint(storage: StorageResource, method: str) -> str | None:
@@ -312,7 +317,7 @@ def _policy(method: str, model_name: str, checkpoint: str | None, config: EvalPr
             rcfg, tools=False, cut_actions=True, max_turn_tokens=config.cot_max_tokens)
     if method == "react_base":
         return react_template_for(model_name), react_rollout_config(rcfg)
-    return template_for("coa", Path(_root_model(checkpoint)).name), rcfg
+    return checkpoint_template(checkpoint), rcfg
 
 
 def _empty(context, method: str, bench: str, status: str) -> dg.Output:

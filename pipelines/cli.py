@@ -122,6 +122,40 @@ def run_synthesis(instance, defs, home: Path, *, profile: str, round_key: str, e
     return outcomes
 
 
+def run_evaluation(instance, defs, *, profile: str, extra: dict, methods: list[str] | None = None,
+                   benchmarks: list[str] | None = None) -> list:
+    """Evaluation in one process: the questions of each benchmark, then every (method, benchmark)
+    prediction partition grouped by method (each policy loads once), then the reports. Methods whose
+    checkpoint is not materialised are left out (their evaluation is simply not in the table)."""
+    from assets import evals
+    from pipelines.definitions import EVAL_PREDICTIONS_JOB, EVAL_QUESTIONS_JOB, EVAL_REPORTS_JOB
+    from pipelines.paths import table_path
+
+    home = Path(defs.resources["storage"].home)
+    suffix = "_paper" if profile == "paper" else ""
+    base_profile = "embedded" if profile == "paper" else profile
+    benchmarks = benchmarks or list(evals.BENCHMARKS)
+    if methods is None:
+        methods = [m for m in evals.METHODS if m in evals.BASELINES
+                   or table_path(home, [f"{m}_checkpoint"]).is_file()]
+    results = []
+
+    def run(job_name: str, ops: set[str], partition: str | None, label: str):
+        job = defs.resolve_job_def(job_name + suffix)
+        print(f"evaluation {label} ...", flush=True)
+        res = job.execute_in_process(instance=instance, partition_key=partition,
+                                     run_config=_run_config(base_profile, ops, extra), raise_on_error=False)
+        results.append(res)
+        return res
+
+    for b in benchmarks:
+        run(EVAL_QUESTIONS_JOB, {"eval_questions"}, b, f"questions {b}")
+    for key in evals.prediction_partitions_by_method(methods, benchmarks):
+        run(EVAL_PREDICTIONS_JOB, {"eval_predictions"}, str(key), f"predictions {key}")
+    run(EVAL_REPORTS_JOB, {"eval_table", "action_analysis", "world_model_fidelity"}, None, "reports")
+    return results
+
+
 def cmd_run(args) -> int:
     from tabulate import tabulate
 
@@ -168,8 +202,13 @@ def cmd_run(args) -> int:
                                                         if not k.endswith("_checkpoint")}}
             print(f"\nmaterialising what follows synthesis (round {args.round}"
                   f"{', checkpoints excluded' if args.no_train else ', checkpoints included'}) ...", flush=True)
-            results.append(after.execute_in_process(instance=instance, run_config=after_config, raise_on_error=False,
-                                                    asset_selection=selection))
+            after_result = after.execute_in_process(instance=instance, run_config=after_config, raise_on_error=False,
+                                                    asset_selection=selection)
+            results.append(after_result)
+            if not args.no_eval:
+                print("\nevaluating (Table 1, Figure 3, world-model fidelity) ...", flush=True)
+                results += run_evaluation(instance, defs, profile=args.profile, extra=extra,
+                                          benchmarks=args.eval_benchmarks.split(",") if args.eval_benchmarks else None)
     tables = discover_tables(home)
     import glob as globlib
 
@@ -294,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="re-synthesise shards that are already materialised")
     r.add_argument("--skip-synthesis", action="store_true", help="only the unpartitioned assets")
     r.add_argument("--no-train", action="store_true", help="skip the checkpoint assets (training) after synthesis")
+    r.add_argument("--no-eval", action="store_true", help="skip the evaluation (Table 1, Figure 3, fidelity)")
+    r.add_argument("--eval-benchmarks", help="comma-separated benchmarks to evaluate (default: all: embedded + the "
+                                             "six shared ones, empty when ../shared/data is absent)")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("check", help="run every data-quality check on the materialised data; non-zero exit on failure")

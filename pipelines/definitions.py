@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from assets import data, pairs, retrieval, rl, sft, sft_data, trajectories
+from assets import data, evals, pairs, retrieval, rl, sft, sft_data, trajectories
 from pipelines.paths import REPO_ROOT, default_home
 from pipelines.resources import SearchEngineResource
 from pipelines.sensors import build_incoming_sensor
@@ -39,6 +39,7 @@ def profile_config(name: str, ops: set[str] | None = None) -> dict:
 
 SYNTHESIS_JOB = "trajectory_synthesis"
 AFTER_JOB = "autocoa_after_synthesis"
+EVAL_QUESTIONS_JOB, EVAL_PREDICTIONS_JOB, EVAL_REPORTS_JOB = "evaluation_questions", "evaluation_predictions", "evaluation_reports"
 SYNTHESIS_OPS = {f"{p}_trajectories" for p in trajectories.POOLS}
 
 
@@ -48,12 +49,17 @@ def build_definitions(home: str | Path | None = None, shards: int | None = None)
     checks = dg.load_asset_checks_from_modules(ASSET_MODULES)
     traj_assets, traj_checks, traj_partitions = trajectories.build(shards)
     assets, checks = assets + traj_assets, checks + traj_checks
+    # evaluation declares lineage only to the checkpoint assets that exist in this code location
+    existing = {k.to_user_string() for a in assets for k in a.keys}
+    eval_assets, eval_checks = evals.build(existing)
+    assets, checks = assets + eval_assets, checks + eval_checks
+    evaluation = dg.AssetSelection.groups(evals.GROUP)
     # a job runs one partitions definition: the unpartitioned stages in one, the sharded synthesis in another
     synthesis = dg.AssetSelection.assets(*traj_assets)
     # three jobs in run order: what synthesis needs, synthesis (partitioned), what comes after it
     before = synthesis.upstream().required_multi_asset_neighbors()
     unpartitioned = before - synthesis
-    after = dg.AssetSelection.all() - before
+    after = dg.AssetSelection.all() - before - evaluation  # a job runs one partitions definition
     def ops_of(selection: dg.AssetSelection) -> set[str]:
         """Op names of a selection: a job's baked config may name only its own ops."""
         keys = selection.resolve(assets)
@@ -80,6 +86,18 @@ def build_definitions(home: str | Path | None = None, shards: int | None = None)
     after_paper_job = dg.define_asset_job(
         f"{AFTER_JOB}_paper", selection=after, config=profile_config("paper", ops_of(after)),
         description="Everything downstream of synthesis with the paper profile.")
+    eval_jobs = []
+    for name, selection, desc in (
+            (EVAL_QUESTIONS_JOB, dg.AssetSelection.assets("eval_questions", "eval_questions_rejected"),
+             "Held-out evaluation questions of one benchmark partition (embedded world, NQ, TriviaQA, ...)."),
+            (EVAL_PREDICTIONS_JOB, dg.AssetSelection.assets("eval_predictions"),
+             "One method x benchmark partition of the evaluation: rollouts, EM/F1/cover-EM, LLM-judge verdicts."),
+            (EVAL_REPORTS_JOB, dg.AssetSelection.assets("eval_table", "action_analysis", "world_model_fidelity"),
+             "Table 1, Figure 3 and the world-model fidelity table from every materialised prediction partition.")):
+        eval_jobs.append(dg.define_asset_job(name, selection=selection, description=desc + " Embedded defaults."))
+        eval_jobs.append(dg.define_asset_job(f"{name}_paper", selection=selection,
+                                             config=profile_config("paper", ops_of(selection)),
+                                             description=desc + " Paper profile."))
     profile = os.environ.get("AUTOCOA_PROFILE", "embedded")
     resynthesis = trajectories.build_resynthesis_schedule(
         synthesis_paper_job if profile == "paper" else synthesis_job,
@@ -93,7 +111,8 @@ def build_definitions(home: str | Path | None = None, shards: int | None = None)
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
-        jobs=[embedded_job, paper_job, checks_job, synthesis_job, synthesis_paper_job, after_job, after_paper_job],
+        jobs=[embedded_job, paper_job, checks_job, synthesis_job, synthesis_paper_job, after_job, after_paper_job,
+              *eval_jobs],
         schedules=[nightly_checks, resynthesis],
         sensors=[build_incoming_sensor(home, embedded_job)],
         resources={

@@ -50,10 +50,13 @@ def test_stage2_trains_reloads_and_changes_parameters(tiny_model, embedded_token
                                TrainSettings(max_steps=4, learning_rate=1e-2, batch_size=2, max_length=256), stage=2)
     assert res.steps == 4 and len(res.loss_curve) == 4 and all(torch.isfinite(torch.tensor(res.loss_curve)))
     assert res.loss_curve[-1] < res.loss_curve[0]
+    # the fixed probe set: the same examples scored before and after training
+    assert res.metrics["probe_loss_end"] < res.metrics["probe_loss_start"]
     before, after = _params(tiny_model), _params(out)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["stage"] == 2 and meta["labels"] == "labels_stage2" and meta["steps"] == 4
+    assert meta["probe_loss_end"] == res.metrics["probe_loss_end"]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
 
 

@@ -64,7 +64,7 @@ def test_pairs_mined_from_the_shard_reconcile(materialised, home):
     wrong = sum(pq.read_table(table_path(home, [f"{p}_trajectories"], "r000|s00")).column("em").to_pylist().count(0.0)
                 for p in ("cot", "coa"))
     assert pairs.num_rows + discarded.num_rows == wrong > 0
-    known = ("no sentence boundary", "wrong CoA took no action", "not mined: over max_per_kind", "no correct")
+    known = ("empty completion", "wrong CoA took no action", "not mined: over max_per_kind", "no correct")
     assert all(r.startswith(known) for r in discarded.column("reason").to_pylist())  # every discard says why
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert len(checks) == 8  # contrastive pairs + stage-2/3 data

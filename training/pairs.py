@@ -14,8 +14,9 @@ Junctures (recorded per pair):
 
 - ``first-sentence`` for (a): the end of the first sentence of the CoT reasoning, or the end of the
   reasoning when it is one sentence (the earliest point where a search could replace recall);
-  ``reasoning-start`` for (a) when the CoT wrote no reasoning at all (it closed ``</think>`` at once):
-  the shared prefix is empty and the action is inserted as the first step.
+  ``reasoning-start`` for (a) when the CoT has no sentence boundary before its end (it closed
+  ``</think>`` at once, or wrote only its answer): the shared prefix is empty and the action is
+  inserted as the first step.
 - ``first-action`` for (b): right before the CoA's first ``<begin_search>``.
 
 A continuation only counts when it is what its side claims: (a) chosen must reach the search engine;
@@ -100,9 +101,7 @@ def cot_juncture(row: dict, decode) -> tuple[int, str] | None:
     j = first_sentence_juncture(row, decode)
     if j is not None:
         return j, "first-sentence"
-    completion = row["token_ids"][row["prompt_tokens"]:]
-    text = decode(completion)
-    if THINK_CLOSE in text and not text[: text.find(THINK_CLOSE)].strip():
+    if len(row["token_ids"]) > row["prompt_tokens"]:
         return 0, "reasoning-start"
     return None
 
@@ -141,7 +140,7 @@ def mine_pairs(cot_rows: Sequence[dict], coa_rows: Sequence[dict], *, engine, se
             continue
         found = cot_juncture(row, decode)
         if found is None:
-            discarded.append(Discarded(row["question_id"], "a", "no sentence boundary and no </think>: no juncture"))
+            discarded.append(Discarded(row["question_id"], "a", "empty completion: no juncture"))
             continue
         plans.append(("a", found[1], row, found[0]))
     for row in coa_rows:

@@ -103,6 +103,56 @@ def root_model(model_path: str) -> str:
     return model_path
 
 
+PROBE_EXAMPLES = 8
+
+
+def probe_loss_trajectories(model, rows: Sequence[dict], labels_key: str, max_length: int) -> float:
+    """Mean token cross-entropy over the first ``PROBE_EXAMPLES`` rows' labelled tokens: the same examples
+    before and after training, so "the loss fell" is not an artefact of which batch came last."""
+    import torch
+
+    from training.losses import mean_logprob
+
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for r in list(rows)[:PROBE_EXAMPLES]:
+            ids = torch.tensor([list(r["input_ids"])[:max_length]], device=model.device)
+            labels = torch.tensor([list(r[labels_key])[:max_length]], device=model.device)
+            n = int((labels[:, 1:] != -100).sum())
+            if n:
+                total += float(-mean_logprob(model(input_ids=ids).logits, ids, labels)[0]) * n
+                tokens += n
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+def probe_loss_pairs(model, tok, pairs: Sequence[dict], alpha: float, max_length: int) -> float:
+    """The paper's SFT-1 loss (:func:`training.losses.sft1_loss`) averaged over the first ``PROBE_EXAMPLES``
+    pairs, tokenised as CPOTrainer tokenises them (prompt, then continuation)."""
+    import torch
+
+    from training.losses import mean_logprob, sft1_loss
+
+    was_training = model.training
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for p in list(pairs)[:PROBE_EXAMPLES]:
+            context = tok(p["prompt"], add_special_tokens=False)["input_ids"]
+            means = []
+            for side in ("chosen", "rejected"):
+                cont = tok(p[side], add_special_tokens=False)["input_ids"]
+                ids = torch.tensor([(context + cont)[:max_length]], device=model.device)
+                labels = ids.clone()
+                labels[:, : len(context)] = -100
+                means.append(mean_logprob(model(input_ids=ids).logits, ids, labels))
+            losses.append(float(sft1_loss(means[0], means[1], alpha)[0]))
+    model.train(was_training)
+    return sum(losses) / max(len(losses), 1)
+
+
 def _history(trainer, key: str) -> list[float]:
     return [float(h[key]) for h in trainer.state.log_history if key in h and not math.isnan(float(h[key]))]
 
@@ -121,15 +171,18 @@ def train_stage1(model_path: str, pairs: Sequence[dict], out: str | Path, settin
     args = sft1_trl_config(common.pop("output_dir"), alpha=settings.alpha, max_length=settings.max_length, **common)
     ds = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs])
     trainer = CPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    probe_start = probe_loss_pairs(model, tok, pairs, settings.alpha, settings.max_length)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - t0
+    probe_end = probe_loss_pairs(model, tok, pairs, settings.alpha, settings.max_length)
     result = TrainResult(str(out), trainer.state.global_step, _history(trainer, "loss"), wall,
+                         metrics={"probe_loss_start": probe_start, "probe_loss_end": probe_end},
                          logps_chosen=_history(trainer, "logps/chosen"), logps_rejected=_history(trainer, "logps/rejected"))
     _save(trainer, model, tok, out, {"stage": 1, "base_model": model_path, "root_model": root_model(model_path), "data_version": data_version,
                                      "settings": asdict(settings), "steps": result.steps, "loss_curve": result.loss_curve,
                                      "logps_chosen": result.logps_chosen, "logps_rejected": result.logps_rejected,
-                                     "wall_seconds": wall, "examples": len(pairs)})
+                                     **result.metrics, "wall_seconds": wall, "examples": len(pairs)})
     return result
 
 
@@ -146,14 +199,18 @@ def train_trajectory_sft(model_path: str, rows: Sequence[dict], labels_key: str,
     args = SFTConfig(max_length=settings.max_length, packing=settings.packing, **_common_args(settings, work))
     ds = Dataset.from_list([{"input_ids": list(r["input_ids"]), "labels": list(r[labels_key])} for r in rows])
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    probe_start = probe_loss_trajectories(model, rows, labels_key, settings.max_length)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - t0
+    probe_end = probe_loss_trajectories(model, rows, labels_key, settings.max_length)
     tokens = sum(sum(1 for x in r[labels_key] if x != -100) for r in rows)
     result = TrainResult(str(out), trainer.state.global_step, _history(trainer, "loss"), wall,
                          metrics={"trained_tokens_per_epoch": tokens,
-                                  "tokens_seen": int(trainer.state.num_input_tokens_seen or 0)})
+                                  "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
+                                  "probe_loss_start": probe_start, "probe_loss_end": probe_end})
     _save(trainer, model, tok, out, {"stage": stage, "base_model": model_path, "root_model": root_model(model_path), "data_version": data_version,
                                      "labels": labels_key, "settings": asdict(settings), "steps": result.steps,
-                                     "loss_curve": result.loss_curve, "wall_seconds": wall, "examples": len(rows)})
+                                     "loss_curve": result.loss_curve, **result.metrics, "wall_seconds": wall,
+                                     "examples": len(rows)})
     return result
