@@ -9,7 +9,6 @@ import pyarrow as pa
 from pydantic import Field
 
 from agent.engines import resolve_model
-from agent.prompts import template_for
 from agent.rollout import search_tool
 from assets.pairs import NOT_MATERIALISED, _table
 from assets.sft import _checkpoint_of, _loss_plot

@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qadata.loaders import _iter_jsonl, _Unreadable  # one JSONL reader: bad lines become rejected rows
 from qadata.schema import RAW_PREVIEW_CHARS, RowError, SourceError
 from qadata.text import normalise_question
 
@@ -210,28 +211,6 @@ def _collect(rows: Iterable[tuple[int, Any]], make, *, source: str, benchmark: s
         result.questions.append(q)
     return result
 
-
-@dataclass(frozen=True)
-class _Unreadable:
-    reason: str
-    raw: str
-
-
-def _iter_jsonl(path: Path) -> Iterable[tuple[int, Any]]:
-    with path.open("rb") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield lineno, _Unreadable(f"line {lineno}: not valid UTF-8 (byte {exc.start})",
-                                          line.decode("utf-8", errors="replace"))
-                continue
-            try:
-                yield lineno, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield lineno, _Unreadable(f"line {lineno}: malformed JSON ({exc.msg})", text)
 
 
 def _need_file(path: str | Path) -> Path:

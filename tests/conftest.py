@@ -48,3 +48,20 @@ def embedded_tokenizer(embedded_checkpoint):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(embedded_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(embedded_tokenizer, tmp_path_factory):
+    """A one-layer random Llama over the embedded tokenizer, saved to disk (training smoke tests)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = embedded_tokenizer
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                      pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -238,19 +238,6 @@ def test_simulation_schedule():
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(embedded_tokenizer, tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tok = embedded_tokenizer
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
-                      pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny-grpo")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 QUESTIONS = [{"question_id": "q0", "question": "Where is Valdren?", "gold_answers": ["Norsland"]},

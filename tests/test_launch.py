@@ -79,18 +79,6 @@ def test_launch_command_argv_parses_with_accelerate_cli(tmp_path):
 # ------------------------------------------------------------------------------------------------ real launches
 
 
-@pytest.fixture(scope="module")
-def tiny_model(embedded_tokenizer, tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(embedded_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                      pad_token_id=embedded_tokenizer.pad_token_id or embedded_tokenizer.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    embedded_tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
