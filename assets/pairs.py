@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from agent.engines import load_engine
+from agent.engines import load_engine, release_engines
 from agent.prompts import TEMPLATES, template_for
 from agent.rollout import RolloutConfig, search_tool
 from assets.trajectories import EngineConfig
@@ -91,6 +91,8 @@ def contrastive_pairs(context: dg.AssetExecutionContext, config: PairsConfig, st
                                       search=search_tool(search_engine.get_engine(), config.search_k),
                                       coa_prompt_ids=lambda q: template.prompt_ids(engine.tokenizer, q), config=rcfg,
                                       attempts=config.attempts, max_per_kind=config.max_per_kind)
+        # the training steps that follow in the same process need the memory more than a warm teacher
+        release_engines()
 
     def dec(ids):
         return engine.tokenizer.decode(ids, skip_special_tokens=False)
