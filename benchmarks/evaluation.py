@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     args = ap.parse_args(argv)
 
-    from agent.models import ensure_embedded_checkpoint
+    from agent.models import EMBEDDED_MODEL, ensure_embedded_checkpoint
     from agent.rollout import RolloutConfig, search_tool
     from agent.vllm_engine import VLLMEngine, vllm_available
     from evals.react import react_rollout_config, react_template_for
@@ -70,6 +70,7 @@ def main(argv=None) -> int:
                  for r in rows]
     search = search_tool(LocalSearchEngine(index=BM25Index.build(passages, show_progress=False)), k=3)
     engine = VLLMEngine(ensure_embedded_checkpoint(cache), max_model_len=2048)
+    engine.model_name = EMBEDDED_MODEL  # what load_engine records; templates are chosen by it
     template = react_template_for(engine.model_name)
     cfg = react_rollout_config(RolloutConfig(max_actions=2, max_context=1536, max_turn_tokens=80, temperature=0.0,
                                              top_p=1.0, seed=0, force_answer=True))
