@@ -171,7 +171,7 @@ def _build_checks(asset: str):
             "kl_last": curves["kl"][-1] if curves["kl"] else -1.0})
 
     @dg.asset_check(asset=asset, name="real_calls_match_the_regime", blocking=True, description=(
-        "Real search calls happen only in real-environment steps: none at all for RL-1, some in every real step."))
+        "Real search calls happen only in real-environment steps (none at all for RL-1) and simulated results only in simulated ones."))
     def real_calls_match_the_regime(storage: StorageResource) -> dg.AssetCheckResult:
         found = _meta(storage, asset)
         if found is None:

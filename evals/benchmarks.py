@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qadata.loaders import _iter_jsonl, _Unreadable  # one JSONL reader: bad lines become rejected rows
+from qadata.loaders import _iter_jsonl, _preview, _Unreadable  # one JSONL reader: bad lines become rejected rows
 from qadata.schema import RAW_PREVIEW_CHARS, RowError, SourceError
 from qadata.text import normalise_question
 
@@ -137,14 +137,6 @@ def benchmark_name(name: str) -> str | None:
 
 def benchmark_sort_key(name: str) -> tuple[int, str]:
     return (BENCHMARK_ORDER.index(name) if name in BENCHMARK_ORDER else len(BENCHMARK_ORDER), name)
-
-
-def _preview(raw: Any) -> str:
-    try:
-        text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        text = repr(raw)
-    return text[:RAW_PREVIEW_CHARS]
 
 
 def _duplicate(q: EvalQuestion, first: EvalQuestion) -> RejectedQuestion:
