@@ -9,7 +9,6 @@ plain records (the embedded world's held-out questions). Every input row becomes
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import defaultdict
