@@ -25,6 +25,9 @@ class GenRequest:
     temperature: float = 0.6
     top_p: float = 0.95
     seed: int | None = None
+    # constrained decoding: every generated token is one of these ids (None: any token). Used by the LLM
+    # judge to force a one-token yes/no verdict; vLLM, the transformers engine and vLLM's OpenAI server honour it.
+    allowed_token_ids: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -121,7 +124,7 @@ class TransformersEngine:
         for i, r in enumerate(requests):
             # per-request seeds are not part of the key (torch has one generator per generate call):
             # a batch is seeded by its first request, reproducible for the same batch composition
-            groups.setdefault((r.temperature, r.top_p, tuple(sorted(r.stop))), []).append(i)
+            groups.setdefault((r.temperature, r.top_p, tuple(sorted(r.stop)), r.allowed_token_ids), []).append(i)
         out: list[GenResult | None] = [None] * len(requests)
         for idx in groups.values():
             for j in range(0, len(idx), self.max_batch):
@@ -143,15 +146,35 @@ class TransformersEngine:
         stop = list(first.stop)
         if first.seed is not None:
             torch.manual_seed(first.seed)
+        processors = None
+        if first.allowed_token_ids:
+            from transformers import LogitsProcessorList
+
+            processors = LogitsProcessorList([_AllowedTokens(first.allowed_token_ids)])
         with torch.no_grad():
             gen = self.model.generate(
                 input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
                 max_new_tokens=max(r.max_new_tokens for r in reqs), do_sample=first.temperature > 0,
                 temperature=first.temperature if first.temperature > 0 else None,
                 top_p=first.top_p if first.temperature > 0 else None, pad_token_id=self.pad_id,
-                stop_strings=stop or None, tokenizer=self.tokenizer if stop else None)
+                stop_strings=stop or None, tokenizer=self.tokenizer if stop else None,
+                logits_processor=processors)
         new = gen[:, width:].tolist()
         return [cut_at_stop(ids, self._decode, r.stop, self.eos_ids, r.max_new_tokens) for ids, r in zip(new, reqs)]
+
+
+class _AllowedTokens:
+    """A transformers logits processor: every token outside ``allowed`` gets -inf (``GenRequest.allowed_token_ids``)."""
+
+    def __init__(self, allowed: Sequence[int]):
+        self.allowed = list(allowed)
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        mask = torch.full_like(scores, float("-inf"))
+        mask[:, self.allowed] = 0.0
+        return scores + mask
 
 
 # -- choosing an engine by config ---------------------------------------------------------------

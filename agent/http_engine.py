@@ -77,6 +77,8 @@ class OpenAIEngine:
                 "return_token_ids": True}
         if r.seed is not None:
             body["seed"] = r.seed
+        if r.allowed_token_ids:  # a vLLM server extension of the completions API
+            body["allowed_token_ids"] = list(r.allowed_token_ids)
         return body
 
     def parse(self, payload: dict, request: GenRequest) -> GenResult:

@@ -186,6 +186,7 @@ class VLLMEngine:
                               stop=list(r.stop) or None, include_stop_str_in_output=True,
                               skip_special_tokens=False, spaces_between_special_tokens=False,
                               logprobs=0 if self.logprobs else None,  # 0: the sampled token's only
+                              allowed_token_ids=list(r.allowed_token_ids) if r.allowed_token_ids else None,
                               # only the finished output (the default re-sends every token at every step)
                               output_kind=RequestOutputKind.FINAL_ONLY)
 

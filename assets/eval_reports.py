@@ -22,7 +22,6 @@ from assets.evals import (
     FIDELITY_SCHEMA,
     GROUP,
     METHODS,
-    PAPER_ROWS,
     _checkpoint,
     _partition_files,
     _questions,
@@ -89,9 +88,16 @@ def _write_views(storage: StorageResource) -> str:
     return str(path)
 
 
+class EvalTableConfig(dg.Config):
+    paper_table1: str = Field("", description=(
+        "CSV of the paper's Table 1 (paper_row, method, benchmark, metric, value), shown beside ours; "
+        "default: configs/paper_table1.csv of this repository (shipped with its header only)."))
+
+
 @dg.asset(group_name=GROUP, deps=["eval_predictions"], kinds={"python", "parquet", "duckdb"},
           tags={"autocoa/stage": "evaluation"})
-def eval_table(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.Output[pa.Table]:
+def eval_table(context: dg.AssetExecutionContext, config: EvalTableConfig, storage: StorageResource
+               ) -> dg.Output[pa.Table]:
     """Table 1: EM and LLM-judged accuracy (percent) per method and benchmark with macro averages, from every materialised eval_predictions partition."""
     md: dict = {}
     with timed(md):
@@ -104,7 +110,10 @@ def eval_table(context: dg.AssetExecutionContext, storage: StorageResource) -> d
         t1 = report.table1(df, metrics=TABLE_METRICS, methods=methods)
         table = flatten_table1(t1, df.groupby("method").size().to_dict())
         views = _write_views(storage)
-    paper = report.paper_table1(TABLE_METRICS)
+    try:
+        paper = report.paper_table1(TABLE_METRICS, config.paper_table1 or None)
+    except (ValueError, FileNotFoundError) as exc:
+        raise dg.Failure(f"eval_table: the paper's Table 1 cannot be read: {exc}") from exc
     complete = [m for m in methods if not math.isnan(t1.loc[m, (report.AVG, "em")])]
     context.log.info("eval_table: %d methods x %d benchmarks from %d partitions (%d empty)", len(methods),
                      len(t1.columns) // len(TABLE_METRICS) - 1, len(counts), sum(1 for n in counts.values() if n == 0))
@@ -114,10 +123,12 @@ def eval_table(context: dg.AssetExecutionContext, storage: StorageResource) -> d
             "**Table 1 (ours)**: percent; Avg = unweighted mean over the benchmarks; — = the method lacks that "
             "benchmark. LLM = judged by " + ", ".join(sorted(set(df["judge_model"])))
             + (f" ({EMBEDDED_JUDGE_NOTE})" if EMBEDDED_MODEL in set(df["judge_model"]) else "") + "."))),
-        "ours_vs_paper": dg.MetadataValue.md(report.ours_vs_paper_markdown(t1, paper, method_map=PAPER_ROWS)),
+        "ours_vs_paper": dg.MetadataValue.md(report.ours_vs_paper_markdown(t1, paper)),
         "paper_table1": dg.MetadataValue.md(
-            report.table1_markdown(paper, caption=f"**The paper's Table 1** ({report.PAPER_TABLE1_SOURCE})")
-            if len(paper.index) else "The paper's Table 1 is not filled in yet (evals/report.py PAPER_TABLE1)."),
+            report.table1_markdown(paper, caption=f"**The paper's Table 1** ({report.PAPER_TABLE1_SOURCE}; "
+                                                  f"copied into {paper.attrs['path']})")
+            if len(paper.index) else f"The paper's Table 1 is not filled in yet ({paper.attrs['path']} holds no rows)."),
+        "paper_table1_rows": len(paper.index),
         "methods": dg.MetadataValue.json(methods),
         "partitions_read": len(counts),
         "partitions_not_evaluated": dg.MetadataValue.json(sorted(k for k, n in counts.items() if n == 0)),

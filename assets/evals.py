@@ -32,17 +32,15 @@ GROUP = "evaluation"
 EMBEDDED = "embedded"
 SHARED_BENCHMARKS = ("nq", "triviaqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
 BENCHMARKS = (EMBEDDED, *SHARED_BENCHMARKS)
-BASELINES = ("base_cot", "react_base")
+# base_cot: the reasoning model, no tool; react_base / react_reasoning: ReAct prompting (not trained) on a
+# non-reasoning instruct model (``base_engine``) and on the reasoning model the agents start from (``engine``)
+BASELINES = ("base_cot", "react_base", "react_reasoning")
 # each evaluates the checkpoint asset ``<method>_checkpoint`` (the RL ones may not be defined yet)
 CHECKPOINT_METHODS = ("sft_stage1", "sft_stage2", "sft_stage3", "sft_stage2_only", "rl_stage2_only",
                       "sft123_rl1", "sft123_rl12", "sft12_rl2")
 METHODS = BASELINES + CHECKPOINT_METHODS
 # checkpoints trained with search results in the loss (SFT-3) and the RL ones: they have a world model to probe
 FIDELITY_METHODS = ("sft_stage3", "sft123_rl1", "sft123_rl12", "rl_stage2_only", "sft12_rl2")
-# our method -> the row label of evals.report.PAPER_TABLE1; used only for rows that table holds
-# (it is empty until filled from the paper), so no number is ever shown as the paper's unless it is
-PAPER_ROWS = {"base_cot": "CoT", "react_base": "ReAct", "sft_stage1": "SFT-1", "sft_stage2": "SFT-2",
-              "sft_stage3": "SFT-3", "sft123_rl1": "SFT-3 + RL-1", "sft123_rl12": "SFT-3 + RL-1 + RL-2"}
 EMBEDDED_JUDGE_NOTE = ("the embedded model judges (a stand-in: a 135M model's verdicts are not meaningful; "
                        "paper profile: Qwen/Qwen2.5-14B-Instruct)")
 
@@ -266,12 +264,18 @@ def eval_questions_counts_reconcile(context: dg.AssetCheckExecutionContext,
 class EvalPredictionsConfig(dg.Config):
     profile: str = Field("embedded", description="Profile name recorded with every row.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description=(
-        "Engine settings; its model is the base policy of base_cot and react_base (paper: "
+        "Engine settings; its model is the reasoning model of base_cot and react_reasoning (paper: "
         "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B); checkpoint methods load their checkpoint with the same settings."))
+    base_engine: EngineConfig = Field(default_factory=EngineConfig, description=(
+        "The non-reasoning instruct model react_base prompts (embedded: the embedded model, so react_base and "
+        "react_reasoning differ only if configured; paper: Qwen/Qwen2.5-7B-Instruct)."))
     judge: EngineConfig = Field(default_factory=EngineConfig, description=(
         "The LLM judge (default: the embedded model, a stand-in; paper: Qwen/Qwen2.5-14B-Instruct)."))
     judge_prompt_id: str = Field(DEFAULT_JUDGE_PROMPT, description=f"Judge prompt ({', '.join(JUDGE_PROMPTS)}).")
-    judge_max_tokens: int = Field(8, description="Tokens the judge may write (an instruct judge answers in one word).")
+    judge_max_tokens: int = Field(8, description="Tokens the judge may write when not constrained.")
+    judge_constrained: bool = Field(True, description=(
+        "The judge writes one token among the spellings of yes/no (constrained decoding), so every asked row "
+        "gets a verdict; false: free text, anything but yes/no is stored as unparsable."))
     temperature: float = Field(0.0, description="Sampling temperature of the policy (0 = greedy, reproducible).")
     top_p: float = Field(1.0, description="Nucleus sampling.")
     seed: int = Field(0, description="Sampling seed.")
@@ -315,7 +319,7 @@ def _policy(method: str, model_name: str, checkpoint: str | None, config: EvalPr
     if method == "base_cot":  # no tool: an action the model opens ends its reasoning and the answer is forced
         return template_for("cot", model_name), dataclasses.replace(
             rcfg, tools=False, cut_actions=True, max_turn_tokens=config.cot_max_tokens)
-    if method == "react_base":
+    if method in ("react_base", "react_reasoning"):
         return react_template_for(model_name), react_rollout_config(rcfg)
     return checkpoint_template(checkpoint), rcfg
 
@@ -366,7 +370,7 @@ def build_eval_predictions(existing: Collection[str]):
         md: dict = {}
         models = storage.artifact_dir("models")
         with timed(md):
-            base = config.engine.spec(config.max_context)
+            base = (config.base_engine if method == "react_base" else config.engine).spec(config.max_context)
             policy_spec = dataclasses.replace(base, model=checkpoint) if checkpoint else base
             judge_spec = config.judge.spec()
             released = release_engines(keep={policy_spec, judge_spec})  # the previous method's checkpoint
@@ -387,7 +391,8 @@ def build_eval_predictions(existing: Collection[str]):
             judge_engine = load_engine(judge_spec, models)
             verdicts = judge(judge_engine, [JudgeItem(q.question, t["predicted_answer"], q.golden_answers)
                                             for q, t in zip(questions, trajs)],
-                             prompt_id=config.judge_prompt_id, max_new_tokens=config.judge_max_tokens, seed=config.seed)
+                             prompt_id=config.judge_prompt_id, max_new_tokens=config.judge_max_tokens, seed=config.seed,
+                             constrained=config.judge_constrained)
         rows = []
         for q, t, v in zip(questions, trajs, verdicts):
             if t["question_id"] != q.key:
@@ -407,8 +412,13 @@ def build_eval_predictions(existing: Collection[str]):
         md.update({"evaluated": True, "status": "evaluated", "method": method, "benchmark": bench,
                    "engine": engine.name, "model": engine.model_name, "template_id": template.id,
                    "checkpoint": checkpoint or "", "judge_prompt_id": config.judge_prompt_id,
+                   "judge_decoding": "constrained to one yes/no token" if config.judge_constrained else "free text",
                    "max_actions": rcfg.max_actions if rcfg.tools else 0, "search_calls": stats["search_calls"],
                    "rollout_seconds": round(stats["wall_seconds"], 2)})
+        if method in ("react_base", "react_reasoning") and \
+                config.base_engine.spec(config.max_context) == config.engine.spec(config.max_context):
+            md["note"] = ("react_base and react_reasoning run the same model here: this profile configures one model "
+                          "(set base_engine to a non-reasoning instruct model to separate them)")
         context.log.info("eval_predictions %s/%s: EM %.3f, judge %.3f (%d unparsable), %.2f actions", method, bench,
                          md["accuracy_em"], md["accuracy_judge"], md["judge_unparsable"], md["mean_actions"])
         return dg.Output(table, metadata=md)

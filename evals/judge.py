@@ -6,6 +6,12 @@ every verdict keeps the raw judge text and the prompt id: a judge that answers n
 is *unparsable* (``verdict=None``, with a reason), never silently counted as either.
 
 A prompt's id is stored with every verdict, so a change of wording is a new prompt id, never an edit.
+
+By default the verdict is *constrained*: the judge writes exactly one token, chosen among the tokens
+that spell yes or no (``GenRequest.allowed_token_ids``), so its greedy choice is the likelier of the
+two answers and every asked row gets a verdict. This is what makes a small judge usable at all (the
+embedded 135M model rarely starts a free reply with yes or no); with ``constrained=False`` the judge
+writes freely and anything but yes/no is kept as unparsable.
 """
 
 from __future__ import annotations
@@ -94,6 +100,24 @@ def parse_verdict(text: str) -> tuple[bool | None, str]:
     return None, f"unparsable: expected yes or no, got {tail.strip()[:60]!r}"
 
 
+def verdict_token_ids(tokenizer) -> tuple[int, ...]:
+    """The single-token spellings of yes and no in a tokenizer (any case, with or without a leading space).
+
+    Raises when the tokenizer has no one-token form of either word: the constrained judge could not answer.
+    """
+    found: dict[str, set[int]] = {"yes": set(), "no": set()}
+    for word, spellings in found.items():
+        for form in {word, word.capitalize(), word.upper()}:
+            for text in (form, " " + form):
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                if len(ids) == 1 and tokenizer.decode(ids).strip().lower() == word:
+                    spellings.add(ids[0])
+    missing = [w for w, ids in found.items() if not ids]
+    if missing:
+        raise ValueError(f"the judge's tokenizer has no single-token {' or '.join(missing)}: use constrained=False")
+    return tuple(sorted(found["yes"] | found["no"]))
+
+
 def _prompt_ids(tokenizer, text: str) -> list[int]:
     """Chat-format the judge prompt when the tokenizer has a chat template (instruct models), else raw."""
     if getattr(tokenizer, "chat_template", None):
@@ -103,14 +127,16 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
 
 
 def judge(engine: Engine, items: Sequence[JudgeItem], *, prompt_id: str = DEFAULT_JUDGE_PROMPT,
-          max_new_tokens: int = 8, seed: int = 0) -> list[Verdict]:
+          max_new_tokens: int = 8, seed: int = 0, constrained: bool = True) -> list[Verdict]:
     """Judge every item in one batched ``engine.generate`` call; verdicts come back in item order.
 
     An item without a prediction is judged False without calling the model (a missing answer is
     wrong whatever a judge would say). An item without gold answers cannot be judged: None.
     Decoding is greedy (temperature 0) so a verdict is reproducible. ``max_new_tokens`` is small
     on purpose: the judge should be an instruct model that answers at once; a reasoning judge needs
-    a larger budget, or every verdict comes back unparsable (no ``</think>``).
+    a larger budget, or every verdict comes back unparsable (no ``</think>``). With ``constrained``
+    (the default) the judge writes one token among :func:`verdict_token_ids` and ``max_new_tokens``
+    is not used; the reason says the decoding was constrained.
     """
     if prompt_id not in JUDGE_PROMPTS:
         raise ValueError(f"unknown judge prompt {prompt_id!r}; known: {sorted(JUDGE_PROMPTS)}")
@@ -119,6 +145,8 @@ def judge(engine: Engine, items: Sequence[JudgeItem], *, prompt_id: str = DEFAUL
     out: list[Verdict | None] = [None] * len(items)
     to_ask: list[int] = []
     requests: list[GenRequest] = []
+    allowed = verdict_token_ids(engine.tokenizer) if constrained else None
+    budget = 1 if constrained else max_new_tokens
     for i, item in enumerate(items):
         if item.prediction is None or not item.prediction.strip():
             out[i] = Verdict(False, None, "skipped: no prediction (no boxed answer), judged incorrect", prompt.id, model)
@@ -126,8 +154,8 @@ def judge(engine: Engine, items: Sequence[JudgeItem], *, prompt_id: str = DEFAUL
             out[i] = Verdict(None, None, "skipped: no gold answers to compare with", prompt.id, model)
         else:
             text = prompt.render(item.question, item.prediction.strip(), item.golden_answers)
-            requests.append(GenRequest(_prompt_ids(engine.tokenizer, text), max_new_tokens, temperature=0.0,
-                                       top_p=1.0, seed=seed))
+            requests.append(GenRequest(_prompt_ids(engine.tokenizer, text), budget, temperature=0.0,
+                                       top_p=1.0, seed=seed, allowed_token_ids=allowed))
             to_ask.append(i)
     if requests:
         results = engine.generate(requests)
@@ -135,7 +163,9 @@ def judge(engine: Engine, items: Sequence[JudgeItem], *, prompt_id: str = DEFAUL
             raise RuntimeError(f"judge engine {model!r} returned {len(results)} results for {len(requests)} requests")
         for i, res in zip(to_ask, results):
             verdict, reason = parse_verdict(res.text)
-            if verdict is None and res.finish_reason == "length":
+            if constrained:
+                reason += " (decoding constrained to yes/no)"
+            elif verdict is None and res.finish_reason == "length":
                 reason += f" (cut at max_new_tokens={max_new_tokens})"
             out[i] = Verdict(verdict, res.text, reason, prompt.id, model)
     return out  # type: ignore[return-value]  # every slot was filled above

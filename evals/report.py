@@ -135,24 +135,85 @@ def table1_markdown(table: pd.DataFrame, *, digits: int = 1, caption: str | None
 # -- the paper's numbers --------------------------------------------------------------------------------
 PAPER_TABLE1_SOURCE = ("Zhang et al. 2025, 'Agent models: Internalizing Chain-of-Action Generation into "
                        "Reasoning models', arXiv:2503.06580, Table 1")
-# TODO(eval): fill in the paper's Table 1, copied from the PDF (arXiv:2503.06580 or CoA_paper.pdf in
-# github.com/ADaM-BJTU/AutoCoA), one entry per row: {"method label": {(benchmark, "em" | "judge"):
-# percent}}. Left empty on purpose: the exact per-benchmark numbers could not be read from any
-# source available offline, and numbers that are not the paper's must never be labelled as the
-# paper's. Until filled, paper_table1() is empty and the comparison says so.
-PAPER_TABLE1: dict[str, dict[tuple[str, str], float]] = {}
-PAPER_TABLE1_VERIFIED = False
+# The paper's numbers live in a CSV a person fills from the PDF (arXiv:2503.06580, or CoA_paper.pdf in
+# github.com/ADaM-BJTU/AutoCoA). The shipped file holds only its header: the per-benchmark numbers could not
+# be read from any source available offline, and numbers that are not the paper's must never be labelled
+# as the paper's. Until it is filled, paper_table1() is empty and every comparison says so.
+PAPER_TABLE1_FILE = Path(__file__).resolve().parents[1] / "configs" / "paper_table1.csv"
+PAPER_TABLE1_COLUMNS = ("paper_row", "method", "benchmark", "metric", "value")
 
 
-def paper_table1(metrics: Sequence[str] = ("em", "judge")) -> pd.DataFrame:
-    """The paper's Table 1 (percent) in :func:`table1`'s layout; no rows until ``PAPER_TABLE1`` is filled."""
+def _read_paper_rows(path: Path, metrics: Sequence[str]) -> tuple[list[dict], list[str]]:
+    """The CSV's data rows (``#`` lines are comments) and every problem found, each naming file and line."""
+    import csv
+
+    rows, problems = [], []
+    benchmarks = (*TABLE1_BENCHMARKS, AVG)
+    with path.open(newline="", encoding="utf-8") as fh:
+        lines = [(n, line) for n, line in enumerate(fh, 1) if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        return [], [f"{path}: no header; expected {','.join(PAPER_TABLE1_COLUMNS)}"]
+    reader = csv.reader([line for _, line in lines])
+    header = [c.strip() for c in next(reader)]
+    if tuple(header) != PAPER_TABLE1_COLUMNS:
+        return [], [f"{path}:{lines[0][0]}: header {header} != {list(PAPER_TABLE1_COLUMNS)}"]
+    seen: dict[tuple, int] = {}
+    row_methods: dict[str, str] = {}
+    for (lineno, _), cells in zip(lines[1:], reader):
+        where = f"{path}:{lineno}"
+        if len(cells) != len(PAPER_TABLE1_COLUMNS):
+            problems.append(f"{where}: {len(cells)} cells, expected {len(PAPER_TABLE1_COLUMNS)}")
+            continue
+        row = dict(zip(PAPER_TABLE1_COLUMNS, (c.strip() for c in cells)))
+        if not row["paper_row"]:
+            problems.append(f"{where}: empty paper_row")
+        if row["benchmark"] not in benchmarks:
+            problems.append(f"{where}: unknown benchmark {row['benchmark']!r} (one of {', '.join(benchmarks)})")
+        if row["metric"] not in metrics:
+            problems.append(f"{where}: unknown metric {row['metric']!r} (one of {', '.join(metrics)})")
+        try:
+            value = float(row["value"])
+        except ValueError:
+            problems.append(f"{where}: value {row['value']!r} is not a number")
+            continue
+        if not 0.0 <= value <= 100.0:
+            problems.append(f"{where}: value {value} is not a percentage in [0, 100]")
+        key = (row["paper_row"], row["benchmark"], row["metric"])
+        if key in seen:
+            problems.append(f"{where}: {key} repeats line {seen[key]}")
+        seen.setdefault(key, lineno)
+        if row_methods.setdefault(row["paper_row"], row["method"]) != row["method"]:
+            problems.append(f"{where}: paper_row {row['paper_row']!r} maps to method {row['method']!r} here "
+                            f"but to {row_methods[row['paper_row']]!r} earlier")
+        rows.append({**row, "value": value})
+    return rows, problems
+
+
+def paper_table1(metrics: Sequence[str] = ("em", "judge"), path: str | Path | None = None) -> pd.DataFrame:
+    """The paper's Table 1 (percent) in :func:`table1`'s layout, read from ``path`` (default
+    ``configs/paper_table1.csv``: columns ``paper_row, method, benchmark, metric, value``).
+
+    ``method`` names our method that a paper row corresponds to (empty: none); the mapping is in
+    ``attrs["method_map"]`` (our method -> paper row). Averages are the paper's own numbers, never
+    recomputed (the paper may average over other benchmarks). A malformed file raises ``ValueError``
+    naming every bad line; the shipped header-only file (or a missing default file) gives no rows.
+    """
     columns = pd.MultiIndex.from_product([[*TABLE1_BENCHMARKS, AVG], list(metrics)], names=["benchmark", "metric"])
-    table = pd.DataFrame(index=pd.Index(list(PAPER_TABLE1), name="method"), columns=columns, dtype=float)
-    for method, cells in PAPER_TABLE1.items():
-        for (bench, metric), value in cells.items():
-            if (bench, metric) in table.columns:
-                table.loc[method, (bench, metric)] = value
-    table.attrs["source"] = PAPER_TABLE1_SOURCE
+    explicit = path is not None
+    path = Path(path) if explicit else PAPER_TABLE1_FILE
+    rows: list[dict] = []
+    if path.is_file():
+        rows, problems = _read_paper_rows(path, metrics)
+        if problems:
+            raise ValueError(f"{len(problems)} problem(s) in the paper's Table 1 file:\n" + "\n".join(problems[:20]))
+    elif explicit:
+        raise FileNotFoundError(f"the paper's Table 1 file {path} does not exist")
+    order = list(dict.fromkeys(r["paper_row"] for r in rows))
+    table = pd.DataFrame(index=pd.Index(order, name="method"), columns=columns, dtype=float)
+    for r in rows:
+        table.loc[r["paper_row"], (r["benchmark"], r["metric"])] = r["value"]
+    table.attrs.update(source=PAPER_TABLE1_SOURCE, path=str(path),
+                       method_map={r["method"]: r["paper_row"] for r in rows if r["method"]})
     return table
 
 
@@ -162,22 +223,25 @@ def ours_vs_paper_markdown(ours: pd.DataFrame, paper: pd.DataFrame | None = None
 
     Args:
         method_map: our method name -> the paper's row label (e.g. ``{"react": "ReAct"}``); a method
-            without a counterpart shows only our row.
+            without a counterpart shows only our row. Default: the paper table's ``attrs["method_map"]``
+            (the CSV's ``method`` column).
     """
     paper = paper_table1(sorted({m for _, m in ours.columns})) if paper is None else paper
+    method_map = paper.attrs.get("method_map", {}) if method_map is None else method_map
     cols = list(ours.columns)
     lines = [f"| Method | {_header(cols)} |", "|" + "---|" * (len(cols) + 1)]
     for method, row in ours.iterrows():
         lines.append(f"| ours: {method} | " + " | ".join(_fmt(row[c], digits) for c in cols) + " |")
-        theirs = (method_map or {}).get(method)
+        theirs = method_map.get(method)
         if theirs is not None and theirs in paper.index:
             prow = paper.loc[theirs]
             pvals = [prow[c] if c in paper.columns else float("nan") for c in cols]
             lines.append(f"| paper: {theirs} | " + " | ".join(_fmt(v, digits) for v in pvals) + " |")
             lines.append("| Δ (ours − paper) | " + " | ".join(_fmt(row[c] - v, digits) for c, v in zip(cols, pvals)) + " |")
-    note = (f"Paper numbers: {PAPER_TABLE1_SOURCE}." if len(paper.index) else
-            "The paper's Table 1 numbers are not filled in yet (evals/report.py PAPER_TABLE1, TODO); "
-            "only our numbers are shown.")
+    where = paper.attrs.get("path", str(PAPER_TABLE1_FILE))
+    note = (f"Paper numbers: {PAPER_TABLE1_SOURCE} (copied into {where})." if len(paper.index) else
+            f"The paper's Table 1 numbers are not filled in yet ({where} holds no rows; TODO: copy them from "
+            "the PDF); only our numbers are shown.")
     return "\n".join(lines) + f"\n\n{note}\n"
 
 

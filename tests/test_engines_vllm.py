@@ -96,6 +96,30 @@ def test_wrapping_an_existing_llm_returns_sampled_logprobs(vllm_engine):
     assert "logprobs" not in vllm_engine.generate([req])[0].meta  # off by default
 
 
+JUDGE_ITEMS = [("Who wrote Hamlet?", "Shakespeare", ("William Shakespeare",)),
+               ("What is the capital of Italy?", "Milan", ("Rome",)),
+               ("Who founded the Orlen Guild?", "Mara Vell", ("Mara Vell",))]
+
+
+def _judge_constrained(engine):
+    from evals.judge import JudgeItem, judge, verdict_token_ids
+
+    allowed = set(verdict_token_ids(engine.tokenizer))
+    verdicts = judge(engine, [JudgeItem(*i) for i in JUDGE_ITEMS])
+    for v in verdicts:  # one token, one of the yes/no spellings, so always a verdict
+        assert v.verdict is not None and v.raw.strip().lower() in {"yes", "no"}, v
+        assert set(engine.tokenizer.encode(v.raw, add_special_tokens=False)) <= allowed
+    return verdicts
+
+
+@needs_vllm
+def test_constrained_judge_on_vllm(vllm_engine):
+    """vLLM honours GenRequest.allowed_token_ids: the judge's only token is a yes or a no."""
+    _judge_constrained(vllm_engine)
+    free = vllm_engine.generate([GenRequest(_prompt(vllm_engine.tokenizer), 6, temperature=0.0)])[0]
+    assert free.text.strip().lower() not in {"yes", "no"}  # unconstrained, the same engine writes anything
+
+
 def test_cpu_environment_keeps_user_settings(monkeypatch):
     for key in CPU_DEFAULTS:
         monkeypatch.delenv(key, raising=False)
@@ -173,6 +197,11 @@ def test_rollout_through_a_real_server(vllm_server, embedded_tokenizer):
         for s in t.spans:
             if s.kind == "observation":
                 assert embedded_tokenizer.decode(t.token_ids[s.start: s.end]) == render_observation(s.text)
+
+
+def test_constrained_judge_through_a_real_server(vllm_server, embedded_tokenizer):
+    """The HTTP engine sends allowed_token_ids (vLLM's extension of the completions API) and the server honours it."""
+    _judge_constrained(OpenAIEngine(vllm_server, "smollm2", embedded_tokenizer))
 
 
 # unit tests of the HTTP engine's edge cases against a fake transport (no server)

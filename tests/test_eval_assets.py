@@ -22,11 +22,11 @@ TF = {"kind": "transformers"}
 BASE = {"embedded_world": {"config": {"people": 300, "works": 300, "orgs": 60, "places": 80, "questions": 200}},
         "question_sample": {"config": {"total": 12}}}
 QUESTIONS = {"eval_questions": {"config": {"n": 2}}}
-PREDICT = {"eval_predictions": {"config": {"engine": TF, "judge": TF, "max_actions": 1, "max_context": 1000,
+PREDICT = {"eval_predictions": {"config": {"engine": TF, "base_engine": TF, "judge": TF, "max_actions": 1, "max_context": 1000,
                                            "max_turn_tokens": 32, "cot_max_tokens": 40, "answer_tokens": 10}}}
 REPORTS = {"world_model_fidelity": {"config": {"engine": TF, "n": 2, "max_actions": 1, "max_context": 900,
                                                "max_turn_tokens": 32, "answer_tokens": 12}}}
-EVALUATED = ("base_cot", "react_base", "sft_stage3")
+EVALUATED = ("base_cot", "react_base", "react_reasoning", "sft_stage3")
 
 
 def _defs(home) -> dg.Definitions:
@@ -146,7 +146,10 @@ def test_predictions_per_method(run, home):
         table = pq.read_table(table_path(home, ["eval_predictions"], f"embedded|{method}")).to_pylist()
         assert len(table) == 2 and {r["method"] for r in table} == {method}
         for r in table:
-            assert r["judge"] is not None or r["judge_reason"].startswith(("unparsable", "skipped"))
+            # constrained judge: every asked row has a yes/no verdict; only rows without an answer are skipped
+            assert r["judge"] is not None or r["judge_reason"].startswith("skipped"), r["judge_reason"]
+            if r["judge_raw"] is not None:
+                assert r["judge_raw"].strip().lower() in {"yes", "no"} and "constrained" in r["judge_reason"]
             assert r["judge_prompt_id"] == "judge-match-v1" and r["judge_model"] == "SmolLM2-135M-Instruct"
             assert r["engine"] == "transformers" and r["trajectory"] and r["generated_tokens"] > 0
         if method == "base_cot":
@@ -155,7 +158,9 @@ def test_predictions_per_method(run, home):
             assert {r["template_id"] for r in table} == {"coa-smollm2-fewshot-v1"} and table[0]["checkpoint"]
         md = result.asset_materializations_for_node("eval_predictions")[0].metadata
         assert {"accuracy_em", "accuracy_judge", "mean_actions", "preview", "elapsed_seconds"} <= set(md)
-        assert "stand-in" in md["judge_model"].value
+        assert "stand-in" in md["judge_model"].value and md["judge_decoding"].value == "constrained to one yes/no token"
+        if method.startswith("react_"):  # one model configured: both ReAct rows say they share it
+            assert "same model" in md["note"].value and {r["template_id"] for r in table} == {"react-smollm2-fewshot-v1"}
     # base policy and judge share one engine; the checkpoint adds one: never more than two held
     assert len(results["engines_after_predictions"]) <= 2
 

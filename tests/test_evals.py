@@ -323,14 +323,53 @@ def test_table1_markdown_and_paper_comparison():
     md = table1_markdown(t, caption="Table 1 (ours)")
     assert md.startswith("Table 1 (ours)\n\n| Method | NQ EM | NQ LLM | NQ F1 | Bamboogle EM |")
     assert "| react | 50.0 | 50.0 | 75.0 | 0.0 | 0.0 | 0.0 | 25.0 | 25.0 | 37.5 |" in md
-    paper = paper_table1()
+    paper = paper_table1()  # the shipped configs/paper_table1.csv: header only, until someone copies the PDF's numbers
     assert paper.empty and ("fanout", "judge") in paper.columns and "2503.06580" in paper.attrs["source"]
+    assert paper.attrs["path"].endswith("configs/paper_table1.csv") and paper.attrs["method_map"] == {}
     cmp = ours_vs_paper_markdown(t)
     assert "| ours: react |" in cmp and "not filled in yet" in cmp and "paper:" not in cmp
     fake = paper_table1(("em", "judge", "f1"))
     fake.loc["ReAct (fake, test only)", ("nq", "em")] = 40.0
     cmp = ours_vs_paper_markdown(t, fake, method_map={"react": "ReAct (fake, test only)"})
     assert "| paper: ReAct (fake, test only) | 40.0 | — |" in cmp and "| Δ (ours − paper) | 10.0 | — |" in cmp
+
+
+def test_paper_table1_file_is_read_and_validated(tmp_path):
+    good = tmp_path / "paper.csv"
+    good.write_text("# test numbers, not the paper's\n"
+                    "paper_row,method,benchmark,metric,value\n"
+                    "ReAct (test),react,nq,em,40\n"
+                    "ReAct (test),react,nq,judge,45.5\n"
+                    "ReAct (test),react,avg,em,12\n"
+                    "Other row (test),,bamboogle,em,3\n")
+    paper = paper_table1(path=good)
+    assert list(paper.index) == ["ReAct (test)", "Other row (test)"]
+    assert paper.loc["ReAct (test)", ("nq", "judge")] == 45.5 and paper.loc["ReAct (test)", (AVG, "em")] == 12.0
+    assert math.isnan(paper.loc["ReAct (test)", ("bamboogle", "em")])  # not given: not invented, not recomputed
+    assert paper.attrs["method_map"] == {"react": "ReAct (test)"} and paper.attrs["path"] == str(good)
+    cmp = ours_vs_paper_markdown(table1(_predictions()), paper)  # the CSV's method column maps the rows
+    assert "| paper: ReAct (test) | 40.0 | 45.5 |" in cmp and "| Δ (ours − paper) | 10.0 | 4.5 |" in cmp
+    assert str(good) in cmp and "paper: Other" not in cmp
+    bad = tmp_path / "bad.csv"
+    bad.write_text("paper_row,method,benchmark,metric,value\n"
+                   "ReAct,react,nq,em,140\n"        # line 2: not a percentage
+                   "ReAct,react,popqa,em,10\n"      # line 3: benchmark not in Table 1
+                   "ReAct,react,nq,f1,10\n"         # line 4: metric not asked for
+                   "ReAct,react,nq,em,41\n"         # line 5: repeats line 2
+                   "ReAct,autocoa,hotpotqa,em,x\n"  # line 6: not a number
+                   "ReAct,autocoa,hotpotqa,judge,9\n")  # line 7: another method for the same paper row
+    with pytest.raises(ValueError) as err:
+        paper_table1(path=bad)
+    msg = str(err.value)
+    for want in (f"{bad}:2: value 140.0", f"{bad}:3: unknown benchmark 'popqa'", f"{bad}:4: unknown metric 'f1'",
+                 f"{bad}:5: ('ReAct', 'nq', 'em') repeats line 2", f"{bad}:6: value 'x' is not a number",
+                 f"{bad}:7: paper_row 'ReAct' maps to method 'autocoa'"):
+        assert want in msg, (want, msg)
+    (tmp_path / "header.csv").write_text("row,benchmark,value\n")
+    with pytest.raises(ValueError, match="header"):
+        paper_table1(path=tmp_path / "header.csv")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        paper_table1(path=tmp_path / "missing.csv")
 
 
 def test_action_analysis_and_plot(tmp_path):
@@ -374,7 +413,7 @@ def test_judge_batches_parses_and_skips_missing_predictions():
              JudgeItem("Capital of France?", None, ("Paris",)),
              JudgeItem("Capital of Italy?", "Milan", ("Rome",)),
              JudgeItem("Tallest?", "K2", ("Everest",))]
-    verdicts = judge(engine, items)
+    verdicts = judge(engine, items, constrained=False)
     assert len(engine.calls) == 1 and len(engine.calls[0]) == 3  # one batch; the None prediction is not sent
     assert [v.verdict for v in verdicts] == [True, False, False, None]
     assert verdicts[1].raw is None and verdicts[1].reason.startswith("skipped: no prediction")
@@ -382,7 +421,7 @@ def test_judge_batches_parses_and_skips_missing_predictions():
     assert not verdicts[3].correct and verdicts[0].correct
     assert {v.prompt_id for v in verdicts} == {"judge-match-v1"} and verdicts[0].judge_model == "scripted-judge"
     req = engine.calls[0][0]
-    assert req.temperature == 0.0
+    assert req.temperature == 0.0 and req.allowed_token_ids is None and req.max_new_tokens == 8
     prompt = engine.tokenizer.decode(req.prompt_ids)
     assert prompt.startswith("<|user|>") and "- William Shakespeare" in prompt and "Predicted answer: Shakespeare" in prompt
     assert set(verdicts[0].as_row()) == {"judge", "judge_raw", "judge_reason", "judge_prompt_id", "judge_model"}
@@ -397,9 +436,30 @@ def test_judge_errors():
             return []
 
     with pytest.raises(RuntimeError, match="returned 0 results for 1 requests"):
-        judge(Short([]), [JudgeItem("q", "a", ("a",))])
-    assert judge(ScriptedJudge([]), [JudgeItem("q", "a", ())])[0].reason.startswith("skipped: no gold")
+        judge(Short([]), [JudgeItem("q", "a", ("a",))], constrained=False)
+    assert judge(ScriptedJudge([]), [JudgeItem("q", "a", ())], constrained=False)[0].reason.startswith("skipped: no gold")
+    # a character tokenizer has no one-token yes/no: the constrained judge refuses instead of guessing
+    with pytest.raises(ValueError, match="no single-token yes or no"):
+        judge(ScriptedJudge([]), [JudgeItem("q", "a", ("a",))])
     assert all("{prediction}" in p.template for p in JUDGE_PROMPTS.values())
+
+
+def test_constrained_judge_always_answers_yes_or_no(tiny_model):
+    """A random one-layer model answers anything when free; constrained, every verdict is one yes/no token."""
+    from agent.engines import TransformersEngine
+    from evals.judge import verdict_token_ids
+
+    engine = TransformersEngine(tiny_model)
+    allowed = verdict_token_ids(engine.tokenizer)
+    spelled = {engine.tokenizer.decode([i]).strip().lower() for i in allowed}
+    assert spelled == {"yes", "no"} and len(allowed) >= 2
+    items = [JudgeItem(f"Question {i}?", f"answer {i}", (f"gold {i}", "other")) for i in range(6)]
+    free = judge(engine, items, constrained=False, max_new_tokens=4)
+    assert sum(v.verdict is None for v in free) >= 4  # random weights: free text is rarely yes/no
+    verdicts = judge(engine, items)
+    assert all(v.verdict is not None for v in verdicts)
+    assert all(v.raw.strip().lower() in {"yes", "no"} and v.reason.endswith("(decoding constrained to yes/no)")
+               for v in verdicts)
 
 
 # -- ReAct through the rollout library -----------------------------------------------------------------
