@@ -35,6 +35,7 @@ from evals import report
 from evals.fidelity import (
     aggregate_fidelity,
     compare_observation,
+    probe_simulated_results,
     simulated_observations,
 )
 from evals.grading import score
@@ -328,19 +329,33 @@ class FidelityConfig(dg.Config):
     temperature: float = Field(0.0, description="Sampling temperature (0 = greedy).")
     search_k: int = Field(3, description="Passages the real search returns per query.")
     seed: int = Field(0, description="Sampling seed.")
+    probe: bool = Field(True, description=(
+        "Also probe every checkpoint with the same held-out queries (each question's text as a search the policy "
+        "took), so checkpoints compare query by query even when a policy never searches by itself."))
 
 
 def _fidelity_rows(method, ckpt, questions, trajs, search) -> list[dict]:
+    """Rows for the searches the policy opened itself (source "policy")."""
     pairs = [(q, t, query, sim) for q, t in zip(questions, trajs) for query, sim in simulated_observations(t)]
     real = search([p[2] for p in pairs]) if pairs else []
     rows = []
     for (q, t, query, sim), (real_text, _) in zip(pairs, real):
         f = compare_observation(sim, real_text, q.golden_answers, t.answer)
-        rows.append({"method": method, "checkpoint": ckpt, "question_id": q.question_id, "question": q.question,
-                     "golden_answers": list(q.golden_answers), "prediction": t.answer,
+        rows.append({"method": method, "checkpoint": ckpt, "source": "policy", "question_id": q.question_id,
+                     "question": q.question, "golden_answers": list(q.golden_answers), "prediction": t.answer,
                      "em": score(t.answer, q.golden_answers).em, "query": query, "simulated": sim, "real": real_text,
                      **f.as_row()})
     return rows
+
+
+def _probe_rows(method, ckpt, questions, simulated: list[str], search) -> list[dict]:
+    """Rows for the probes (source "probe"): the query is the question; no trajectory, so no prediction."""
+    real = search([q.question for q in questions]) if questions else []
+    return [{"method": method, "checkpoint": ckpt, "source": "probe", "question_id": q.question_id,
+             "question": q.question, "golden_answers": list(q.golden_answers), "prediction": None, "em": None,
+             "query": q.question, "simulated": sim, "real": real_text,
+             **compare_observation(sim, real_text, q.golden_answers).as_row()}
+            for q, sim, (real_text, _) in zip(questions, simulated, real)]
 
 
 def build_fidelity(existing: Collection[str]):
@@ -374,20 +389,33 @@ def build_fidelity(existing: Collection[str]):
                 rollout = Rollout(engine, None, rcfg)
                 trajs = rollout.run([(q.key, template.prompt_ids(rollout.tokenizer, q.question)) for q in questions])
                 new = _fidelity_rows(method, ckpt, questions, trajs, search)
+                probes = []
+                if config.probe:
+                    sims = probe_simulated_results(
+                        engine, [template.prompt_ids(rollout.tokenizer, q.question) for q in questions],
+                        [q.question for q in questions], max_tokens=config.max_turn_tokens,
+                        temperature=config.temperature, seed=config.seed)
+                    probes = _probe_rows(method, ckpt, questions, sims, search)
                 runs.append({"method": method, "trajectories": len(trajs), "simulated_searches": len(new),
+                             "probes": len(probes),
                              "em_simulated_env": round(sum(score(t.answer, q.golden_answers).em
                                                            for q, t in zip(questions, trajs)) / max(1, len(trajs)), 3)})
-                context.log.info("world_model_fidelity %s: %d trajectories, %d simulated searches compared", method,
-                                 len(trajs), len(new))
-                rows += new
+                context.log.info("world_model_fidelity %s: %d trajectories, %d of the policy's own simulated searches "
+                                 "and %d probes compared", method, len(trajs), len(new), len(probes))
+                rows += new + probes
         table = pa.Table.from_pylist(rows, schema=FIDELITY_SCHEMA)
-        agg = aggregate_fidelity(rows, by="method").round(3)
-        md.update(table_metadata(table, preview_columns=["method", "question_id", "query", "simulated", "real",
-                                                         "token_f1", "hallucination"]))
+        agg = aggregate_fidelity(rows, by=["method", "source"]).round(3)
+        md.update(table_metadata(table, preview_columns=["method", "source", "question_id", "query", "simulated",
+                                                         "real", "token_f1", "hallucination"]))
         md.update({"questions": len(questions), "checkpoints_evaluated": dg.MetadataValue.json([r["method"] for r in runs]),
                    "checkpoints_missing": dg.MetadataValue.json(skipped),
                    "runs": dg.MetadataValue.md(markdown_table(runs)),
                    "fidelity": dg.MetadataValue.md(markdown_table(agg.to_dict("records")) if len(agg) else "_(no simulated search)_")})
+        if len(agg):
+            labels = [f"{r['method']} ({r['source']})" for r in agg.to_dict("records")]
+            md["fidelity_plot"] = bar_plot(labels, {"token F1": list(agg["token_f1"]), "ROUGE-L": list(agg["rouge_l"]),
+                                                    "hallucination rate": list(agg["hallucination"])},
+                                           "World-model fidelity: simulated vs real search results", "share")
         if not runs:
             md["status"] = f"no SFT-3 or RL checkpoint is materialised (looked for {', '.join(skipped)}); table empty"
             context.log.warning("world_model_fidelity: %s", md["status"])

@@ -60,7 +60,7 @@ PREDICTION_SCHEMA = pa.schema([
     ("checkpoint", pa.string()), ("profile", pa.string()),
 ])
 FIDELITY_SCHEMA = pa.schema([
-    ("method", pa.string()), ("checkpoint", pa.string()), ("question_id", pa.string()), ("question", pa.string()),
+    ("method", pa.string()), ("checkpoint", pa.string()), ("source", pa.string()), ("question_id", pa.string()), ("question", pa.string()),
     ("golden_answers", pa.list_(pa.string())), ("prediction", pa.string()), ("em", pa.float64()),
     ("query", pa.string()), ("simulated", pa.string()), ("real", pa.string()),
     ("token_f1", pa.float64()), ("rouge_l", pa.float64()), ("sim_has_gold", pa.bool_()), ("real_has_gold", pa.bool_()),

@@ -15,6 +15,12 @@ used in RL stage 1) and the text the real search engine returns for the same que
 
 Answers that normalise to ``yes``/``no``/``noanswer`` (comparison questions) never count as
 contained: those words occur in ordinary prose, so a match would say nothing.
+
+Two sources of simulated results: the searches a policy opens by itself in a simulated-environment
+rollout (``simulated_observations``; each checkpoint asks its own queries, and one that never acts
+gives none), and *probes* (``probe_simulated_results``): the same held-out queries for every
+checkpoint, each written into the policy's context as an action it took, followed by the opened
+result block the policy then fills in. Probes make checkpoints comparable query by query.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
+from agent.engines import GenRequest
+from agent.protocol import ACTION_CLOSE, ACTION_OPEN, OBS_CLOSE, OBS_OPEN
 from evals.grading import normalize_answer
 
 _UNCHECKABLE = ("", "yes", "no", "noanswer")
@@ -138,6 +146,31 @@ def simulated_observations(trajectory) -> list[tuple[str, str]]:
         if obs.kind == "observation" and obs.simulated:
             pairs.append((span.text, obs.text))
     return pairs
+
+
+def probe_suffix(query: str) -> str:
+    """The text after the prompt for a probe: the action as the policy writes it, then the opened result block
+    exactly as the simulated-environment rollout appends it."""
+    return f" {ACTION_OPEN} {query} {ACTION_CLOSE}\n{OBS_OPEN}\n"
+
+
+def probe_simulated_results(engine, prompts: Sequence[list[int]], queries: Sequence[str], *, max_tokens: int = 128,
+                            temperature: float = 0.0, seed: int | None = 0) -> list[str]:
+    """The policy's own search result for each given query, in one batched ``generate`` call.
+
+    Each prompt (the policy's template, ``<think>`` prefilled) is followed by :func:`probe_suffix`, and the
+    policy writes until ``</search_result>`` (or ``max_tokens``); the text comes back without the closing
+    tag, as :class:`agent.rollout.Rollout` stores a simulated observation.
+    """
+    if len(prompts) != len(queries):
+        raise ValueError(f"{len(prompts)} prompts for {len(queries)} queries")
+    tok = engine.tokenizer
+    reqs = [GenRequest(list(ids) + tok.encode(probe_suffix(q), add_special_tokens=False), max_tokens, (OBS_CLOSE,),
+                       temperature, 1.0, seed) for ids, q in zip(prompts, queries)]
+    results = engine.generate(reqs) if reqs else []
+    if len(results) != len(reqs):
+        raise RuntimeError(f"engine returned {len(results)} results for {len(reqs)} probes")
+    return [r.text.replace(OBS_CLOSE, "").strip() for r in results]
 
 
 FIDELITY_COLUMNS = ("token_f1", "rouge_l", "sim_has_gold", "real_has_gold", "hallucination",

@@ -217,8 +217,14 @@ def test_world_model_fidelity_on_the_checkpoint(run, home):
     _, results = run
     md = results[("evaluation_reports", None)].asset_materializations_for_node("world_model_fidelity")[0].metadata
     assert md["checkpoints_evaluated"].value == ["sft_stage3"] and "sft123_rl1_checkpoint" in md["checkpoints_missing"].value
-    for r in pq.read_table(table_path(home, ["world_model_fidelity"])).to_pylist():
+    rows = pq.read_table(table_path(home, ["world_model_fidelity"])).to_pylist()
+    for r in rows:
         assert r["method"] == "sft_stage3" and r["real"] and 0.0 <= r["token_f1"] <= 1.0
+    # every held-out question is also a probe, whether or not the policy searched by itself
+    probes = [r for r in rows if r["source"] == "probe"]
+    assert len(probes) == 2 and all(r["query"] == r["question"] and r["prediction"] is None for r in probes)
+    assert {r["source"] for r in rows} <= {"policy", "probe"}
+    assert "| sft_stage3 | probe |" in md["fidelity"].value and md["fidelity_plot"].value.startswith("![")
 
 
 def test_release_engines_closes_and_drops_all_but_kept(monkeypatch):

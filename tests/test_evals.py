@@ -20,6 +20,8 @@ from evals.fidelity import (
     contains_answer,
     lcs_length,
     rouge_l,
+    probe_simulated_results,
+    probe_suffix,
     simulated_observations,
     token_f1,
 )
@@ -125,6 +127,44 @@ def test_simulated_observations_pairs_actions_with_their_results():
                                           Span("action", 2, 3, text="q2", refused=True),
                                           Span("observation", 3, 4, text="limit")])
     assert simulated_observations(t) == [("q1", "sim 1")]
+
+
+class RecordingPolicy:
+    """Answers each request from a script (by call order) and records what it was asked."""
+
+    name = "recording"
+
+    def __init__(self, replies):
+        self.tokenizer, self.replies, self.requests = CharTokenizer(), list(replies), []
+
+    def generate(self, requests):
+        self.requests += list(requests)
+        out = []
+        for r in requests:
+            text = self.replies.pop(0)
+            hit = next((s for s in r.stop if s in text), None)
+            out.append(GenResult(self.tokenizer.encode(text), text, "stop" if hit else "length", hit))
+        return out
+
+
+def test_probe_continues_exactly_where_a_simulated_rollout_would():
+    prompt = CharTokenizer().encode("<|user|>Who founded Alpha?<|end|><|assistant|><think>")
+    query = "Alpha founder"
+    # on-policy: the policy opens the search itself; the rollout then asks it for the result block
+    policy = RecordingPolicy([f" <begin_search> {query} </end_search>", "Alpha was founded by Mara.</search_result>",
+                              "</think> \\boxed{Mara}"])
+    Rollout(policy, None, RolloutConfig(max_actions=1, max_context=4000, temperature=0.0, simulated=True,
+                                        seed=0)).run([("t", list(prompt))])
+    on_policy_context = policy.requests[1].prompt_ids
+    # the probe writes the same action into the context and asks for the same block
+    probe = RecordingPolicy(["Alpha was founded by Mara.</search_result>", "cut off"])
+    sims = probe_simulated_results(probe, [prompt, prompt], [query, "other"], max_tokens=7)
+    assert probe.requests[0].prompt_ids == on_policy_context
+    assert CharTokenizer().decode(probe.requests[1].prompt_ids).endswith(probe_suffix("other"))
+    assert all(r.stop == ("</search_result>",) and r.max_new_tokens == 7 for r in probe.requests)
+    assert sims == ["Alpha was founded by Mara.", "cut off"]
+    with pytest.raises(ValueError, match="2 prompts for 1 queries"):
+        probe_simulated_results(probe, [prompt, prompt], ["q"])
 
 
 # -- loaders ----------------------------------------------------------------------------------------
