@@ -167,7 +167,8 @@ def question_from_prompt(content: str) -> str:
         raise RowError("prompt content is empty")
     last = paragraphs[-1]
     # "...question below: \nWho is ...?" arrives as one paragraph when only one newline separates them.
-    lines = [ln.strip() for ln in last.splitlines() if ln.strip()]
+    # split on "\n" only: str.splitlines also splits on U+0085, which a TriviaQA question contains
+    lines = [ln.strip() for ln in last.split("\n") if ln.strip()]
     return lines[-1]
 
 

@@ -50,6 +50,9 @@ def test_verl_test_parquet_keeps_every_gold_answer(shared_data):
 def test_question_is_last_paragraph_of_prompt():
     content = "You are helpful.\n\n1. Rules\n   - x\n\nNow, please answer the user's question below: \nWho won?\n\n"
     assert question_from_prompt(content) == "Who won?"
+    # U+0085 (NEL) inside a question is text, not a line break (TriviaQA dev_6017 has one)
+    nel = "Rules.\n\nNow, please answer the user's question below: \nWhich firm made W.D. & H.O\x85 cigarettes?"
+    assert question_from_prompt(nel) == "Which firm made W.D. & H.O\x85 cigarettes?"
 
 
 # -- official JSON and hand-made malformed inputs -----------------------------------------------
