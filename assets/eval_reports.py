@@ -40,6 +40,7 @@ from evals.fidelity import (
 )
 from evals.grading import score
 from evals.judge import JUDGE_PROMPTS
+from evals.report import flatten_table1, unflatten_table1
 from pipelines.metadata import bar_plot, markdown_table, table_metadata, timed
 from pipelines.paths import table_path
 from pipelines.resources import SearchEngineResource
@@ -52,24 +53,6 @@ ROW_METRICS = ("em", "f1", "cover_em")
 
 
 # -- eval_table (Table 1) -----------------------------------------------------------------------
-def flatten_table1(table: pd.DataFrame, questions: dict[str, int]) -> pa.Table:
-    """Table 1 with one column per (benchmark, metric), named ``<metric>_<benchmark>`` (``em_nq``, ``judge_avg``)."""
-    cols = [f"{m}_{b}" for b, m in table.columns]
-    schema = pa.schema([("method", pa.string()), ("questions", pa.int64()), *[(c, pa.float64()) for c in cols]])
-    rows = [{"method": method, "questions": int(questions.get(method, 0)),
-             **{f"{m}_{b}": None if math.isnan(v) else float(v) for (b, m), v in row.items()}}
-            for method, row in table.iterrows()]
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
-def unflatten_table1(table: pa.Table) -> pd.DataFrame:
-    """The inverse of :func:`flatten_table1`: :func:`evals.report.table1`'s layout (NaN for null)."""
-    df = table.to_pandas().set_index("method").drop(columns=["questions"])
-    df.columns = pd.MultiIndex.from_tuples([tuple(reversed(c.split("_", 1))) for c in df.columns],
-                                           names=["benchmark", "metric"])
-    return df.astype(float)
-
-
 def _write_views(storage: StorageResource) -> str:
     """DuckDB views over the evaluation tables, for a plain ``duckdb`` shell (``autocoa sql`` has them built in)."""
     home = storage.home

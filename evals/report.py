@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
 from evals.benchmarks import benchmark_sort_key
 
@@ -130,6 +131,26 @@ def table1_markdown(table: pd.DataFrame, *, digits: int = 1, caption: str | None
     for method, row in table.iterrows():
         lines.append(f"| {method} | " + " | ".join(_fmt(row[c], digits) for c in cols) + " |")
     return (f"{caption}\n\n" if caption else "") + "\n".join(lines) + "\n"
+
+
+# -- Table 1 as a flat Parquet table ------------------------------------------------------------------
+def flatten_table1(table: pd.DataFrame, questions: dict[str, int]) -> pa.Table:
+    """Table 1 with one column per (benchmark, metric), named ``<metric>_<benchmark>`` (``em_nq``, ``judge_avg``)."""
+    cols = [f"{m}_{b}" for b, m in table.columns]
+    schema = pa.schema([("method", pa.string()), ("questions", pa.int64()), *[(c, pa.float64()) for c in cols]])
+    rows = [{"method": method, "questions": int(questions.get(method, 0)),
+             **{f"{m}_{b}": None if math.isnan(v) else float(v) for (b, m), v in row.items()}}
+            for method, row in table.iterrows()]
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def unflatten_table1(table: pa.Table) -> pd.DataFrame:
+    """The inverse of :func:`flatten_table1`: :func:`evals.report.table1`'s layout (NaN for null)."""
+    df = table.to_pandas().set_index("method").drop(columns=["questions"])
+    df.columns = pd.MultiIndex.from_tuples([tuple(reversed(c.split("_", 1))) for c in df.columns],
+                                           names=["benchmark", "metric"])
+    return df.astype(float)
+
 
 
 # -- the paper's numbers --------------------------------------------------------------------------------
@@ -314,3 +335,36 @@ def plot_action_analysis(analysis: pd.DataFrame, path: str | Path | None = None,
             fh.write(data)
         os.replace(tmp, path)
     return data
+
+
+# -- the whole report ----------------------------------------------------------------------------------
+def evaluation_report(ours: pd.DataFrame, paper: pd.DataFrame, *, analysis: pd.DataFrame | None = None,
+                      fidelity: pd.DataFrame | None = None, judge_note: str = "") -> str:
+    """One Markdown report: our Table 1, ours beside the paper's, Figure 3's numbers and world-model fidelity.
+
+    Args:
+        ours: :func:`table1`'s layout. paper: :func:`paper_table1`'s. analysis: :func:`action_analysis`'s
+            rows. fidelity: ``world_model_fidelity`` rows (``method, source`` and the measures).
+    """
+    parts = ["# Evaluation report", "",
+             table1_markdown(ours, caption="## Table 1 (ours)\n\nPercent; Avg = unweighted mean over the benchmarks; "
+                                           "— = the method lacks that benchmark." + (f" {judge_note}" if judge_note else "")),
+             "## Ours beside the paper", "", ours_vs_paper_markdown(ours, paper)]
+    if analysis is not None and len(analysis):
+        cols = ["method", "label", "n", "n_correct", "share_of_correct", "success_rate"]
+        parts += ["## Figure 3: answers by number of actions", "", _markdown_rows(analysis[cols]), ""]
+    if fidelity is not None:
+        from evals.fidelity import aggregate_fidelity
+
+        agg = aggregate_fidelity(fidelity.to_dict("records"), by=["method", "source"]) if len(fidelity) else None
+        parts += ["## World-model fidelity (simulated vs real search results)", "",
+                  _markdown_rows(agg) if agg is not None else "_(no SFT-3 or RL checkpoint simulated a search)_", ""]
+    return "\n".join(parts)
+
+
+def _markdown_rows(df: pd.DataFrame, digits: int = 3) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(_fmt(v, digits) if isinstance(v, float) else str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"

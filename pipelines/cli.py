@@ -296,6 +296,43 @@ def cmd_tables(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    import pyarrow.parquet as pq
+
+    from evals import report
+    from pipelines.paths import table_path
+
+    home = Path(args.home)
+    path = table_path(home, ["eval_table"])
+    if not path.is_file():
+        print(f"error: {path} not found; materialise the evaluation first (`autocoa run`, or the "
+              "evaluation_reports job)", file=sys.stderr)
+        return 1
+    try:
+        paper = report.paper_table1(("em", "judge"), args.paper_table1)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    optional = {}
+    for name in ("action_analysis", "world_model_fidelity"):
+        p = table_path(home, [name])
+        optional[name] = pq.read_table(p).to_pandas() if p.is_file() else None
+    judges = set()
+    preds = table_path(home, ["eval_predictions"]).parent
+    for f in sorted(preds.glob("partition=*/data.parquet")):
+        judges |= set(pq.read_table(f, columns=["judge_model"]).column("judge_model").to_pylist())
+    text = report.evaluation_report(
+        report.unflatten_table1(pq.read_table(path)), paper, analysis=optional["action_analysis"],
+        fidelity=optional["world_model_fidelity"],
+        judge_note=f"LLM = judged by {', '.join(sorted(j for j in judges if j))}." if judges else "")
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    return 0
+
+
 def cmd_serve_search(args) -> int:
     from retrieval.server import ServerLimits, serve
 
@@ -353,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tables", help="list the views `autocoa sql` offers")
     t.set_defaults(func=cmd_tables)
+
+    e = sub.add_parser("report", help="the evaluation as Markdown: Table 1 beside the paper's, Figure 3, fidelity")
+    e.add_argument("--paper-table1", help="CSV of the paper's Table 1 (default: configs/paper_table1.csv)")
+    e.add_argument("--out", help="write the report to this file instead of printing it")
+    e.set_defaults(func=cmd_report)
 
     v = sub.add_parser("serve-search", help="HTTP batch search server over the BM25 index")
     v.add_argument("--index-dir", help="default: <home>/artifacts/search_index")

@@ -227,6 +227,24 @@ def test_world_model_fidelity_on_the_checkpoint(run, home):
     assert "| sft_stage3 | probe |" in md["fidelity"].value and md["fidelity_plot"].value.startswith("![")
 
 
+def test_report_cli_prints_the_evaluation(run, home, tmp_path):
+    from pipelines.cli import main
+
+    out = tmp_path / "report.md"
+    assert main(["--home", str(home), "report", "--out", str(out)]) == 0
+    text = out.read_text()
+    for want in ("## Table 1 (ours)", "| react_reasoning |", "judged by SmolLM2-135M-Instruct", "not filled in yet",
+                 "## Figure 3", "| sft_stage3 | probe |"):
+        assert want in text, want
+    paper = tmp_path / "paper.csv"  # a test file, not the paper's numbers
+    paper.write_text("paper_row,method,benchmark,metric,value\nCoT (test),base_cot,embedded,em,40\n")
+    assert main(["--home", str(home), "report", "--paper-table1", str(paper), "--out", str(out)]) == 2  # not a Table 1 benchmark
+    paper.write_text("paper_row,method,benchmark,metric,value\nCoT (test),base_cot,avg,em,40\n")
+    assert main(["--home", str(home), "report", "--paper-table1", str(paper), "--out", str(out)]) == 0
+    assert "| paper: CoT (test) |" in out.read_text()
+    assert main(["--home", str(tmp_path / "nowhere"), "report"]) == 1
+
+
 def test_release_engines_closes_and_drops_all_but_kept(monkeypatch):
     closed = []
 
