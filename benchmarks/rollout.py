@@ -29,6 +29,7 @@ import datetime as dt
 import os
 import platform
 import random
+import re
 import sys
 import tempfile
 import time
@@ -232,11 +233,17 @@ def _installed(dist: str) -> bool:
 
 
 def _write_section(path: Path, md: str) -> None:
+    """Replace the section ``md`` delimits (its own ``<!-- name:begin -->`` … ``<!-- name:end -->`` markers,
+    taken from ``md``) in ``path``, or append it; other benchmarks' sections are left as they are."""
+    found = re.match(r"\s*<!-- ([\w-]+):begin -->", md)
+    if found is None or f"<!-- {found.group(1)}:end -->" not in md:
+        raise ValueError("a results section must start with <!-- name:begin --> and contain <!-- name:end -->")
+    begin, end = f"<!-- {found.group(1)}:begin -->", f"<!-- {found.group(1)}:end -->"
     text = path.read_text() if path.is_file() else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + md + text[text.index(END) + len(END):]
+    if begin in text and end in text and text.index(begin) < text.index(end):
+        text = text[: text.index(begin)] + md.strip() + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip() + "\n\n" + md + "\n"
+        text = text.rstrip() + "\n\n" + md.strip() + "\n"
     path.write_text(text)
 
 
