@@ -370,13 +370,13 @@ def build_fidelity(existing: Collection[str]):
                 engine = load_engine(spec, storage.artifact_dir("models"))
                 template = checkpoint_template(ckpt)
                 rollout = Rollout(engine, None, rcfg)
-                trajs = rollout.run([(q.key, template.prompt_ids(rollout.tokenizer, q.question)) for q in questions])
+                prompts = [template.prompt_ids(rollout.tokenizer, q.question) for q in questions]
+                trajs = rollout.run([(q.key, ids) for q, ids in zip(questions, prompts)])
                 new = _fidelity_rows(method, ckpt, questions, trajs, search)
                 probes = []
                 if config.probe:
                     sims = probe_simulated_results(
-                        engine, [template.prompt_ids(rollout.tokenizer, q.question) for q in questions],
-                        [q.question for q in questions], max_tokens=config.max_turn_tokens,
+                        engine, prompts, [q.question for q in questions], max_tokens=config.max_turn_tokens,
                         temperature=config.temperature, seed=config.seed)
                     probes = _probe_rows(method, ckpt, questions, sims, search)
                 runs.append({"method": method, "trajectories": len(trajs), "simulated_searches": len(new),

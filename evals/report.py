@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from evals.benchmarks import benchmark_sort_key
+from evals.fidelity import aggregate_fidelity
 
 AVG = "avg"
 METRIC_LABELS = {"em": "EM", "judge": "LLM", "f1": "F1", "cover_em": "CEM"}
@@ -150,7 +151,6 @@ def unflatten_table1(table: pa.Table) -> pd.DataFrame:
     df.columns = pd.MultiIndex.from_tuples([tuple(reversed(c.split("_", 1))) for c in df.columns],
                                            names=["benchmark", "metric"])
     return df.astype(float)
-
 
 
 # -- the paper's numbers --------------------------------------------------------------------------------
@@ -354,8 +354,6 @@ def evaluation_report(ours: pd.DataFrame, paper: pd.DataFrame, *, analysis: pd.D
         cols = ["method", "label", "n", "n_correct", "share_of_correct", "success_rate"]
         parts += ["## Figure 3: answers by number of actions", "", _markdown_rows(analysis[cols]), ""]
     if fidelity is not None:
-        from evals.fidelity import aggregate_fidelity
-
         agg = aggregate_fidelity(fidelity.to_dict("records"), by=["method", "source"]) if len(fidelity) else None
         parts += ["## World-model fidelity (simulated vs real search results)", "",
                   _markdown_rows(agg) if agg is not None else "_(no SFT-3 or RL checkpoint simulated a search)_", ""]

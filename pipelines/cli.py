@@ -301,6 +301,7 @@ def cmd_report(args) -> int:
 
     from evals import report
     from pipelines.paths import table_path
+    from pipelines.sql import run_query
 
     home = Path(args.home)
     path = table_path(home, ["eval_table"])
@@ -317,14 +318,12 @@ def cmd_report(args) -> int:
     for name in ("action_analysis", "world_model_fidelity"):
         p = table_path(home, [name])
         optional[name] = pq.read_table(p).to_pandas() if p.is_file() else None
-    judges = set()
-    preds = table_path(home, ["eval_predictions"]).parent
-    for f in sorted(preds.glob("partition=*/data.parquet")):
-        judges |= set(pq.read_table(f, columns=["judge_model"]).column("judge_model").to_pylist())
+    judges = [r[0] for r in run_query(home, "select distinct judge_model from eval_predictions "
+                                            "where judge_model is not null order by 1").fetchall()]
     text = report.evaluation_report(
         report.unflatten_table1(pq.read_table(path)), paper, analysis=optional["action_analysis"],
         fidelity=optional["world_model_fidelity"],
-        judge_note=f"LLM = judged by {', '.join(sorted(j for j in judges if j))}." if judges else "")
+        judge_note=f"LLM = judged by {', '.join(judges)}." if judges else "")
     if args.out:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")
