@@ -26,6 +26,7 @@ class AsyncBatcher(Generic[T, R]):
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
         self.batches: list[int] = []  # size of every batch run, for accounting and tests
+        self.isolated_failures = 0  # batches that failed and were rerun request by request
 
     async def submit(self, item: T) -> R:
         if self._queue is None:
@@ -56,10 +57,22 @@ class AsyncBatcher(Generic[T, R]):
                 results = await asyncio.to_thread(self.fn, items)
                 if len(results) != len(items):
                     raise RuntimeError(f"{self.name}: {len(items)} requests but {len(results)} results")
-            except Exception as exc:  # noqa: BLE001 - delivered to every waiting request
-                for _, fut in pending:
-                    if not fut.done():
-                        fut.set_exception(exc)
+            except Exception as exc:  # noqa: BLE001 - isolate the failing request(s)
+                if len(items) == 1:
+                    if not pending[0][1].done():
+                        pending[0][1].set_exception(exc)
+                    continue
+                # one bad request must not fail the batch: rerun each alone, so only the failing ones fail
+                self.isolated_failures += 1
+                for item, fut in pending:
+                    try:
+                        (res,) = await asyncio.to_thread(self.fn, [item])
+                    except Exception as one_exc:  # noqa: BLE001 - delivered to that request only
+                        if not fut.done():
+                            fut.set_exception(one_exc)
+                    else:
+                        if not fut.done():
+                            fut.set_result(res)
                 continue
             for (_, fut), res in zip(pending, results):
                 if not fut.done():

@@ -65,23 +65,75 @@ class PromptTemplate:
         return msgs + [{"role": "user", "content": question}]
 
     def render(self, tokenizer, question: str) -> str:
-        """The prompt text: chat template with the generation prompt, plus the prefilled ``<think>``."""
+        """The prompt text: chat template with the generation prompt, plus the prefilled ``<think>``.
+
+        The prefill is added only when the rendered template does not already end with it: the
+        DeepSeek-R1-Distill chat templates published since February 2025 end the generation prompt with
+        ``<think>\\n`` themselves, and a second one would open the reasoning twice.
+        """
         chat = tokenizer.apply_chat_template(self.messages(question), add_generation_prompt=True, tokenize=False)
-        return chat + self.prefill
+        return chat + prefill_needed(chat, self.prefill)
 
     def prompt_ids(self, tokenizer, question: str) -> list[int]:
         return tokenizer.encode(self.render(tokenizer, question), add_special_tokens=False)
 
 
+def prefill_needed(chat: str, prefill: str) -> str:
+    """What to append to a rendered chat prompt so it ends with ``prefill``: nothing when the template already
+    opened it (trailing whitespace aside), else the prefill (or the part of it the template has not written)."""
+    if not prefill:
+        return ""
+    if chat.endswith(prefill):
+        return ""
+    if chat.rstrip().endswith(prefill.strip()):
+        # the template opened the tag; add only the whitespace the prefill has and the template lacks
+        return prefill[len(prefill.rstrip()):] if chat == chat.rstrip() else ""
+    return prefill
+
+
+@dataclass(frozen=True)
+class InlineShotsTemplate(PromptTemplate):
+    """Worked examples inline in the single user message (for R1-distilled models, whose chat templates strip
+    ``<think>`` content from earlier assistant turns, so examples as chat turns would lose their reasoning)."""
+
+    def messages(self, question: str) -> list[dict]:
+        examples = "\n\n".join(f"Question: {q}\n{a}" for q, a in self.shots)
+        content = f"{self.instructions}\n\nExamples:\n\n{examples}\n\nNow the real question.\n\nQuestion: {question}"
+        return [{"role": "user", "content": content}]
+
+
 TEMPLATES: dict[str, PromptTemplate] = {t.id: t for t in [
     PromptTemplate("coa-smollm2-fewshot-v1", "coa", "smollm2", COA_INSTRUCTIONS, tuple(_COA_SHOTS)),
     PromptTemplate("cot-smollm2-fewshot-v1", "cot", "smollm2", COT_INSTRUCTIONS, tuple(_COT_SHOTS)),
+    # the plain agent instruction, no worked examples: what a trained agent model is prompted with
+    PromptTemplate("coa-smollm2-v1", "coa", "smollm2", COA_INSTRUCTIONS),
+    PromptTemplate("cot-smollm2-v1", "cot", "smollm2", COT_INSTRUCTIONS),
     PromptTemplate("coa-r1-v1", "coa", "r1", COA_INSTRUCTIONS, prefill="<think>\n"),
     PromptTemplate("cot-r1-v1", "cot", "r1", COT_INSTRUCTIONS, prefill="<think>\n"),
+    # in-context learning for RL from the untrained model (the paper's RL-stage2-only baseline)
+    InlineShotsTemplate("coa-r1-fewshot-v1", "coa", "r1", COA_INSTRUCTIONS, tuple(_COA_SHOTS), prefill="<think>\n"),
 ]}
 
 
-def template_for(mode: str, model_name: str) -> PromptTemplate:
-    """The default template of a mode for a model: R1-distilled models get the ``r1`` family."""
-    family = "r1" if "r1" in model_name.lower() else "smollm2"
-    return TEMPLATES[f"{mode}-{family}-{'v1' if family == 'r1' else 'fewshot-v1'}"]
+def family_of(model_name: str) -> str:
+    """The template family of a model: R1-distilled models get ``r1``, the embedded SmolLM2 ``smollm2``."""
+    return "r1" if "r1" in model_name.lower() else "smollm2"
+
+
+def template_for(mode: str, model_name: str, *, zero_shot: bool = False) -> PromptTemplate:
+    """The default template of a mode for a model.
+
+    The untrained embedded SmolLM2 follows the tag protocol only when shown worked examples, so its default is
+    few-shot; ``zero_shot`` asks for the plain instruction (trained agent models, the expert teacher's
+    demonstrations, which the student is trained on). R1-distilled models always get the plain instruction.
+    """
+    family = family_of(model_name)
+    if family == "r1" or zero_shot:
+        return TEMPLATES[f"{mode}-{family}-v1"]
+    return TEMPLATES[f"{mode}-{family}-fewshot-v1"]
+
+
+def agent_template(model_name: str) -> PromptTemplate:
+    """The prompt a trained agent model is evaluated with: the plain CoA instruction, no worked examples
+    (the paper's claim is that acting is internal to the model, not prompted)."""
+    return template_for("coa", model_name, zero_shot=True)

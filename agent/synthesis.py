@@ -22,7 +22,8 @@ from evals.grading import score
 log = logging.getLogger(__name__)
 
 SPAN = pa.struct([("kind", pa.string()), ("start", pa.int32()), ("end", pa.int32()), ("simulated", pa.bool_()),
-                  ("refused", pa.bool_()), ("text", pa.string()), ("passage_ids", pa.list_(pa.string()))])
+                  ("refused", pa.bool_()), ("text", pa.string()), ("passage_ids", pa.list_(pa.string())),
+                  ("truncated", pa.bool_()), ("closed_by", pa.string())])
 
 TRAJECTORY_SCHEMA = pa.schema([
     ("trajectory_id", pa.string()),
@@ -55,6 +56,7 @@ TRAJECTORY_SCHEMA = pa.schema([
     ("max_actions", pa.int32()),
     ("refused_actions", pa.int32()),
     ("finish_reason", pa.string()),
+    ("error", pa.string()),  # finish_reason "error": what failed (the row is kept and counted, never dropped)
     ("generated_tokens", pa.int32()),
     ("observation_tokens", pa.int32()),
     ("total_tokens", pa.int32()),
@@ -111,7 +113,7 @@ def trajectory_row(traj: Trajectory, q: dict, sample: int, info: RunInfo, rollou
         "queries": traj.queries, "retrieved_passage_ids": passages,
         "predicted_answer": traj.answer, "em": scores.em, "f1": scores.f1, "cover_em": scores.cover_em,
         "n_actions": traj.n_actions, "max_actions": config.max_actions if config.tools else 0, "refused_actions": sum(1 for s in traj.spans if s.kind == "action" and s.refused),
-        "finish_reason": traj.finish_reason, "generated_tokens": traj.generated_tokens,
+        "finish_reason": traj.finish_reason, "error": traj.error or None, "generated_tokens": traj.generated_tokens,
         "observation_tokens": obs_tokens, "total_tokens": len(traj.token_ids), "search_calls": traj.search_calls,
         "wall_seconds": traj.wall_seconds, "simulated": config.simulated,
         "parse_issues": parsed.issues, "tags_balanced": parsed.balanced,
@@ -140,5 +142,7 @@ def synthesize(questions: Sequence[dict], *, engine, search, info: RunInfo, conf
     stats = {"wall_seconds": wall, "generated_tokens": generated,
              "generated_tokens_per_second": generated / wall if wall > 0 else 0.0,
              "search_batches": len(rollout.search.batches) if rollout.search else 0,
-             "search_calls": sum(r["search_calls"] for r in rows)}
+             "search_calls": sum(r["search_calls"] for r in rows),
+             "errors": sum(1 for r in rows if r["finish_reason"] == "error"),
+             "truncated_observations": sum(1 for r in rows for s in r["spans"] if s.get("truncated"))}
     return pa.Table.from_pylist(rows, schema=TRAJECTORY_SCHEMA), stats

@@ -1,5 +1,6 @@
-"""Evaluation reports over the graded predictions of ``assets/evals.py``: Table 1 (``eval_table``),
-Figure 3 (``action_analysis``) and the world-model fidelity of the SFT-3 and RL checkpoints."""
+"""Evaluation reports over the graded predictions of ``assets/evals.py``: Table 1 (``eval_table``), its
+intervals and paired tests (``eval_comparisons``), Figure 3 (``action_analysis``) and the world-model
+fidelity of the SFT-3 and RL checkpoints."""
 
 import base64
 import dataclasses
@@ -92,6 +93,7 @@ def eval_table(context: dg.AssetExecutionContext, config: EvalTableConfig, stora
         df = rows.select(["method", "benchmark", "question_id", *TABLE_METRICS, "judge_model"]).to_pandas()
         methods = [m for m in METHODS if m in set(df["method"])] + sorted(set(df["method"]) - set(METHODS))
         t1 = report.table1(df, metrics=TABLE_METRICS, methods=methods)
+        intervals = report.table1_power(df, metrics=TABLE_METRICS, methods=methods, paired=False)
         table = flatten_table1(t1, df.groupby("method").size().to_dict())
         views = _write_views(storage)
     try:
@@ -103,9 +105,9 @@ def eval_table(context: dg.AssetExecutionContext, config: EvalTableConfig, stora
                      len(t1.columns) // len(TABLE_METRICS) - 1, len(counts), sum(1 for n in counts.values() if n == 0))
     md.update(table_metadata(table, preview_columns=["method", "questions", "em_avg", "judge_avg"]))
     md.update({
-        "table1": dg.MetadataValue.md(report.table1_markdown(t1, caption=(
-            "**Table 1 (ours)**: percent; Avg = unweighted mean over the benchmarks; — = the method lacks that "
-            "benchmark. LLM = judged by " + ", ".join(sorted(set(df["judge_model"])))
+        "table1": dg.MetadataValue.md(report.table1_markdown(t1, intervals=intervals, caption=(
+            "**Table 1 (ours)**: percent [95% Wilson interval]; Avg = unweighted mean over the benchmarks; — = the "
+            "method lacks that benchmark; paired tests in eval_comparisons. LLM = judged by " + ", ".join(sorted(set(df["judge_model"])))
             + (f" ({EMBEDDED_JUDGE_NOTE})" if EMBEDDED_MODEL in set(df["judge_model"]) else "") + "."))),
         "ours_vs_paper": dg.MetadataValue.md(report.ours_vs_paper_markdown(t1, paper)),
         "paper_table1": dg.MetadataValue.md(
@@ -113,6 +115,7 @@ def eval_table(context: dg.AssetExecutionContext, config: EvalTableConfig, stora
                                                   f"copied into {paper.attrs['path']})")
             if len(paper.index) else f"The paper's Table 1 is not filled in yet ({paper.attrs['path']} holds no rows)."),
         "paper_table1_rows": len(paper.index),
+        "paper_average_flags": dg.MetadataValue.json(paper.attrs["average_flags"]),
         "methods": dg.MetadataValue.json(methods),
         "partitions_read": len(counts),
         "partitions_not_evaluated": dg.MetadataValue.json(sorted(k for k, n in counts.items() if n == 0)),
@@ -217,6 +220,117 @@ def eval_table_recomputes(storage: StorageResource) -> dg.AssetCheckResult:
         if not abs(got - 100.0 * sum(vals) / len(vals)) <= 1e-6:
             problems.append(f"{method}/{bench} {m}: table {got} != recomputed {100.0 * sum(vals) / len(vals):.4f}")
     return _result(len(cells), problems, "all partitions")
+
+
+# -- eval_comparisons (Table 1 with power) ------------------------------------------------------
+class EvalComparisonsConfig(dg.Config):
+    resamples: int = Field(10_000, description="Paired bootstrap resamples per comparison.")
+    seed: int = Field(0, description="Bootstrap seed.")
+    confidence: float = Field(0.95, description="Level of every interval.")
+    plot_benchmark: str = Field(EMBEDDED, description="The benchmark whose scores and intervals are plotted.")
+
+
+@dg.asset(group_name=GROUP, deps=["eval_predictions", "eval_table"], kinds={"python", "parquet"},
+          tags={"autocoa/stage": "evaluation"})
+def eval_comparisons(context: dg.AssetExecutionContext, config: EvalComparisonsConfig,
+                     storage: StorageResource) -> dg.Output[pa.Table]:
+    """Table 1 with power: per method, benchmark and metric, the 95% Wilson interval and paired tests (exact McNemar, bootstrap) against ReAct on the reasoning model and the predecessor stage, from eval_predictions."""
+    md: dict = {}
+    with timed(md):
+        rows, _ = _read_predictions(storage)
+        if rows.num_rows == 0:
+            raise dg.Failure("eval_comparisons: eval_predictions holds no predictions; materialise it first")
+        df = rows.select(["method", "benchmark", "question_id", *TABLE_METRICS]).to_pandas()
+        try:
+            power = report.table1_power(df, metrics=TABLE_METRICS, resamples=config.resamples, seed=config.seed,
+                                        confidence=config.confidence)
+        except ValueError as exc:  # different question ids: a stale partition (eval_table_coverage names it)
+            raise dg.Failure(f"eval_comparisons: {exc}; re-materialise the stale eval_predictions partitions") from exc
+        table = report.power_table(power)
+        png = None
+        if config.plot_benchmark in set(power["benchmark"]):
+            path = storage.artifact_dir("eval_comparisons") / f"intervals_{config.plot_benchmark}.png"
+            png = report.plot_intervals(power, config.plot_benchmark, path, title=(
+                f"EM per method on {config.plot_benchmark}, 95% Wilson intervals"))
+    em = power[power["metric"] == "em"]
+    compared = {r: int(em[r].notna().sum()) for r in report.POWER_RELATIONS}
+    context.log.info("eval_comparisons: %d cells, %d paired comparisons with %s and %d with a predecessor",
+                     len(power), compared["reference"], report.REFERENCE_METHOD, compared["predecessor"])
+    md.update(table_metadata(table, preview_columns=["method", "benchmark", "metric", "n", "score", "ci_low",
+                                                     "ci_high", "reference_p", "predecessor_p"]))
+    md.update({"table1_power": dg.MetadataValue.md(report.power_markdown(power)),
+               "reference": report.REFERENCE_METHOD,
+               "predecessors": dg.MetadataValue.json(report.PREDECESSOR),
+               "em_comparisons": dg.MetadataValue.json(compared),
+               "min_questions_per_cell": int(power["n"].min()),
+               "resamples": config.resamples, "seed": config.seed})
+    if png is not None:
+        md["intervals_plot"] = dg.MetadataValue.md(f"![EM with 95% CI](data:image/png;base64,{base64.b64encode(png).decode()})")
+        md["png"] = dg.MetadataValue.path(str(path))
+    else:
+        md["intervals_plot"] = f"no predictions on {config.plot_benchmark}: nothing plotted"
+    return dg.Output(table, metadata=md)
+
+
+def _ids_by_cell(storage: StorageResource) -> dict[tuple[str, str], list[str]]:
+    got: dict[tuple[str, str], list[str]] = {}
+    for r in _read_predictions(storage)[0].select(["method", "benchmark", "question_id"]).to_pylist():
+        got.setdefault((r["method"], r["benchmark"]), []).append(r["question_id"])
+    return got
+
+
+@dg.asset_check(asset="eval_comparisons", blocking=True, description=(
+    "Every paired comparison was on the same question ids: both methods' eval_predictions hold exactly the same "
+    "questions, as many as the row's n, and the discordant counts fit in n."))
+def eval_comparisons_same_questions(storage: StorageResource) -> dg.AssetCheckResult:
+    table = _table(storage, "eval_comparisons")
+    if table is None:
+        return NOT_MATERIALISED
+    ids = _ids_by_cell(storage)
+    problems, pairs = [], 0
+    for r in table.to_pylist():
+        mine = ids.get((r["method"], r["benchmark"]), [])
+        where = f"{r['method']}/{r['benchmark']} {r['metric']}"
+        if len(mine) != r["n"]:
+            problems.append(f"{where}: n={r['n']}, eval_predictions has {len(mine)} rows")
+        for rel in report.POWER_RELATIONS:
+            other = r[rel]
+            if other is None:
+                continue
+            pairs += 1
+            theirs = ids.get((other, r["benchmark"]), [])
+            if sorted(mine) != sorted(theirs) or len(set(mine)) != len(mine):
+                problems.append(f"{where} vs {other}: {len(set(mine) ^ set(theirs))} question ids differ "
+                                f"({len(mine)} vs {len(theirs)} rows)")
+            if r[f"{rel}_only_method"] + r[f"{rel}_only_other"] > r["n"]:
+                problems.append(f"{where} vs {other}: discordant counts exceed n={r['n']}")
+    return _result(pairs, problems, "whole table", rows=table.num_rows)
+
+
+@dg.asset_check(asset="eval_comparisons", blocking=True, description=(
+    "Every eval_table cell has a row whose score equals it, and each interval holds its score."))
+def eval_comparisons_match_table1(storage: StorageResource) -> dg.AssetCheckResult:
+    table, t1 = _table(storage, "eval_comparisons"), _table(storage, "eval_table")
+    if table is None or t1 is None:
+        return NOT_MATERIALISED
+    cells = {(r["method"], r["benchmark"], r["metric"]): r for r in table.to_pylist()}
+    problems, checked = [], 0
+    flat = [(method, bench, metric, value) for method, row in unflatten_table1(t1).iterrows()
+            for (bench, metric), value in row.items()]
+    for method, bench, metric, value in flat:
+        if bench == report.AVG or math.isnan(value):
+            continue
+        checked += 1
+        r = cells.pop((method, bench, metric), None)
+        if r is None:
+            problems.append(f"{method}/{bench} {metric}: in eval_table ({value:.2f}), not in eval_comparisons")
+        elif abs(r["score"] - value) > 1e-6:
+            problems.append(f"{method}/{bench} {metric}: score {r['score']:.4f} != eval_table {value:.4f}")
+        elif not r["ci_low"] - 1e-9 <= r["score"] <= r["ci_high"] + 1e-9:
+            problems.append(f"{method}/{bench} {metric}: interval [{r['ci_low']:.2f}, {r['ci_high']:.2f}] "
+                            f"misses the score {r['score']:.2f}")
+    problems += [f"{m}/{b} {k}: in eval_comparisons, not in eval_table" for m, b, k in sorted(cells)]
+    return _result(checked, problems, "whole table")
 
 
 # -- action_analysis (Figure 3) -----------------------------------------------------------------
@@ -425,9 +539,9 @@ def world_model_fidelity_consistent(storage: StorageResource) -> dg.AssetCheckRe
 
 
 CHECKS = [eval_table_coverage, eval_table_complete, eval_table_metrics_in_range, eval_table_judged_or_explained,
-          eval_table_recomputes, action_analysis_shares_sum_to_one, action_analysis_counts_match_predictions,
-          world_model_fidelity_consistent]
+          eval_table_recomputes, eval_comparisons_same_questions, eval_comparisons_match_table1,
+          action_analysis_shares_sum_to_one, action_analysis_counts_match_predictions, world_model_fidelity_consistent]
 
 
 def build_assets(existing: Collection[str]) -> list:
-    return [eval_table, action_analysis, build_fidelity(existing)]
+    return [eval_table, eval_comparisons, action_analysis, build_fidelity(existing)]

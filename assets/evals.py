@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from agent.engines import EngineSpec, load_engine, release_engines
-from agent.prompts import TEMPLATES, PromptTemplate, template_for
+from agent.prompts import PromptTemplate, agent_template, template_for
 from agent.rollout import RolloutConfig, search_tool
 from agent.synthesis import RunInfo, synthesize
 from assets.pairs import NOT_MATERIALISED, _table
@@ -289,15 +289,14 @@ class EvalPredictionsConfig(dg.Config):
 
 
 def checkpoint_template(checkpoint: str) -> PromptTemplate:
-    """The CoA template a checkpoint was trained with: ``meta.json``'s ``template`` when it names one
-    (RL records it), else the CoA template of the chain's root model (``root_model``)."""
+    """The prompt a trained checkpoint is evaluated with: the plain agent instruction of its root model's family,
+    no worked examples (:func:`agent.prompts.agent_template`): acting must be internal to the model. RL from the
+    untrained model may have been guided by examples during training (``meta.json``'s ``template``), not here."""
     meta_path = Path(checkpoint) / "meta.json"
     if not meta_path.is_file():
         raise dg.Failure(f"{meta_path} not found: a checkpoint directory must hold meta.json with root_model")
     meta = json.loads(meta_path.read_text())
-    if meta.get("template") in TEMPLATES:
-        return TEMPLATES[meta["template"]]
-    return template_for("coa", Path(meta.get("root_model") or checkpoint).name)
+    return agent_template(Path(meta.get("root_model") or checkpoint).name)
 
 
 def _checkpoint(storage: StorageResource, method: str) -> str | None:
@@ -418,7 +417,7 @@ def build_eval_predictions(existing: Collection[str]):
         if method in ("react_base", "react_reasoning") and \
                 config.base_engine.spec(config.max_context) == config.engine.spec(config.max_context):
             md["note"] = ("react_base and react_reasoning run the same model here: this profile configures one model "
-                          "(set base_engine to a non-reasoning instruct model to separate them)")
+                          "(set base_engine to a pretrained base model, as the paper profile does, to separate them)")
         context.log.info("eval_predictions %s/%s: EM %.3f, judge %.3f (%d unparsable), %.2f actions", method, bench,
                          md["accuracy_em"], md["accuracy_judge"], md["judge_unparsable"], md["mean_actions"])
         return dg.Output(table, metadata=md)

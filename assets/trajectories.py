@@ -135,6 +135,7 @@ def _metadata(table: pa.Table, stats: dict, info: RunInfo, config: TrajectoryCon
         "generated_tokens": stats["generated_tokens"],
         "tokens_per_second": round(stats["generated_tokens_per_second"], 2),
         "search_calls": stats["search_calls"], "search_batches": stats["search_batches"],
+        "errors": stats.get("errors", 0), "truncated_observations": stats.get("truncated_observations", 0),
         "finish_reasons": dg.MetadataValue.json(dict(collections.Counter(r["finish_reason"] for r in rows))),
         "accuracy_by_actions": dg.MetadataValue.md(markdown_table(
             [{"actions": k, "trajectories": len(v), "em": round(sum(v) / len(v), 3)} for k, v in sorted(by_actions.items())])),

@@ -19,6 +19,7 @@ _PUNCT = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _SPECIAL = ("yes", "no", "noanswer")
 _BOXED = re.compile(r"\\boxed\s*\{")
+_OBSERVATION = re.compile(r"<search_result>.*?(?:</search_result>|\Z)", re.S)
 
 
 def normalize_answer(text: str) -> str:
@@ -72,12 +73,22 @@ def score(prediction: str | None, golds: Sequence[str]) -> Scores:
     )
 
 
-def extract_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` (nested braces allowed) after the last ``</think>``.
+def strip_observations(text: str) -> str:
+    """``text`` with every ``<search_result> … </search_result>`` block removed (an unclosed block runs to the
+    end): what the environment wrote is never read as the policy's answer or reasoning."""
+    return _OBSERVATION.sub(" ", text)
 
-    Without a ``</think>`` the whole text is searched. Returns ``None`` when there is no complete
-    boxed answer (an unclosed ``\\boxed{`` does not count).
+
+def extract_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (nested braces allowed) after the last ``</think>``, never
+    inside a search-result block.
+
+    Observation blocks are removed first (:func:`strip_observations`), so a ``\\boxed{}`` or a ``</think>``
+    that a search result happens to contain is not credited. Without a ``</think>`` the rest of the text is
+    searched. Returns ``None`` when there is no complete boxed answer (an unclosed ``\\boxed{`` does not
+    count). The reward, the pair miner and every evaluation metric grade this one extraction.
     """
+    text = strip_observations(text)
     end_think = text.rfind("</think>")
     tail = text[end_think + len("</think>"):] if end_think >= 0 else text
     answer = None

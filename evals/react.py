@@ -70,23 +70,47 @@ class ReActTemplate(PromptTemplate):
     """
 
     def messages(self, question: str) -> list[dict]:
-        if self.family != "r1":
+        if self.family not in ("r1", "base"):
             return super().messages(question)
+        return [{"role": "user", "content": self._inline(question)}]
+
+    def _inline(self, question: str) -> str:
         examples = "\n\n".join(f"Question: {q}\n{a}" for q, a in self.shots)
-        content = f"{self.instructions}\n\nExamples:\n\n{examples}\n\nNow the real question.\n\nQuestion: {question}"
-        return [{"role": "user", "content": content}]
+        return f"{self.instructions}\n\nExamples:\n\n{examples}\n\nNow the real question.\n\nQuestion: {question}"
+
+    def render(self, tokenizer, question: str) -> str:
+        """A ``base`` model has no chat format: the prompt is plain text (instructions, worked examples, the
+        question), continued after the prefill, as the original ReAct prompts a pretrained model."""
+        if self.family == "base":
+            return f"{self._inline(question)}\n{self.prefill}"
+        return super().render(tokenizer, question)
 
 
 # mode "coa": ReAct searches, so it runs wherever a tool-using template is accepted.
 REACT_TEMPLATES: dict[str, ReActTemplate] = {t.id: t for t in [
     ReActTemplate("react-r1-v1", "coa", "r1", REACT_INSTRUCTIONS, _REACT_SHOTS, prefill="<think>\n"),
     ReActTemplate("react-smollm2-fewshot-v1", "coa", "smollm2", REACT_INSTRUCTIONS, _REACT_SHOTS),
+    # a pretrained (base) model, e.g. the paper's Qwen-7B-Base: plain-text prompt, no chat template
+    ReActTemplate("react-base-v1", "coa", "base", REACT_INSTRUCTIONS, _REACT_SHOTS),
 ]}
 
 
+def is_base_model(model_name: str) -> bool:
+    """A pretrained model without instruction tuning (by its hub name: ``-Base`` or a Qwen id without a suffix)."""
+    name = model_name.rsplit("/", 1)[-1].lower()
+    if name.endswith("-base") or "-base-" in name:
+        return True
+    return name.startswith("qwen") and not any(k in name for k in ("instruct", "chat", "r1", "distill", "math"))
+
+
 def react_template_for(model_name: str) -> ReActTemplate:
-    """The ReAct template for a model: R1-distilled models get the ``r1`` form (``<think>\\n`` prefilled)."""
-    return REACT_TEMPLATES["react-r1-v1" if "r1" in model_name.lower() else "react-smollm2-fewshot-v1"]
+    """The ReAct template for a model: R1-distilled models get the ``r1`` form (``<think>\\n`` prefilled), a
+    base model the plain-text form, the embedded SmolLM2 its chat form with the examples as turns."""
+    if "r1" in model_name.lower():
+        return REACT_TEMPLATES["react-r1-v1"]
+    if is_base_model(model_name):
+        return REACT_TEMPLATES["react-base-v1"]
+    return REACT_TEMPLATES["react-smollm2-fewshot-v1"]
 
 
 def react_rollout_config(config: RolloutConfig | None = None) -> RolloutConfig:

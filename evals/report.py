@@ -13,12 +13,13 @@ import math
 import os
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 
+from evals import stats
 from evals.benchmarks import benchmark_sort_key
 from evals.fidelity import aggregate_fidelity
 
@@ -26,8 +27,31 @@ AVG = "avg"
 METRIC_LABELS = {"em": "EM", "judge": "LLM", "f1": "F1", "cover_em": "CEM"}
 BENCHMARK_LABELS = {"nq": "NQ", "triviaqa": "TriviaQA", "popqa": "PopQA", "hotpotqa": "HotpotQA",
                     "2wikimultihopqa": "2Wiki", "musique": "MuSiQue", "bamboogle": "Bamboogle",
-                    "fanout": "Fanout", AVG: "Avg"}
+                    "fanout": "Fanout", "embedded": "Embedded", AVG: "Avg"}
 TABLE1_BENCHMARKS = ("nq", "triviaqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle", "fanout")
+# the paper's Average is over these six; an average over other benchmarks is not compared with it
+PAPER_AVERAGE_BENCHMARKS = ("nq", "triviaqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
+# our Table 1 rows (assets/evals.py evaluates them): three baselines, then one per checkpoint
+TABLE1_METHODS = ("base_cot", "react_base", "react_reasoning", "sft_stage1", "sft_stage2", "sft_stage3",
+                  "sft_stage2_only", "rl_stage2_only", "sft123_rl1", "sft123_rl12", "sft12_rl2")
+REFERENCE_METHOD = "react_reasoning"
+PREDECESSOR = {"sft_stage1": "base_cot", "sft_stage2": "sft_stage1", "sft_stage3": "sft_stage2",
+               "sft_stage2_only": "base_cot", "rl_stage2_only": "base_cot", "sft123_rl1": "sft_stage3",
+               "sft123_rl12": "sft123_rl1", "sft12_rl2": "sft_stage2"}
+
+
+def compared_with(method: str, reference: str = REFERENCE_METHOD,
+                  predecessor: Mapping[str, str] = PREDECESSOR) -> dict[str, str | None]:
+    """The two methods a Table 1 row is tested against: ``{"reference": ..., "predecessor": ...}`` (None: none).
+
+    The reference is ReAct on the reasoning model (``react_reasoning``): the untrained agentic
+    workflow the paper's agent models are meant to beat, on the same model they start from. The
+    predecessor is the checkpoint a stage was trained from (SFT-2 from SFT-1, SFT-3 from SFT-2, RL-1
+    from SFT-3, RL-1&2 from RL-1, RL-2 from SFT-1&2), or the base model with CoT for the stages trained
+    straight from the base model (SFT-1 and the stage-2-only ablations): the paper reads Table 1 stage
+    by stage, and only this pairing tells whether a stage added anything over the one before it.
+    """
+    return {"reference": reference if method != reference else None, "predecessor": predecessor.get(method)}
 
 
 def _frame(predictions: pd.DataFrame | Iterable[Mapping]) -> pd.DataFrame:
@@ -125,12 +149,22 @@ def _header(columns: Sequence[tuple[str, str]]) -> str:
     return " | ".join(f"{BENCHMARK_LABELS.get(b, b)} {METRIC_LABELS.get(m, m)}" for b, m in columns)
 
 
-def table1_markdown(table: pd.DataFrame, *, digits: int = 1, caption: str | None = None) -> str:
-    """Table 1 as a Markdown table (``—`` for a missing cell)."""
+def table1_markdown(table: pd.DataFrame, *, digits: int = 1, caption: str | None = None,
+                    intervals: pd.DataFrame | None = None) -> str:
+    """Table 1 as a Markdown table (``—`` for a missing cell); with ``intervals`` (:func:`table1_power`'s
+    rows) each cell it covers reads ``score [low, high]``."""
     cols = list(table.columns)
+    bounds = {} if intervals is None else {
+        (r["method"], r["benchmark"], r["metric"]): (r["ci_low"], r["ci_high"]) for r in intervals.to_dict("records")}
+
+    def cell(method, c, value) -> str:
+        low_high = bounds.get((method, *c))
+        text = _fmt(value, digits)
+        return text if low_high is None or text == "—" else f"{text} [{low_high[0]:.{digits}f}, {low_high[1]:.{digits}f}]"
+
     lines = [f"| Method | {_header(cols)} |", "|" + "---|" * (len(cols) + 1)]
     for method, row in table.iterrows():
-        lines.append(f"| {method} | " + " | ".join(_fmt(row[c], digits) for c in cols) + " |")
+        lines.append(f"| {method} | " + " | ".join(cell(method, c, row[c]) for c in cols) + " |")
     return (f"{caption}\n\n" if caption else "") + "\n".join(lines) + "\n"
 
 
@@ -156,16 +190,18 @@ def unflatten_table1(table: pa.Table) -> pd.DataFrame:
 # -- the paper's numbers --------------------------------------------------------------------------------
 PAPER_TABLE1_SOURCE = ("Zhang et al. 2025, 'Agent models: Internalizing Chain-of-Action Generation into "
                        "Reasoning models', arXiv:2503.06580, Table 1")
-# The paper's numbers live in a CSV a person fills from the PDF (arXiv:2503.06580, or CoA_paper.pdf in
-# github.com/ADaM-BJTU/AutoCoA). The shipped file holds only its header: the per-benchmark numbers could not
-# be read from any source available offline, and numbers that are not the paper's must never be labelled
-# as the paper's. Until it is filled, paper_table1() is empty and every comparison says so.
+# The paper's numbers live in a CSV transcribed cell by cell from the PDF (arXiv:2503.06580), validated line by
+# line on every read: a number that is not the paper's must never be labelled as the paper's.
 PAPER_TABLE1_FILE = Path(__file__).resolve().parents[1] / "configs" / "paper_table1.csv"
 PAPER_TABLE1_COLUMNS = ("paper_row", "method", "benchmark", "metric", "value")
 
 
-def _read_paper_rows(path: Path, metrics: Sequence[str]) -> tuple[list[dict], list[str]]:
-    """The CSV's data rows (``#`` lines are comments) and every problem found, each naming file and line."""
+def _read_paper_rows(path: Path, metrics: Sequence[str],
+                     methods: Collection[str] | None = TABLE1_METHODS) -> tuple[list[dict], list[str]]:
+    """The CSV's data rows (``#`` lines are comments) and every problem found, each naming file and line.
+
+    ``method`` must be empty (a paper row with no counterpart of ours, e.g. Deepseek-R1*) or one of
+    ``methods`` (None: any name), and each of our methods maps to at most one paper row."""
     import csv
 
     rows, problems = [], []
@@ -180,6 +216,7 @@ def _read_paper_rows(path: Path, metrics: Sequence[str]) -> tuple[list[dict], li
         return [], [f"{path}:{lines[0][0]}: header {header} != {list(PAPER_TABLE1_COLUMNS)}"]
     seen: dict[tuple, int] = {}
     row_methods: dict[str, str] = {}
+    method_rows: dict[str, str] = {}
     for (lineno, _), cells in zip(lines[1:], reader):
         where = f"{path}:{lineno}"
         if len(cells) != len(PAPER_TABLE1_COLUMNS):
@@ -206,25 +243,35 @@ def _read_paper_rows(path: Path, metrics: Sequence[str]) -> tuple[list[dict], li
         if row_methods.setdefault(row["paper_row"], row["method"]) != row["method"]:
             problems.append(f"{where}: paper_row {row['paper_row']!r} maps to method {row['method']!r} here "
                             f"but to {row_methods[row['paper_row']]!r} earlier")
+        elif row["method"] and methods is not None and row["method"] not in methods:
+            problems.append(f"{where}: unknown method {row['method']!r} (one of {', '.join(methods)}, or empty)")
+        elif row["method"] and method_rows.setdefault(row["method"], row["paper_row"]) != row["paper_row"]:
+            problems.append(f"{where}: method {row['method']!r} is mapped from paper_row {row['paper_row']!r} here "
+                            f"but from {method_rows[row['method']]!r} earlier")
         rows.append({**row, "value": value})
     return rows, problems
 
 
-def paper_table1(metrics: Sequence[str] = ("em", "judge"), path: str | Path | None = None) -> pd.DataFrame:
+def paper_table1(metrics: Sequence[str] = ("em", "judge"), path: str | Path | None = None, *,
+                 methods: Collection[str] | None = TABLE1_METHODS) -> pd.DataFrame:
     """The paper's Table 1 (percent) in :func:`table1`'s layout, read from ``path`` (default
     ``configs/paper_table1.csv``: columns ``paper_row, method, benchmark, metric, value``).
 
     ``method`` names our method that a paper row corresponds to (empty: none); the mapping is in
     ``attrs["method_map"]`` (our method -> paper row). Averages are the paper's own numbers, never
-    recomputed (the paper may average over other benchmarks). A malformed file raises ``ValueError``
-    naming every bad line; the shipped header-only file (or a missing default file) gives no rows.
+    recomputed; where a printed Average is not the mean of the paper's six benchmarks (beyond rounding),
+    ``attrs["average_flags"]`` says so. A malformed file raises ``ValueError`` naming every bad line;
+    a header-only file (or a missing default file) gives no rows.
+
+    Args:
+        methods: the method names the ``method`` column may use (default: our Table 1 rows; None: any).
     """
     columns = pd.MultiIndex.from_product([[*TABLE1_BENCHMARKS, AVG], list(metrics)], names=["benchmark", "metric"])
     explicit = path is not None
     path = Path(path) if explicit else PAPER_TABLE1_FILE
     rows: list[dict] = []
     if path.is_file():
-        rows, problems = _read_paper_rows(path, metrics)
+        rows, problems = _read_paper_rows(path, metrics, methods)
         if problems:
             raise ValueError(f"{len(problems)} problem(s) in the paper's Table 1 file:\n" + "\n".join(problems[:20]))
     elif explicit:
@@ -234,13 +281,39 @@ def paper_table1(metrics: Sequence[str] = ("em", "judge"), path: str | Path | No
     for r in rows:
         table.loc[r["paper_row"], (r["benchmark"], r["metric"])] = r["value"]
     table.attrs.update(source=PAPER_TABLE1_SOURCE, path=str(path),
-                       method_map={r["method"]: r["paper_row"] for r in rows if r["method"]})
+                       method_map={r["method"]: r["paper_row"] for r in rows if r["method"]},
+                       average_flags=paper_average_flags(table))
     return table
+
+
+def paper_average_flags(paper: pd.DataFrame, tol: float = 0.1) -> list[str]:
+    """Where the paper's printed Average differs from the mean of its six benchmarks by more than ``tol``.
+
+    Each printed number is rounded to 0.1, so a mean of six rounded numbers and a rounded Average may
+    differ by up to 0.1 without either being wrong; more than that is the paper's own inconsistency,
+    shown as printed and flagged here, never corrected.
+    """
+    flags = []
+    for row in paper.index:
+        for m in dict.fromkeys(m for _, m in paper.columns):
+            six = [paper.loc[row, (b, m)] for b in PAPER_AVERAGE_BENCHMARKS]
+            printed = paper.loc[row, (AVG, m)] if (AVG, m) in paper.columns else float("nan")
+            if math.isnan(printed) or any(math.isnan(v) for v in six):
+                continue
+            mean = sum(six) / len(six)
+            if abs(printed - mean) > tol + 1e-9:
+                flags.append(f"{row} {METRIC_LABELS.get(m, m)}: printed Average {printed:.1f}, "
+                             f"mean of the six benchmarks {mean:.2f}")
+    return flags
 
 
 def ours_vs_paper_markdown(ours: pd.DataFrame, paper: pd.DataFrame | None = None, *,
                            method_map: Mapping[str, str] | None = None, digits: int = 1) -> str:
     """Our Table 1 beside the paper's: per our method, a row of ours, the paper's and the difference.
+
+    Columns: our benchmarks, then the paper's benchmarks we lack, then the averages. The difference is
+    shown where both sides measured the same benchmark; on the averages only where ours averages the
+    paper's six benchmarks (an average over other questions is not the same quantity).
 
     Args:
         method_map: our method name -> the paper's row label (e.g. ``{"react": "ReAct"}``); a method
@@ -249,21 +322,40 @@ def ours_vs_paper_markdown(ours: pd.DataFrame, paper: pd.DataFrame | None = None
     """
     paper = paper_table1(sorted({m for _, m in ours.columns})) if paper is None else paper
     method_map = paper.attrs.get("method_map", {}) if method_map is None else method_map
-    cols = list(ours.columns)
+    metrics = list(dict.fromkeys(m for _, m in ours.columns))
+    ours_benches = [b for b in dict.fromkeys(b for b, _ in ours.columns) if b != AVG]
+    theirs_benches = [b for b in dict.fromkeys(b for b, _ in paper.columns) if b not in (AVG, *ours_benches)
+                      and paper[[c for c in paper.columns if c[0] == b]].notna().any().any()]
+    cols = [(b, m) for b in (*ours_benches, *theirs_benches, AVG) for m in metrics]
+    same_average = sorted(ours_benches) == sorted(PAPER_AVERAGE_BENCHMARKS)
+
+    def cell(table, row, c):
+        return table.loc[row, c] if c in table.columns else float("nan")
+
     lines = [f"| Method | {_header(cols)} |", "|" + "---|" * (len(cols) + 1)]
-    for method, row in ours.iterrows():
-        lines.append(f"| ours: {method} | " + " | ".join(_fmt(row[c], digits) for c in cols) + " |")
+    for method in ours.index:
+        lines.append(f"| ours: {method} | " + " | ".join(_fmt(cell(ours, method, c), digits) for c in cols) + " |")
         theirs = method_map.get(method)
         if theirs is not None and theirs in paper.index:
-            prow = paper.loc[theirs]
-            pvals = [prow[c] if c in paper.columns else float("nan") for c in cols]
+            pvals = [cell(paper, theirs, c) for c in cols]
             lines.append(f"| paper: {theirs} | " + " | ".join(_fmt(v, digits) for v in pvals) + " |")
-            lines.append("| Δ (ours − paper) | " + " | ".join(_fmt(row[c] - v, digits) for c, v in zip(cols, pvals)) + " |")
+            diffs = [cell(ours, method, c) - v if c[0] != AVG or same_average else float("nan")
+                     for c, v in zip(cols, pvals)]
+            lines.append("| Δ (ours − paper) | " + " | ".join(_fmt(d, digits) for d in diffs) + " |")
     where = paper.attrs.get("path", str(PAPER_TABLE1_FILE))
-    note = (f"Paper numbers: {PAPER_TABLE1_SOURCE} (copied into {where})." if len(paper.index) else
-            f"The paper's Table 1 numbers are not filled in yet ({where} holds no rows; TODO: copy them from "
-            "the PDF); only our numbers are shown.")
-    return "\n".join(lines) + f"\n\n{note}\n"
+    if not len(paper.index):
+        return "\n".join(lines) + (f"\n\nThe paper's Table 1 numbers are not filled in yet ({where} holds no rows); "
+                                   "only our numbers are shown.\n")
+    notes = [f"Paper numbers: {PAPER_TABLE1_SOURCE} (copied into {where}); paper rows without a counterpart "
+             f"of ours are in the paper's table only."]
+    if not same_average:
+        notes.append(f"Our Avg is over {', '.join(BENCHMARK_LABELS.get(b, b) for b in ours_benches) or 'no benchmark'}, "
+                     "the paper's over its six benchmarks: no Δ on the averages.")
+    flags = paper.attrs.get("average_flags", [])
+    if flags:
+        notes.append("Printed Averages that are not the mean of the paper's six benchmarks (kept as printed): "
+                     + "; ".join(flags) + ".")
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
 
 
 # -- Figure 3: action analysis -------------------------------------------------------------------------
@@ -324,6 +416,11 @@ def plot_action_analysis(analysis: pd.DataFrame, path: str | Path | None = None,
     fig.axes[0].legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
+    return _png(fig, path)
+
+
+def _png(fig, path: str | Path | None) -> bytes:
+    """The figure as PNG bytes; with ``path`` also written there atomically (temp file + rename)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     data = buf.getvalue()
@@ -337,19 +434,177 @@ def plot_action_analysis(analysis: pd.DataFrame, path: str | Path | None = None,
     return data
 
 
+# -- Table 1 with power: an interval per cell, paired tests per method -----------------------------------
+POWER_RELATIONS = ("reference", "predecessor")
+
+
+def _scores(df: pd.DataFrame, metric: str) -> dict[tuple[str, str], dict[str, float]]:
+    """``{(method, benchmark): {question_id: 0/1 score}}``; a question graded twice is an error, not a vote."""
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for method, bench, qid, value in zip(df["method"], df["benchmark"], df["question_id"], df[metric]):
+        cell = out.setdefault((method, bench), {})
+        if qid in cell:
+            raise ValueError(f"{method}/{bench}: question {qid!r} is graded more than once")
+        cell[qid] = _metric_value(value)
+    return out
+
+
+def table1_power(predictions: pd.DataFrame | Iterable[Mapping], *, metrics: Sequence[str] = ("em", "judge"),
+                 methods: Sequence[str] | None = None, reference: str = REFERENCE_METHOD,
+                 predecessor: Mapping[str, str] = PREDECESSOR, resamples: int = stats.DEFAULT_RESAMPLES,
+                 seed: int = 0, confidence: float = 0.95, paired: bool = True) -> pd.DataFrame:
+    """One row per Table 1 cell (method, benchmark, metric): its questions, score and Wilson interval,
+    and the paired comparison with the reference and with the predecessor (:func:`compared_with`).
+
+    Scores, intervals and differences are percent. For each relation ``r`` in ("reference",
+    "predecessor"): ``r`` (the other method; None when it is the method itself or has no predictions on
+    that benchmark), ``r_score``, ``r_diff`` (ours − theirs), ``r_diff_low``/``r_diff_high`` (paired
+    percentile bootstrap, ``resamples`` draws, ``seed``), ``r_only_method``/``r_only_other`` (the
+    discordant questions) and ``r_p`` (exact McNemar). A judge verdict of None counts 0, as in
+    :func:`table1`. Raises ``ValueError`` when two compared methods were graded on different question ids.
+    ``paired=False``: the intervals only (the comparison columns stay empty).
+    """
+    df = _frame(predictions)
+    missing = set(metrics) - set(df.columns)
+    if missing:
+        raise ValueError(f"prediction rows lack metric columns {sorted(missing)}")
+    present = list(dict.fromkeys(df["method"]))
+    order = list(methods) if methods is not None else (
+        [m for m in TABLE1_METHODS if m in present] + [m for m in present if m not in TABLE1_METHODS])
+    benches = sorted(df["benchmark"].unique(), key=benchmark_sort_key)
+    rows = []
+    for metric in metrics:
+        scores = _scores(df, metric)
+        for method in order:
+            for bench in benches:
+                mine = scores.get((method, bench))
+                if mine is None:
+                    continue
+                k, n = int(sum(v > 0.5 for v in mine.values())), len(mine)
+                low, high = stats.wilson_interval(k, n, confidence)
+                row = {"method": method, "benchmark": bench, "metric": metric, "n": n, "correct": k,
+                       "score": 100.0 * sum(mine.values()) / n, "ci_low": 100.0 * low, "ci_high": 100.0 * high}
+                for rel, other in compared_with(method, reference, predecessor).items():
+                    theirs = scores.get((other, bench)) if other and paired else None
+                    cmp = stats.compare_paired(mine, theirs, resamples=resamples, seed=seed, confidence=confidence,
+                                               names=(f"{method}/{bench}", f"{other}/{bench}")) if theirs else None
+                    row.update({rel: other if cmp else None,
+                                f"{rel}_score": 100.0 * cmp.score_b if cmp else None,
+                                f"{rel}_diff": 100.0 * cmp.diff if cmp else None,
+                                f"{rel}_diff_low": 100.0 * cmp.diff_low if cmp else None,
+                                f"{rel}_diff_high": 100.0 * cmp.diff_high if cmp else None,
+                                f"{rel}_only_method": cmp.only_a if cmp else None,
+                                f"{rel}_only_other": cmp.only_b if cmp else None,
+                                f"{rel}_p": cmp.p_value if cmp else None})
+                rows.append({**row, "resamples": resamples, "seed": seed, "confidence": confidence})
+    return pd.DataFrame(rows, columns=list(POWER_COLUMNS))
+
+
+POWER_COLUMNS = {"method": pa.string(), "benchmark": pa.string(), "metric": pa.string(), "n": pa.int64(),
+                 "correct": pa.int64(), "score": pa.float64(), "ci_low": pa.float64(), "ci_high": pa.float64(),
+                 **{k: t for r in POWER_RELATIONS for k, t in (
+                     (r, pa.string()), (f"{r}_score", pa.float64()), (f"{r}_diff", pa.float64()),
+                     (f"{r}_diff_low", pa.float64()), (f"{r}_diff_high", pa.float64()),
+                     (f"{r}_only_method", pa.int64()), (f"{r}_only_other", pa.int64()), (f"{r}_p", pa.float64()))},
+                 "resamples": pa.int64(), "seed": pa.int64(), "confidence": pa.float64()}
+POWER_SCHEMA = pa.schema(list(POWER_COLUMNS.items()))
+
+
+def power_table(power: pd.DataFrame) -> pa.Table:
+    """:func:`table1_power`'s rows as an Arrow table with a fixed schema (nulls where no comparison)."""
+    records = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+               for r in power.to_dict("records")]
+    return pa.Table.from_pylist(records, schema=POWER_SCHEMA)
+
+
+def _p(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _vs(r: Mapping, rel: str, digits: int) -> str:
+    other = r.get(rel)
+    if other is None or (isinstance(other, float) and math.isnan(other)):
+        return "—"
+    return (f"{r[f'{rel}_diff']:+.{digits}f} [{r[f'{rel}_diff_low']:+.{digits}f}, {r[f'{rel}_diff_high']:+.{digits}f}] "
+            f"vs {other}, p={_p(r[f'{rel}_p'])} ({int(r[f'{rel}_only_method'])}:{int(r[f'{rel}_only_other'])})")
+
+
+def power_markdown(power: pd.DataFrame, *, metric: str = "em", digits: int = 1) -> str:
+    """Table 1 with power as Markdown: per method and benchmark, n, each metric with its 95% interval,
+    and ``metric``'s paired differences with the reference and the predecessor (McNemar p, discordant counts)."""
+    if not len(power):
+        return "_(no predictions)_\n"
+    metrics = list(dict.fromkeys(power["metric"]))
+    labels = [METRIC_LABELS.get(m, m) for m in metrics]
+    name = METRIC_LABELS.get(metric, metric)
+    lines = ["| Method | Benchmark | n | " + " | ".join(f"{m} [95% CI]" for m in labels)
+             + f" | Δ{name} vs ReAct (reasoning) [95% CI], McNemar p (only ours:only theirs) | Δ{name} vs predecessor |",
+             "|" + "---|" * (len(metrics) + 5)]
+    cells = {(r["method"], r["benchmark"], r["metric"]): r for r in power.to_dict("records")}
+    for method, bench in dict.fromkeys(zip(power["method"], power["benchmark"])):
+        ivs = [cells.get((method, bench, m)) for m in metrics]
+        main = cells.get((method, bench, metric), {})
+        lines.append(f"| {method} | {BENCHMARK_LABELS.get(bench, bench)} | {ivs[0]['n']} | "
+                     + " | ".join(f"{c['score']:.{digits}f} [{c['ci_low']:.{digits}f}, {c['ci_high']:.{digits}f}]"
+                                  if c else "—" for c in ivs)
+                     + f" | {_vs(main, 'reference', digits) if main else '—'} | {_vs(main, 'predecessor', digits) if main else '—'} |")
+    r0 = power.iloc[0]
+    return ("\n".join(lines) + f"\n\nPercent. Intervals: Wilson score, {r0['confidence']:.0%}. Δ: paired percentile "
+            f"bootstrap ({int(r0['resamples'])} resamples, seed {int(r0['seed'])}) of the difference on the same "
+            "questions; p: exact McNemar test (two-sided binomial on the discordant questions).\n")
+
+
+def plot_intervals(power: pd.DataFrame, benchmark: str, path: str | Path | None = None, *, metric: str = "em",
+                   title: str | None = None) -> bytes:
+    """Score per method on one benchmark with its 95% interval as error bars, as PNG bytes (Agg canvas);
+    the reference method's interval is shaded across the plot. With ``path`` also written there."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sub = power[(power["benchmark"] == benchmark) & (power["metric"] == metric)]
+    if not len(sub):
+        raise ValueError(f"no {metric} cells for benchmark {benchmark!r} (have {sorted(set(power['benchmark']))})")
+    fig = Figure(figsize=(max(5.0, 0.7 * len(sub) + 2), 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    xs = range(len(sub))
+    ref = sub[sub["method"] == REFERENCE_METHOD]
+    if len(ref):
+        ax.axhspan(ref["ci_low"].iloc[0], ref["ci_high"].iloc[0], color="0.9", label=f"{REFERENCE_METHOD} 95% CI")
+    ax.errorbar(xs, sub["score"], yerr=[sub["score"] - sub["ci_low"], sub["ci_high"] - sub["score"]],
+                fmt="o", capsize=4, label=f"{METRIC_LABELS.get(metric, metric)} (95% Wilson CI)")
+    ax.set_xticks(list(xs), [f"{m}\nn={n}" for m, n in zip(sub["method"], sub["n"])], rotation=30, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("percent")
+    ax.set_ylim(0, max(5.0, float(sub["ci_high"].max()) * 1.15))
+    ax.legend(fontsize="small")
+    ax.set_title(title or f"{METRIC_LABELS.get(metric, metric)} per method on {BENCHMARK_LABELS.get(benchmark, benchmark)}")
+    fig.tight_layout()
+    return _png(fig, path)
+
+
 # -- the whole report ----------------------------------------------------------------------------------
 def evaluation_report(ours: pd.DataFrame, paper: pd.DataFrame, *, analysis: pd.DataFrame | None = None,
-                      fidelity: pd.DataFrame | None = None, judge_note: str = "") -> str:
-    """One Markdown report: our Table 1, ours beside the paper's, Figure 3's numbers and world-model fidelity.
+                      fidelity: pd.DataFrame | None = None, power: pd.DataFrame | None = None,
+                      judge_note: str = "") -> str:
+    """One Markdown report: our Table 1, its intervals and paired tests, ours beside the paper's, Figure 3's
+    numbers and world-model fidelity.
 
     Args:
         ours: :func:`table1`'s layout. paper: :func:`paper_table1`'s. analysis: :func:`action_analysis`'s
             rows. fidelity: ``world_model_fidelity`` rows (``method, source`` and the measures).
+            power: :func:`table1_power`'s rows (the ``eval_comparisons`` table).
     """
     parts = ["# Evaluation report", "",
-             table1_markdown(ours, caption="## Table 1 (ours)\n\nPercent; Avg = unweighted mean over the benchmarks; "
-                                           "— = the method lacks that benchmark." + (f" {judge_note}" if judge_note else "")),
-             "## Ours beside the paper", "", ours_vs_paper_markdown(ours, paper)]
+             table1_markdown(ours, intervals=power, caption=(
+                 "## Table 1 (ours)\n\nPercent" + ("; [95% Wilson interval]" if power is not None else "")
+                 + "; Avg = unweighted mean over the benchmarks; — = the method lacks that benchmark."
+                 + (f" {judge_note}" if judge_note else "")))]
+    if power is not None:
+        parts += ["## Table 1 with intervals and paired tests", "", power_markdown(power)]
+    parts += ["## Ours beside the paper", "", ours_vs_paper_markdown(ours, paper)]
     if analysis is not None and len(analysis):
         cols = ["method", "label", "n", "n_correct", "share_of_correct", "success_rate"]
         parts += ["## Figure 3: answers by number of actions", "", _markdown_rows(analysis[cols]), ""]

@@ -315,14 +315,14 @@ def cmd_report(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     optional = {}
-    for name in ("action_analysis", "world_model_fidelity"):
+    for name in ("eval_comparisons", "action_analysis", "world_model_fidelity"):
         p = table_path(home, [name])
         optional[name] = pq.read_table(p).to_pandas() if p.is_file() else None
     judges = [r[0] for r in run_query(home, "select distinct judge_model from eval_predictions "
                                             "where judge_model is not null order by 1").fetchall()]
     text = report.evaluation_report(
         report.unflatten_table1(pq.read_table(path)), paper, analysis=optional["action_analysis"],
-        fidelity=optional["world_model_fidelity"],
+        fidelity=optional["world_model_fidelity"], power=optional["eval_comparisons"],
         judge_note=f"LLM = judged by {', '.join(judges)}." if judges else "")
     if args.out:
         Path(args.out).write_text(text)
@@ -390,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tables", help="list the views `autocoa sql` offers")
     t.set_defaults(func=cmd_tables)
 
-    e = sub.add_parser("report", help="the evaluation as Markdown: Table 1 beside the paper's, Figure 3, fidelity")
+    e = sub.add_parser("report", help="the evaluation as Markdown: Table 1 with intervals and paired tests, "
+                                      "beside the paper's, Figure 3, fidelity")
     e.add_argument("--paper-table1", help="CSV of the paper's Table 1 (default: configs/paper_table1.csv)")
     e.add_argument("--out", help="write the report to this file instead of printing it")
     e.set_defaults(func=cmd_report)

@@ -1,6 +1,6 @@
 """The evaluation assets through Dagster on a tiny embedded sample: eval questions (embedded, one shared
 benchmark, a missing source), predictions of the two baselines, a stand-in checkpoint and a missing one,
-Table 1 with its checks and DuckDB views, Figure 3, and world-model fidelity."""
+Table 1 with its checks and DuckDB views, its intervals and paired tests, Figure 3, and world-model fidelity."""
 
 import json
 
@@ -13,9 +13,11 @@ import pytest
 from agent import engines
 from agent.engines import EngineSpec
 from assets import eval_reports, evals
+from evals import report
 from pipelines.definitions import build_definitions
 from pipelines.paths import SHARED_DATA, table_path
 from pipelines.sql import run_query
+from pipelines.storage import StorageResource
 
 AUTOCOA_TEST = SHARED_DATA / "autocoa" / "test.parquet"
 TF = {"kind": "transformers"}
@@ -40,7 +42,7 @@ def _defs(home) -> dg.Definitions:
                 "eval_questions", "eval_questions_rejected")),
             dg.define_asset_job("evaluation_predictions", selection=dg.AssetSelection.assets("eval_predictions")),
             dg.define_asset_job("evaluation_reports", selection=dg.AssetSelection.assets(
-                "eval_table", "action_analysis", "world_model_fidelity"))]
+                "eval_table", "eval_comparisons", "action_analysis", "world_model_fidelity"))]
     return dg.Definitions.merge(base, dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs))
 
 
@@ -155,7 +157,7 @@ def test_predictions_per_method(run, home):
         if method == "base_cot":
             assert all(r["n_actions"] == 0 and r["template_id"].startswith("cot-") for r in table)
         if method == "sft_stage3":
-            assert {r["template_id"] for r in table} == {"coa-smollm2-fewshot-v1"} and table[0]["checkpoint"]
+            assert {r["template_id"] for r in table} == {"coa-smollm2-v1"} and table[0]["checkpoint"]
         md = result.asset_materializations_for_node("eval_predictions")[0].metadata
         assert {"accuracy_em", "accuracy_judge", "mean_actions", "preview", "elapsed_seconds"} <= set(md)
         assert "stand-in" in md["judge_model"].value and md["judge_decoding"].value == "constrained to one yes/no token"
@@ -195,11 +197,64 @@ def test_eval_table_recomputes_from_predictions(run, home):
     counts = dict(run_query(home, "select method, count(*) from eval_predictions group by all").fetchall())
     assert counts == dict.fromkeys(EVALUATED, 2)
     md = result.asset_materializations_for_node("eval_table")[0].metadata
-    assert "| base_cot |" in md["table1"].value and "stand-in" in md["table1"].value and "not filled in yet" in md["ours_vs_paper"].value
+    assert "| base_cot | " in md["table1"].value and "stand-in" in md["table1"].value
+    assert "[95% Wilson interval]" in md["table1"].value and " [0.0, " in md["table1"].value  # n=2: wide intervals
+    # the paper's Table 1 beside ours: every evaluated method has its paper row; our Avg (embedded only) gets no Δ
+    for paper_row in ("R1-Distill-Qwen-7B", "Qwen-7B-Base (ReAct)", "R1-Distill-Qwen-7B (ReAct)", "SFT-stage1&2&3"):
+        assert f"| paper: {paper_row} |" in md["ours_vs_paper"].value
+    assert "no Δ on the averages" in md["ours_vs_paper"].value and md["paper_table1_rows"].value == 12
+    assert len(md["paper_average_flags"].value) == 10
     assert "autocoa sql" in md["sql"].value
     assert json.loads(json.dumps(md["partitions_not_evaluated"].value)) == ["embedded|sft_stage1"]
     t1 = eval_reports.unflatten_table1(pq.read_table(table_path(home, ["eval_table"])))
     assert list(t1.columns) == [("embedded", "em"), ("embedded", "judge"), ("avg", "em"), ("avg", "judge")]
+
+
+def test_eval_comparisons_intervals_and_paired_tests(run, home):
+    _, results = run
+    result = results[("evaluation_reports", None)]
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks["eval_comparisons_same_questions"] and checks["eval_comparisons_match_table1"]
+    rows = pq.read_table(table_path(home, ["eval_comparisons"])).to_pylist()
+    assert [(r["method"], r["metric"]) for r in rows] == [(m, k) for k in ("em", "judge") for m in EVALUATED]
+    by = {(r["method"], r["metric"]): r for r in rows}
+    for r in rows:
+        assert r["n"] == 2 and r["benchmark"] == "embedded" and r["ci_low"] <= r["score"] <= r["ci_high"]
+    assert by[("base_cot", "em")]["reference"] == "react_reasoning" and by[("react_reasoning", "em")]["reference"] is None
+    assert by[("sft_stage3", "em")]["reference"] == "react_reasoning" and 0.0 < by[("sft_stage3", "em")]["reference_p"] <= 1.0
+    assert by[("sft_stage3", "em")]["predecessor"] is None  # sft_stage2 not evaluated: no predecessor test
+    md = result.asset_materializations_for_node("eval_comparisons")[0].metadata
+    assert "| sft_stage3 | Embedded | 2 |" in md["table1_power"].value and "vs react_reasoning, p=" in md["table1_power"].value
+    assert md["intervals_plot"].value.startswith("![EM with 95% CI](data:image/png;base64,")
+    assert md["em_comparisons"].value == {"reference": 3, "predecessor": 0} and md["min_questions_per_cell"].value == 2
+    assert (home / "artifacts" / "eval_comparisons" / "intervals_embedded.png").stat().st_size > 5000
+
+
+def _write(home, asset, table, partition=None):
+    path = table_path(home, [asset], partition)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def test_eval_comparisons_check_catches_pairs_on_different_questions(tmp_path):
+    rows = [{"method": m, "benchmark": "embedded", "question_id": q, "em": float(i % 2), "judge": bool(i % 2)}
+            for m in ("react_reasoning", "sft_stage1", "base_cot") for i, q in enumerate("abc")]
+    _write(tmp_path, "eval_comparisons", report.power_table(report.table1_power(rows, resamples=100)))
+    storage = StorageResource(home=str(tmp_path))
+
+    def predictions(rename: dict):
+        for m in ("react_reasoning", "sft_stage1", "base_cot"):
+            sub = [{**r, "question_id": rename.get((m, r["question_id"]), r["question_id"])} for r in rows if r["method"] == m]
+            _write(tmp_path, "eval_predictions", pa.Table.from_pylist(
+                [{k: r.get(k) for k in evals.PREDICTION_SCHEMA.names} for r in sub], schema=evals.PREDICTION_SCHEMA),
+                f"embedded|{m}")
+
+    predictions({})
+    assert eval_reports.eval_comparisons_same_questions(storage=storage).passed
+    predictions({("base_cot", "c"): "z"})  # base_cot re-graded on another question since the comparison
+    res = eval_reports.eval_comparisons_same_questions(storage=storage)
+    assert not res.passed and res.metadata["problems"].value == 4  # vs react_reasoning, and sft_stage1 vs it; x2 metrics
+    assert "base_cot/embedded em vs react_reasoning: 2 question ids differ" in res.metadata["examples"].value
 
 
 def test_action_analysis_writes_figure3(run, home):
@@ -233,8 +288,9 @@ def test_report_cli_prints_the_evaluation(run, home, tmp_path):
     out = tmp_path / "report.md"
     assert main(["--home", str(home), "report", "--out", str(out)]) == 0
     text = out.read_text()
-    for want in ("## Table 1 (ours)", "| react_reasoning |", "judged by SmolLM2-135M-Instruct", "not filled in yet",
-                 "## Figure 3", "| sft_stage3 | probe |"):
+    for want in ("## Table 1 (ours)", "| react_reasoning | ", "judged by SmolLM2-135M-Instruct", "[95% Wilson interval]",
+                 "## Table 1 with intervals and paired tests", "vs react_reasoning, p=", "McNemar",
+                 "| paper: R1-Distill-Qwen-7B (ReAct) |", "printed Average 29.1", "## Figure 3", "| sft_stage3 | probe |"):
         assert want in text, want
     paper = tmp_path / "paper.csv"  # a test file, not the paper's numbers
     paper.write_text("paper_row,method,benchmark,metric,value\nCoT (test),base_cot,embedded,em,40\n")
@@ -270,14 +326,23 @@ def test_partition_run_order_groups_by_method():
     assert keys[: len(evals.BENCHMARKS)] == [f"{b}|base_cot" for b in evals.BENCHMARKS]
 
 
-def test_checkpoint_template_prefers_the_recorded_template(tmp_path):
+def test_checkpoint_template_is_the_zero_shot_agent_prompt(tmp_path):
+    """Trained checkpoints are evaluated with the plain agent instruction, no worked examples (issue: the method
+    demonstrated on CPU); what RL recorded (it may have been guided by examples) does not change that."""
     meta = tmp_path / "meta.json"
-    meta.write_text(json.dumps({"root_model": "/models/SmolLM2-135M-Instruct", "template": "coa-r1-v1"}))
-    assert evals.checkpoint_template(str(tmp_path)).id == "coa-r1-v1"  # what RL recorded wins
+    meta.write_text(json.dumps({"root_model": "/models/SmolLM2-135M-Instruct", "template": "coa-smollm2-fewshot-v1"}))
+    t = evals.checkpoint_template(str(tmp_path))
+    assert t.id == "coa-smollm2-v1" and not t.shots
     meta.write_text(json.dumps({"root_model": "/models/SmolLM2-135M-Instruct"}))
-    assert evals.checkpoint_template(str(tmp_path)).id == "coa-smollm2-fewshot-v1"
-    meta.write_text(json.dumps({"root_model": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"}))
+    assert evals.checkpoint_template(str(tmp_path)).id == "coa-smollm2-v1"
+    meta.write_text(json.dumps({"root_model": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "template": "coa-r1-fewshot-v1"}))
     assert evals.checkpoint_template(str(tmp_path)).id == "coa-r1-v1"
     meta.unlink()
     with pytest.raises(dg.Failure, match="meta.json not found"):
         evals.checkpoint_template(str(tmp_path))
+
+
+def test_library_method_names_match_the_evaluated_methods():
+    # evals.report (no Dagster) names the methods for the paper-table validator and the paired tests
+    assert report.TABLE1_METHODS == evals.METHODS
+    assert set(report.PREDECESSOR) == set(evals.CHECKPOINT_METHODS) and report.REFERENCE_METHOD in evals.BASELINES

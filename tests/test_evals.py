@@ -29,15 +29,21 @@ from evals.judge import JUDGE_PROMPTS, JudgeItem, judge, parse_verdict
 from evals.react import REACT_TEMPLATES, react_rollout_config, react_template_for
 from evals.report import (
     AVG,
+    TABLE1_METHODS,
     action_analysis,
     average_mismatches,
+    evaluation_report,
     ours_vs_paper_markdown,
     paper_table1,
     plot_action_analysis,
+    plot_intervals,
+    power_markdown,
     recompute_averages,
     table1,
     table1_markdown,
+    table1_power,
 )
+from evals.stats import wilson_interval
 from qadata.schema import SourceError
 from tests.conftest import write_jsonl
 
@@ -50,6 +56,7 @@ class CharTokenizer:
 
     chat_template = "fake"
     eos_token_id = 0
+    all_special_ids = [0]
 
     def encode(self, text, add_special_tokens=False):
         return [ord(c) for c in text]
@@ -363,53 +370,137 @@ def test_table1_markdown_and_paper_comparison():
     md = table1_markdown(t, caption="Table 1 (ours)")
     assert md.startswith("Table 1 (ours)\n\n| Method | NQ EM | NQ LLM | NQ F1 | Bamboogle EM |")
     assert "| react | 50.0 | 50.0 | 75.0 | 0.0 | 0.0 | 0.0 | 25.0 | 25.0 | 37.5 |" in md
-    paper = paper_table1()  # the shipped configs/paper_table1.csv: header only, until someone copies the PDF's numbers
-    assert paper.empty and ("fanout", "judge") in paper.columns and "2503.06580" in paper.attrs["source"]
-    assert paper.attrs["path"].endswith("configs/paper_table1.csv") and paper.attrs["method_map"] == {}
-    cmp = ours_vs_paper_markdown(t)
+    empty = paper_table1(("em", "judge", "f1"), methods=None).iloc[0:0]  # no paper rows: ours alone, and says so
+    empty.attrs.update(path="paper.csv")
+    cmp = ours_vs_paper_markdown(t, empty)
     assert "| ours: react |" in cmp and "not filled in yet" in cmp and "paper:" not in cmp
-    fake = paper_table1(("em", "judge", "f1"))
+    fake = empty.copy()
     fake.loc["ReAct (fake, test only)", ("nq", "em")] = 40.0
     cmp = ours_vs_paper_markdown(t, fake, method_map={"react": "ReAct (fake, test only)"})
     assert "| paper: ReAct (fake, test only) | 40.0 | — |" in cmp and "| Δ (ours − paper) | 10.0 | — |" in cmp
+
+
+def test_table1_markdown_shows_intervals():
+    rows = _predictions()
+    md = table1_markdown(table1(rows), intervals=table1_power(rows, methods=["react", "autocoa"], paired=False))
+    lo, hi = (100 * v for v in wilson_interval(1, 2))
+    assert f"| react | 50.0 [{lo:.1f}, {hi:.1f}] | 50.0 [{lo:.1f}, {hi:.1f}] | 0.0 [0.0, 79.3] |" in md
+    assert md.rstrip().endswith("| 100.0 | 100.0 |")  # no interval on a macro average
+
+
+SHARED_PAPER_TABLE1 = SHARED_DATA.parent / "paper" / "table1.csv"
+PAPER_ROWS_TO_OURS = {"R1-Distill-Qwen-7B": "base_cot", "Deepseek-R1*": None, "Qwen-7B-Base (ReAct)": "react_base",
+                      "R1-Distill-Qwen-7B (ReAct)": "react_reasoning", "SFT-stage1": "sft_stage1",
+                      "SFT-stage2": "sft_stage2_only", "SFT-stage1&2": "sft_stage2", "SFT-stage1&2&3": "sft_stage3",
+                      "RL-stage2": "rl_stage2_only", "SFT-stage1&2&3+RL-stage1": "sft123_rl1",
+                      "SFT-stage1&2&3+RL-stage1&2": "sft123_rl12", "SFT-stage1&2+RL-stage2": "sft12_rl2"}
+
+
+def test_shipped_paper_table1_maps_every_paper_row():
+    paper = paper_table1()  # configs/paper_table1.csv, validated line by line
+    assert list(paper.index) == list(PAPER_ROWS_TO_OURS) and "2503.06580" in paper.attrs["source"]
+    assert paper.attrs["method_map"] == {ours: row for row, ours in PAPER_ROWS_TO_OURS.items() if ours}
+    assert set(paper.attrs["method_map"]) == set(TABLE1_METHODS)  # every method of ours has the paper's row
+    assert paper.loc["SFT-stage1&2+RL-stage2", ("hotpotqa", "em")] == 35.6
+    assert paper.loc["R1-Distill-Qwen-7B (ReAct)", (AVG, "judge")] == 18.5
+    assert paper[[c for c in paper.columns if c[0] != "fanout"]].notna().all().all()  # 12 rows x 7 columns x 2
+    # printed Averages that are not the mean of the six are kept as printed, and flagged
+    assert paper.loc["SFT-stage1", (AVG, "judge")] == 29.1
+    flags = paper.attrs["average_flags"]
+    assert "SFT-stage1 LLM: printed Average 29.1, mean of the six benchmarks 28.15" in flags
+    assert "Deepseek-R1* EM: printed Average 49.5, mean of the six benchmarks 48.73" in flags
+    assert len(flags) == 10 and not any(f.startswith(("RL-", "R1-", "Qwen")) for f in flags)
+
+
+@pytest.mark.skipif(not SHARED_PAPER_TABLE1.is_file(), reason=f"{SHARED_PAPER_TABLE1} not present (fresh clone)")
+def test_shipped_paper_table1_is_the_transcription_cell_by_cell():
+    import csv
+
+    with SHARED_PAPER_TABLE1.open() as fh:
+        source = list(csv.DictReader(line for line in fh if not line.startswith("#")))
+    paper = paper_table1()
+    assert len(source) == paper.notna().sum().sum() == 12 * 7 * 2
+    for r in source:
+        assert paper.loc[r["paper_row"], (r["benchmark"], r["metric"])] == float(r["value"]), r
+
+
+def test_ours_vs_paper_compares_averages_only_over_the_papers_six_benchmarks():
+    paper = paper_table1()
+    six = ("nq", "triviaqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
+    rows = [_pred("react_reasoning", b, "1", 1.0, True, 1) for b in ("embedded", *six)]
+    cmp = ours_vs_paper_markdown(table1(rows), paper)
+    assert cmp.startswith("| Method | NQ EM | NQ LLM | TriviaQA EM |") and "| Embedded EM | Embedded LLM | Avg EM |" in cmp
+    react = cmp.split("| Δ (ours − paper) | ")[1].split("\n")[0].split(" | ")
+    assert react[:2] == ["84.9", "79.1"] and react[-4:] == ["—", "—", "—", "— |"]  # avg over 7 benchmarks: no Δ
+    assert "Our Avg is over NQ, TriviaQA, HotpotQA, 2Wiki, MuSiQue, Bamboogle, Embedded" in cmp
+    assert "no Δ on the averages" in cmp
+    assert "| paper: Deepseek-R1*" not in cmp and "printed Average 29.1" in cmp
+    same = ours_vs_paper_markdown(table1([r for r in rows if r["benchmark"] != "embedded"]), paper)
+    assert same.split("| Δ (ours − paper) | ")[1].split("\n")[0].endswith("| 84.8 | 81.5 |")  # 100 − 15.2, 100 − 18.5
 
 
 def test_paper_table1_file_is_read_and_validated(tmp_path):
     good = tmp_path / "paper.csv"
     good.write_text("# test numbers, not the paper's\n"
                     "paper_row,method,benchmark,metric,value\n"
-                    "ReAct (test),react,nq,em,40\n"
-                    "ReAct (test),react,nq,judge,45.5\n"
-                    "ReAct (test),react,avg,em,12\n"
+                    "ReAct (test),react_reasoning,nq,em,40\n"
+                    "ReAct (test),react_reasoning,nq,judge,45.5\n"
+                    "ReAct (test),react_reasoning,avg,em,12\n"
                     "Other row (test),,bamboogle,em,3\n")
     paper = paper_table1(path=good)
     assert list(paper.index) == ["ReAct (test)", "Other row (test)"]
     assert paper.loc["ReAct (test)", ("nq", "judge")] == 45.5 and paper.loc["ReAct (test)", (AVG, "em")] == 12.0
     assert math.isnan(paper.loc["ReAct (test)", ("bamboogle", "em")])  # not given: not invented, not recomputed
-    assert paper.attrs["method_map"] == {"react": "ReAct (test)"} and paper.attrs["path"] == str(good)
-    cmp = ours_vs_paper_markdown(table1(_predictions()), paper)  # the CSV's method column maps the rows
+    assert paper.attrs["method_map"] == {"react_reasoning": "ReAct (test)"} and paper.attrs["path"] == str(good)
+    ours = table1([{**r, "method": "react_reasoning" if r["method"] == "react" else r["method"]} for r in _predictions()])
+    cmp = ours_vs_paper_markdown(ours, paper)  # the CSV's method column maps the rows
     assert "| paper: ReAct (test) | 40.0 | 45.5 |" in cmp and "| Δ (ours − paper) | 10.0 | 4.5 |" in cmp
     assert str(good) in cmp and "paper: Other" not in cmp
     bad = tmp_path / "bad.csv"
     bad.write_text("paper_row,method,benchmark,metric,value\n"
-                   "ReAct,react,nq,em,140\n"        # line 2: not a percentage
-                   "ReAct,react,popqa,em,10\n"      # line 3: benchmark not in Table 1
-                   "ReAct,react,nq,f1,10\n"         # line 4: metric not asked for
-                   "ReAct,react,nq,em,41\n"         # line 5: repeats line 2
-                   "ReAct,autocoa,hotpotqa,em,x\n"  # line 6: not a number
-                   "ReAct,autocoa,hotpotqa,judge,9\n")  # line 7: another method for the same paper row
+                   "ReAct,react_reasoning,nq,em,140\n"        # line 2: not a percentage
+                   "ReAct,react_reasoning,popqa,em,10\n"      # line 3: benchmark not in Table 1
+                   "ReAct,react_reasoning,nq,f1,10\n"         # line 4: metric not asked for
+                   "ReAct,react_reasoning,nq,em,41\n"         # line 5: repeats line 2
+                   "ReAct,sft_stage1,hotpotqa,em,x\n"         # line 6: not a number
+                   "ReAct,sft_stage1,hotpotqa,judge,9\n"      # line 7: another method for the same paper row
+                   "CoT,autocoa,nq,em,9\n"                    # line 8: not one of our methods
+                   "ReAct again,react_reasoning,nq,em,9\n"    # line 9: our method mapped from a second paper row
+                   "Deepseek-R1*,,nq,em,39.0\n")              # line 10: fine: a paper row with no counterpart
     with pytest.raises(ValueError) as err:
         paper_table1(path=bad)
     msg = str(err.value)
     for want in (f"{bad}:2: value 140.0", f"{bad}:3: unknown benchmark 'popqa'", f"{bad}:4: unknown metric 'f1'",
                  f"{bad}:5: ('ReAct', 'nq', 'em') repeats line 2", f"{bad}:6: value 'x' is not a number",
-                 f"{bad}:7: paper_row 'ReAct' maps to method 'autocoa'"):
+                 f"{bad}:7: paper_row 'ReAct' maps to method 'sft_stage1'", f"{bad}:8: unknown method 'autocoa'",
+                 f"{bad}:9: method 'react_reasoning' is mapped from paper_row 'ReAct again' here but from 'ReAct'"):
         assert want in msg, (want, msg)
+    assert f"{bad}:10" not in msg and msg.startswith("8 problem(s)")
     (tmp_path / "header.csv").write_text("row,benchmark,value\n")
     with pytest.raises(ValueError, match="header"):
         paper_table1(path=tmp_path / "header.csv")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         paper_table1(path=tmp_path / "missing.csv")
+
+
+def test_power_markdown_and_interval_plot(tmp_path):
+    rows = [_pred(m, "embedded", str(i), float(i < k), i < k, 1) for m, k in
+            (("base_cot", 2), ("react_reasoning", 5), ("sft_stage1", 9)) for i in range(20)]
+    power = table1_power(rows, resamples=2000)
+    md = power_markdown(power)
+    assert md.startswith("| Method | Benchmark | n | EM [95% CI] | LLM [95% CI] | ΔEM vs ReAct (reasoning)")
+    assert "| react_reasoning | Embedded | 20 | 25.0 [11.2, 46.9] | 25.0 [11.2, 46.9] | — | — |" in md
+    # sft_stage1 got 4 questions more than ReAct and 7 more than CoT, and none fewer: McNemar 2/2^4, 2/2^7
+    assert "vs react_reasoning, p=0.125 (4:0)" in md and "vs base_cot, p=0.016 (7:0)" in md
+    assert "Wilson score, 95%" in md and "2000 resamples" in md
+    path = tmp_path / "intervals.png"
+    png = plot_intervals(power, "embedded", path)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and path.read_bytes() == png and len(png) > 5000
+    with pytest.raises(ValueError, match="no em cells for benchmark 'nq'"):
+        plot_intervals(power, "nq")
+    report = evaluation_report(table1(rows), paper_table1(), power=power)
+    assert "## Table 1 with intervals and paired tests" in report and "| base_cot | 10.0 [2.8, 30.1] |" in report
+    assert report.index("## Table 1 (ours)") < report.index("with intervals") < report.index("## Ours beside the paper")
 
 
 def test_action_analysis_and_plot(tmp_path):

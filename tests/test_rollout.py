@@ -74,7 +74,8 @@ def test_real_environment_is_token_exact(embedded_tokenizer):
 
 def test_action_budget_forces_an_answer(embedded_tokenizer):
     tok = embedded_tokenizer
-    t = Rollout(ScriptedPolicy(tok, actions=10), fake_search, RolloutConfig(max_actions=2)).run([prompt(tok, 0)])[0]
+    cfg = RolloutConfig(max_actions=2, after_last_action="refuse")  # the default ("force") is in test_method_fidelity
+    t = Rollout(ScriptedPolicy(tok, actions=10), fake_search, cfg).run([prompt(tok, 0)])[0]
     # the third action is refused (over T): it gets the limit notice, is not executed and not counted
     assert t.search_calls == 2 and t.n_actions == 2 and t.finish_reason == "forced"
     assert [s.refused for s in t.spans if s.kind == "action"] == [False, False, True]
