@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -84,7 +84,7 @@ class TransformersEngine:
     name = "transformers"
 
     def __init__(self, model_path: str | Path, *, dtype: str = "float32", device: str = "cpu",
-                 max_batch: int = 32):
+                 max_batch: int = 32, max_model_len: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -92,10 +92,10 @@ class TransformersEngine:
         self.tokenizer.padding_side = "left"
         model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=getattr(torch, dtype)).to(device)
         model.eval()
-        self._bind(model, device, max_batch)
+        self._bind(model, device, max_batch, max_model_len)
 
     @classmethod
-    def from_model(cls, model, tokenizer, *, max_batch: int = 32) -> TransformersEngine:
+    def from_model(cls, model, tokenizer, *, max_batch: int = 32, max_model_len: int | None = None) -> TransformersEngine:
         """Generate with a model already in memory (the policy a trainer is updating), without copying it.
 
         Neither the model's train/eval mode nor the tokenizer is changed (the batch is padded by hand),
@@ -103,11 +103,12 @@ class TransformersEngine:
         """
         engine = cls.__new__(cls)
         engine.tokenizer = tokenizer
-        engine._bind(model, str(model.device), max_batch)
+        engine._bind(model, str(model.device), max_batch, max_model_len)
         return engine
 
-    def _bind(self, model, device: str, max_batch: int) -> None:
+    def _bind(self, model, device: str, max_batch: int, max_model_len: int | None = None) -> None:
         self.model = model
+        self.max_model_len = max_model_len  # as vLLM: a request whose prompt + max_new_tokens exceeds it is refused
         self.device, self.max_batch = device, max_batch
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
@@ -120,6 +121,12 @@ class TransformersEngine:
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
         # One generate() call shares sampling settings and stop strings (a row halts on any stop
         # string of its batch), so requests are grouped by them; results come back in request order.
+        if self.max_model_len is not None:  # as vLLM: a prompt that does not fit is refused, max_new_tokens clamped
+            for r in requests:
+                if len(r.prompt_ids) >= self.max_model_len:
+                    raise ValueError(f"prompt of {len(r.prompt_ids)} tokens does not fit max_model_len={self.max_model_len}")
+            requests = [replace(r, max_new_tokens=max(1, min(r.max_new_tokens, self.max_model_len - len(r.prompt_ids))))
+                        for r in requests]
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             # per-request seeds are not part of the key (torch has one generator per generate call):
@@ -178,7 +185,8 @@ class _AllowedTokens:
 
 
 # -- choosing an engine by config ---------------------------------------------------------------
-ENGINE_KINDS = ("auto", "vllm", "transformers", "openai")
+# "expert": the scripted demonstrator of the generated world (agent/expert.py), with the model's tokenizer
+ENGINE_KINDS = ("auto", "vllm", "transformers", "openai", "expert")
 
 
 @dataclass(frozen=True)
@@ -239,7 +247,13 @@ def load_engine(spec: EngineSpec, cache_dir: str | Path) -> Engine:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         engine = TransformersEngine(path, dtype=spec.dtype or ("bfloat16" if device == "cuda" else "float32"),
-                                    device=device, max_batch=spec.max_batch)
+                                    device=device, max_batch=spec.max_batch, max_model_len=spec.max_model_len)
+    elif kind == "expert":
+        from transformers import AutoTokenizer
+
+        from agent.expert import EXPERT_MODEL, ExpertEngine
+
+        engine, display = ExpertEngine(AutoTokenizer.from_pretrained(path), seed=spec.seed), EXPERT_MODEL
     else:
         from transformers import AutoTokenizer
 

@@ -16,7 +16,7 @@ from pipelines.metadata import bar_plot, markdown_table, table_metadata, timed
 from pipelines.paths import partition_dirname, tables_dir
 from pipelines.resources import SearchEngineResource
 from pipelines.storage import StorageResource
-from training.pairs import mine_pairs
+from training.pairs import budget_pairs, mine_pairs
 
 GROUP = "sft"
 PAIR_SCHEMA = pa.schema([
@@ -30,10 +30,13 @@ PAIR_SCHEMA = pa.schema([
     ("chosen_answer", pa.string()), ("rejected_answer", pa.string()),
     ("chosen_has_action", pa.bool_()), ("rejected_has_action", pa.bool_()),
     ("chosen_observation_spans", pa.list_(pa.list_(pa.int32()))),
+    ("rejected_observation_spans", pa.list_(pa.list_(pa.int32()))),
+    ("chosen_mask", pa.list_(pa.int8())), ("rejected_mask", pa.list_(pa.int8())),
 ])
 DISCARD_SCHEMA = pa.schema([("question_id", pa.string()), ("round", pa.string()), ("kind", pa.string()),
                             ("reason", pa.string())])
-TRAJ_COLUMNS = ["trajectory_id", "question_id", "question", "gold_answers", "token_ids", "prompt_tokens", "em", "spans"]
+TRAJ_COLUMNS = ["trajectory_id", "question_id", "question", "gold_answers", "token_ids", "policy_mask", "prompt_tokens",
+                "em", "spans"]
 
 
 class PairsConfig(dg.Config):
@@ -49,6 +52,11 @@ class PairsConfig(dg.Config):
     seed: int = Field(0, description="Seed of the continuations.")
     max_per_kind: int | None = Field(32, description=(
         "Wrong trajectories mined per kind (teacher time); the rest are recorded as discarded. None = all (paper)."))
+    max_pairs: int | None = Field(400, description=(
+        "Pairs kept after mining (paper: 1,500); the rest are recorded as discarded. None = all."))
+    action_chosen_share: float = Field(0.8, ge=0.0, le=1.0, description=(
+        "Share of the kept pairs that are action-chosen (kind a); the rest think-chosen (kind b). The paper says "
+        "'mostly action-chosen' without a number; a kind short of its share leaves its room to the other."))
 
 
 def read_round(home: str, asset: str, round_key: str, columns=None) -> pa.Table | None:
@@ -91,6 +99,9 @@ def contrastive_pairs(context: dg.AssetExecutionContext, config: PairsConfig, st
                                       search=search_tool(search_engine.get_engine(), config.search_k),
                                       coa_prompt_ids=lambda q: template.prompt_ids(engine.tokenizer, q), config=rcfg,
                                       attempts=config.attempts, max_per_kind=config.max_per_kind)
+        mined = len(pairs)
+        pairs, over_budget, budget = budget_pairs(pairs, config.max_pairs, config.action_chosen_share, seed=config.seed)
+        discarded += over_budget
         # the training steps that follow in the same process need the memory more than a warm teacher
         release_engines()
 
@@ -105,18 +116,26 @@ def contrastive_pairs(context: dg.AssetExecutionContext, config: PairsConfig, st
              "rejected_ids": p.rejected_ids, "chosen_correct": p.chosen_correct, "rejected_correct": p.rejected_correct,
              "chosen_answer": p.chosen_answer, "rejected_answer": p.rejected_answer,
              "chosen_has_action": p.chosen_has_action, "rejected_has_action": p.rejected_has_action,
-             "chosen_observation_spans": [list(s) for s in p.chosen_observation_spans]} for p in pairs]
+             "chosen_observation_spans": [list(s) for s in p.chosen_observation_spans],
+             "rejected_observation_spans": [list(s) for s in p.rejected_observation_spans],
+             "chosen_mask": p.chosen_mask, "rejected_mask": p.rejected_mask} for p in pairs]
     table = pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
     dtable = pa.Table.from_pylist([{"question_id": d.question_id, "round": config.round, "kind": d.kind, "reason": d.reason}
                                    for d in discarded], schema=DISCARD_SCHEMA)
     kinds = collections.Counter(p.kind for p in pairs)
     reasons = collections.Counter(d.reason for d in discarded)
     counts = {"wrong_trajectories": wrong, "pairs": len(pairs), "discarded": len(discarded)}
-    context.log.info("mined %d pairs (a: %d, b: %d) from %d wrong trajectories; discarded %d: %s", len(pairs),
-                     kinds["a"], kinds["b"], wrong, len(discarded), dict(reasons))
+    context.log.info("mined %d pairs, kept %d (a: %d, b: %d; max_pairs %s) from %d wrong trajectories; discarded %d: %s",
+                     mined, len(pairs), kinds["a"], kinds["b"], config.max_pairs, wrong, len(discarded), dict(reasons))
     yield dg.Output(table, output_name="contrastive_pairs", metadata={
         **md, **table_metadata(table, preview_columns=["pair_id", "kind", "prefix_text", "chosen_text", "rejected_text"]),
-        **counts, "kind_a": kinds["a"], "kind_b": kinds["b"], "round": config.round,
+        **counts, "kind_a": kinds["a"], "kind_b": kinds["b"], "round": config.round, "mined_pairs": mined,
+        "max_pairs": config.max_pairs if config.max_pairs is not None else -1,
+        "action_chosen_share": config.action_chosen_share,
+        "budget": dg.MetadataValue.json({k: budget[k] for k in ("requested", "available", "kept", "dropped")}),
+        "policy_tokens": sum(sum(p.chosen_mask) + sum(p.rejected_mask) for p in pairs),
+        "env_tokens_excluded": sum(len(p.chosen_mask) - sum(p.chosen_mask) + len(p.rejected_mask) - sum(p.rejected_mask)
+                                   for p in pairs),
         "discard_reasons": dg.MetadataValue.md(markdown_table([{"reason": r, "n": n} for r, n in reasons.most_common()])),
         "yield_plot": bar_plot(["a (CoT wrong)", "b (CoA wrong)"],
                                {"pairs": [kinds["a"], kinds["b"]],
@@ -138,7 +157,8 @@ NOT_MATERIALISED = dg.AssetCheckResult(passed=True, metadata={"skipped": "not ma
 
 
 @dg.asset_check(asset="contrastive_pairs", blocking=True, description=(
-    "Every pair: chosen differs from rejected, exactly one side opens with an action, chosen correct and rejected wrong."))
+    "Every pair: chosen differs from rejected, exactly one side opens with an action, chosen correct and rejected wrong, "
+    "and each side's loss mask is aligned with its ids and 0 on every observation token."))
 def contrastive_pairs_well_formed(storage: StorageResource) -> dg.AssetCheckResult:
     contrastive_pairs = _table(storage, "contrastive_pairs")
     if contrastive_pairs is None:
@@ -151,6 +171,12 @@ def contrastive_pairs_well_formed(storage: StorageResource) -> dg.AssetCheckResu
             bad.append(f"{r['pair_id']}: {'both' if r['chosen_has_action'] else 'neither'} side opens with an action")
         if not r["chosen_correct"] or r["rejected_correct"]:
             bad.append(f"{r['pair_id']}: chosen correct={r['chosen_correct']}, rejected correct={r['rejected_correct']}")
+        for side in ("chosen", "rejected"):
+            ids, mask = r[f"{side}_ids"], r[f"{side}_mask"]
+            if mask is None or len(mask) != len(ids):
+                bad.append(f"{r['pair_id']}: {side}_mask not aligned with {side}_ids")
+            elif any(mask[i] for a, b in r[f"{side}_observation_spans"] for i in range(a, min(b, len(mask)))):
+                bad.append(f"{r['pair_id']}: an observation token is in the {side} loss mask")
     return dg.AssetCheckResult(passed=not bad, metadata={"pairs": contrastive_pairs.num_rows, "problems": len(bad),
                                                          "examples": "\n".join(bad[:8])})
 

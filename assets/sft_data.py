@@ -24,7 +24,8 @@ from training.sft_data import (
 GROUP = "sft"
 STAGE1_SCHEMA = pa.schema([
     ("pair_id", pa.string()), ("question_id", pa.string()), ("kind", pa.string()),
-    ("context_ids", pa.list_(pa.int32())), ("chosen_ids", pa.list_(pa.int32())), ("rejected_ids", pa.list_(pa.int32())),
+    ("context_ids", pa.list_(pa.int32())), ("chosen_ids", pa.list_(pa.int32())), ("chosen_mask", pa.list_(pa.int8())),
+    ("rejected_ids", pa.list_(pa.int32())), ("rejected_mask", pa.list_(pa.int8())),
     ("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()), ("truncated", pa.bool_())])
 STAGE23_SCHEMA = pa.schema([
     ("trajectory_id", pa.string()), ("question_id", pa.string()), ("pool", pa.string()), ("em", pa.float32()),
@@ -42,7 +43,7 @@ class Stage1DataConfig(dg.Config):
 @dg.asset(group_name=GROUP, kinds={"python", "parquet"}, deps=["contrastive_pairs"])
 def sft_stage1_data(context: dg.AssetExecutionContext, config: Stage1DataConfig,
                     storage: StorageResource) -> dg.Output[pa.Table]:
-    """The contrastive pairs as SFT-1 examples: context c = prompt + shared prefix, chosen and rejected continuation ids."""
+    """The contrastive pairs as SFT-1 examples: context c = prompt + shared prefix, then each continuation's ids and policy-token mask."""
     pairs = _table(storage, "contrastive_pairs")
     if pairs is None:
         raise dg.Failure("sft_stage1_data: contrastive_pairs is not materialised yet")
@@ -54,7 +55,10 @@ def sft_stage1_data(context: dg.AssetExecutionContext, config: Stage1DataConfig,
         context.log.warning("sft_stage1_data: %d of %d pairs truncated to %d tokens", truncated, table.num_rows,
                             config.max_length)
     md.update(table_metadata(table, preview_columns=["pair_id", "kind", "prompt", "chosen", "rejected"]))
-    md.update({"pairs": table.num_rows, "truncated": truncated, "max_length": config.max_length})
+    masks = table.column("chosen_mask").to_pylist() + table.column("rejected_mask").to_pylist()
+    md.update({"pairs": table.num_rows, "truncated": truncated, "max_length": config.max_length,
+               "policy_tokens": sum(sum(m) for m in masks),  # in SFT-1's loss
+               "env_tokens_excluded": sum(len(m) - sum(m) for m in masks)})  # observations and forced text
     return dg.Output(table, metadata=md)
 
 
@@ -169,17 +173,22 @@ def sft_stage23_lengths(context: dg.AssetCheckExecutionContext, storage: Storage
 
 
 @dg.asset_check(asset=sft_stage1_data, blocking=True, description=(
-    "Every contrastive pair became exactly one SFT-1 example whose context is the pair's prompt + shared prefix ids."))
+    "Every contrastive pair became exactly one SFT-1 example whose context is the pair's prompt + shared prefix ids "
+    "and whose loss masks are the pair's."))
 def sft_stage1_data_matches_the_pairs(storage: StorageResource) -> dg.AssetCheckResult:
     data, pairs = _table(storage, "sft_stage1_data"), _table(storage, "contrastive_pairs")
     if data is None or pairs is None:
         return NOT_MATERIALISED
-    by_id = {p["pair_id"]: p for p in pairs.select(["pair_id", "prompt_ids", "prefix_ids"]).to_pylist()}
-    rows = data.select(["pair_id", "context_ids"]).to_pylist()
+    by_id = {p["pair_id"]: p for p in pairs.select(["pair_id", "prompt_ids", "prefix_ids", "chosen_mask",
+                                                    "rejected_mask"]).to_pylist()}
+    rows = data.select(["pair_id", "context_ids", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask"]).to_pylist()
     ids = [r["pair_id"] for r in rows]
     bad = [f"{r['pair_id']}: no such pair" for r in rows if r["pair_id"] not in by_id]
     bad += [f"{r['pair_id']}: context is not prompt + prefix" for r in rows if r["pair_id"] in by_id
             and r["context_ids"] != by_id[r["pair_id"]]["prompt_ids"] + by_id[r["pair_id"]]["prefix_ids"]]
+    bad += [f"{r['pair_id']}: {side} mask is not the pair's (aligned with the ids)" for r in rows if r["pair_id"] in by_id
+            for side in ("chosen", "rejected")
+            if r[f"{side}_mask"] != by_id[r["pair_id"]][f"{side}_mask"][: len(r[f"{side}_ids"])]]
     missing = sorted(set(by_id) - set(ids))
     dup = len(ids) - len(set(ids))
     return dg.AssetCheckResult(passed=not bad and not missing and not dup, metadata={

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 
 from agent.engines import GenRequest
+from agent.rollout import close_simulated_block
 from agent.protocol import ACTION_CLOSE, ACTION_OPEN, OBS_CLOSE, OBS_OPEN
 from evals.grading import normalize_answer
 
@@ -170,7 +171,14 @@ def probe_simulated_results(engine, prompts: Sequence[list[int]], queries: Seque
     results = engine.generate(reqs) if reqs else []
     if len(results) != len(reqs):
         raise RuntimeError(f"engine returned {len(results)} results for {len(reqs)} probes")
-    return [r.text.replace(OBS_CLOSE, "").strip() for r in results]
+    # the rollout's rule for a block the policy does not close itself (EOS or length): the environment closes it,
+    # the EOS is dropped, and only what the policy wrote before it is the simulated result
+    eos = set(getattr(engine, "eos_ids", ())) | set(tok.all_special_ids)
+    texts = []
+    for r in results:
+        kept, _, _ = close_simulated_block(r, eos)
+        texts.append(tok.decode(kept, skip_special_tokens=False).replace(OBS_CLOSE, "").strip())
+    return texts
 
 
 FIDELITY_COLUMNS = ("token_f1", "rouge_l", "sim_has_gold", "real_has_gold", "hallucination",

@@ -1,15 +1,22 @@
 """A small fictional world, deterministic from a seed, rendered as Wikipedia-style paragraphs with
-HotpotQA-style bridge and comparison questions.
+HotpotQA-style bridge and comparison questions of one to four hops.
 
 Every name and fact is invented, so no model can answer from memory: it has to search (the AutoCoA
 paper's own argument for agent models, its appendix). Each paragraph is a list of sentences, one
 fact per sentence, so supporting facts point at the sentence that holds the fact, as in HotpotQA.
+
+A question's hop count is the number of paragraphs its answer needs (its distinct supporting-fact
+titles, stored as ``hops``): 2-hop questions are HotpotQA's bridge and comparison kinds; 1-hop
+lookups and 3- and 4-hop composed bridges (work -> creator -> birth city -> country -> capital)
+give accuracy by number of actions (the paper's Figure 3) something to show.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+
+from qadata.sampling import largest_remainder
 
 _ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s", "st",
            "t", "th", "v", "w", "z", "sh", "tr", "vel", "cor", "mar"]
@@ -63,7 +70,10 @@ class WorldSpec:
     works: int = 1200
     questions: int = 600
     dev_fraction: float = 0.2
-    distractors: int = 8
+    distractors: int = 8  # per 2-hop question; every question has ``distractors + 2`` context paragraphs
+    # share of questions with 1, 2, 3 and 4 hops (2-hop: half bridge, half comparison). (0, 1, 0, 0) gives
+    # the 2-hop-only set of earlier versions, question for question and id for id.
+    hop_mix: tuple[float, float, float, float] = (0.1, 0.5, 0.25, 0.15)
 
 
 class _Names:
@@ -82,6 +92,11 @@ class _Names:
                 self.used.add(name)
                 return name
         raise RuntimeError("name space exhausted; lower the world size")
+
+
+def _a(word: str) -> str:
+    """The indefinite article and the word: "an orchestra", "a bank"."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
 
 
 def _pronoun(person: Entity) -> tuple[str, str]:
@@ -170,7 +185,7 @@ def _render(w: World) -> None:
         a = e.attrs
         he, his = _pronoun(e)
         surname = e.name.split()[-1]
-        e.say("occupation", f"{e.name} (born {a['birth_year']}) is a {a['nationality']} {a['occupation']}.")
+        e.say("occupation", f"{e.name} (born {a['birth_year']}) is {_a(a['nationality'])} {a['occupation']}.")
         e.say("birth_city", f"{he} was born in the city of {a['birth_city']}.")
         e.say("employer", f"{surname} has been associated with the {a['employer']} for most of {his.lower()} career.")
         if a.get("works"):
@@ -178,7 +193,7 @@ def _render(w: World) -> None:
             e.say("works", f"{his} best-known work is the {first.attrs['kind']} {first.name} ({first.attrs['year']}).")
     for o in w.by_kind["org"]:
         a = o.attrs
-        o.say("kind", f"The {o.name} is a {a['kind']}.")
+        o.say("kind", f"The {o.name} is {_a(a['kind'])}.")
         o.say("founded", f"It was founded in {a['founded']} by {a['founder']}.")
         o.fact_sentence["founder"] = o.fact_sentence["founded"]
         o.say("headquarters", f"Its headquarters are in {a['headquarters']}.")
@@ -275,36 +290,157 @@ COMPARISON = [_compare_born_first, _compare_org_older, _compare_bigger_city, _co
               _compare_same_occupation]
 
 
+# -- one-hop lookups and three- and four-hop composed bridges -----------------------------------------
+def _single_birth_city(w: World, r: random.Random):
+    person = r.choice(w.by_kind["person"])
+    return f"In which city was {person.name} born?", person.attrs["birth_city"], [(person.name, "birth_city")], "easy"
+
+
+def _single_org_founded(w: World, r: random.Random):
+    org = r.choice(w.by_kind["org"])
+    return f"In what year was the {org.name} founded?", str(org.attrs["founded"]), [(org.name, "founded")], "easy"
+
+
+def _single_work_publisher(w: World, r: random.Random):
+    work = r.choice(w.by_kind["work"])
+    return (f"Which organisation first presented {work.name} to the public?", work.attrs["publisher"],
+            [(work.name, "publisher")], "easy")
+
+
+def _hop3_work_creator_country(w: World, r: random.Random):
+    work = r.choice(w.by_kind["work"])
+    creator = w.entities[work.attrs["creator"]]
+    city = w.entities[creator.attrs["birth_city"]]
+    q = f"In which country was the creator of {work.name} born?"
+    facts = [(work.name, "creator"), (creator.name, "birth_city"), (city.name, "country")]
+    return q, city.attrs["country"], facts, "hard"
+
+
+def _hop3_person_employer_country(w: World, r: random.Random):
+    person = r.choice(w.by_kind["person"])
+    org = w.entities[person.attrs["employer"]]
+    city = w.entities[org.attrs["headquarters"]]
+    q = f"In which country are the headquarters of the organisation that {person.name} has been associated with?"
+    facts = [(person.name, "employer"), (org.name, "headquarters"), (city.name, "country")]
+    return q, city.attrs["country"], facts, "hard"
+
+
+def _hop3_publisher_founder_year(w: World, r: random.Random):
+    work = r.choice(w.by_kind["work"])
+    org = w.entities[work.attrs["publisher"]]
+    founder = w.entities[org.attrs["founder"]]
+    q = f"In what year was the founder of the organisation that first presented {work.name} born?"
+    return (q, str(founder.attrs["birth_year"]), [(work.name, "publisher"), (org.name, "founder"),
+                                                   (founder.name, "occupation")], "hard")
+
+
+def _hop3_founder_country(w: World, r: random.Random):
+    org = r.choice(w.by_kind["org"])
+    founder = w.entities[org.attrs["founder"]]
+    city = w.entities[founder.attrs["birth_city"]]
+    q = f"In which country was the founder of the {org.name} born?"
+    facts = [(org.name, "founder"), (founder.name, "birth_city"), (city.name, "country")]
+    return q, city.attrs["country"], facts, "hard"
+
+
+def _hop4_creator_country_capital(w: World, r: random.Random):
+    work = r.choice(w.by_kind["work"])
+    creator = w.entities[work.attrs["creator"]]
+    city = w.entities[creator.attrs["birth_city"]]
+    country = w.entities[city.attrs["country"]]
+    if not country.attrs["capital"]:
+        return None
+    q = f"What is the capital of the country in which the creator of {work.name} was born?"
+    return q, country.attrs["capital"], [(work.name, "creator"), (creator.name, "birth_city"), (city.name, "country"),
+                                         (country.name, "capital")], "hard"
+
+
+def _hop4_creator_employer_country(w: World, r: random.Random):
+    work = r.choice(w.by_kind["work"])
+    creator = w.entities[work.attrs["creator"]]
+    org = w.entities[creator.attrs["employer"]]
+    city = w.entities[org.attrs["headquarters"]]
+    q = (f"In which country are the headquarters of the organisation that the creator of {work.name} "
+         f"has been associated with?")
+    return q, city.attrs["country"], [(work.name, "creator"), (creator.name, "employer"), (org.name, "headquarters"),
+                                      (city.name, "country")], "hard"
+
+
+def _hop4_publisher_founder_country(w: World, r: random.Random):
+    work = r.choice(w.by_kind["work"])
+    org = w.entities[work.attrs["publisher"]]
+    founder = w.entities[org.attrs["founder"]]
+    city = w.entities[founder.attrs["birth_city"]]
+    q = f"In which country was the founder of the organisation that first presented {work.name} born?"
+    return q, city.attrs["country"], [(work.name, "publisher"), (org.name, "founder"), (founder.name, "birth_city"),
+                                      (city.name, "country")], "hard"
+
+
+SINGLE = [_single_birth_city, _single_org_founded, _single_work_publisher]
+HOP3 = [_hop3_work_creator_country, _hop3_person_employer_country, _hop3_publisher_founder_year, _hop3_founder_country]
+HOP4 = [_hop4_creator_country_capital, _hop4_creator_employer_country, _hop4_publisher_founder_country]
+# hops -> templates; 1-, 3- and 4-hop questions are bridges (HotpotQA knows only bridge and comparison)
+TEMPLATES_BY_HOPS = {1: SINGLE, 3: HOP3, 4: HOP4}
+
+
+def hop_counts(spec: WorldSpec) -> dict[int, int]:
+    """Questions per hop count: ``spec.questions`` split by ``spec.hop_mix`` (largest remainders, exact)."""
+    if len(spec.hop_mix) != 4 or any(x < 0 for x in spec.hop_mix) or sum(spec.hop_mix) <= 0:
+        raise ValueError(f"hop_mix must be four non-negative shares for 1..4 hops, got {spec.hop_mix!r}")
+    return dict(zip((1, 2, 3, 4), largest_remainder(list(spec.hop_mix), spec.questions)))
+
+
 def generate_questions(w: World) -> list[dict]:
-    """HotpotQA-layout rows (HF style), with 2 gold paragraphs and same-kind distractors."""
+    """HotpotQA-layout rows (HF style) of 1 to 4 hops, with their gold paragraphs and same-kind distractors.
+
+    Each hop count is its own stream (own random generator, own ids, own dev tail), so the 2-hop
+    questions are those of the 2-hop-only world whatever the mix: ``emb-<seed>-<n>`` for 2 hops,
+    ``emb-<seed>-h<hops>-<n>`` for the others. Rows come in hop order, 1 to 4.
+    """
     spec = w.spec
-    r = random.Random(spec.seed + 1)
-    rows: list[dict] = []
+    counts = hop_counts(spec)
     seen: set[str] = set()
+    streams = {2: _stream(w, 2, counts[2], random.Random(spec.seed + 1), seen)}
+    for hops in (1, 3, 4):
+        streams[hops] = _stream(w, hops, counts[hops], random.Random(f"{spec.seed}/hops{hops}"), seen)
+    return [row for hops in (1, 2, 3, 4) for row in streams[hops]]
+
+
+def _stream(w: World, hops: int, n: int, r: random.Random, seen: set[str]) -> list[dict]:
+    spec = w.spec
+    rows: list[dict] = []
     attempts = 0
-    while len(rows) < spec.questions:
+    while len(rows) < n:
         attempts += 1
-        if attempts > spec.questions * 50:
-            raise RuntimeError("could not generate enough distinct questions; enlarge the world")
-        qtype = "bridge" if len(rows) % 2 == 0 else "comparison"
-        made = r.choice(BRIDGE if qtype == "bridge" else COMPARISON)(w, r)
+        if attempts > n * 50:
+            raise RuntimeError(f"could not generate {n} distinct {hops}-hop questions; enlarge the world")
+        if hops == 2:
+            qtype = "bridge" if len(rows) % 2 == 0 else "comparison"
+            made = r.choice(BRIDGE if qtype == "bridge" else COMPARISON)(w, r)
+        else:
+            qtype = "bridge"
+            made = r.choice(TEMPLATES_BY_HOPS[hops])(w, r)
         if made is None or made[0] in seen:
             continue
         question, answer, facts, level = made
         seen.add(question)
         gold = list(dict.fromkeys(title for title, _ in facts))
-        kinds = {w.entities[t].kind for t in gold}
+        # sorted: a set of strings iterates in an order that changes with PYTHONHASHSEED, which made the
+        # distractors (not the questions) differ between processes
+        kinds = sorted({w.entities[t].kind for t in gold})
         pool = [e.name for k in kinds for e in w.by_kind[k] if e.name not in gold]
-        distractors = r.sample(pool, min(spec.distractors, len(pool)))
+        # HotpotQA's ten paragraphs per question, whatever the number of gold ones
+        distractors = r.sample(pool, min(max(spec.distractors + 2 - len(gold), 0), len(pool)))
         titles = gold + distractors
         r.shuffle(titles)
         paragraphs = [w.paragraph(t) for t in titles]
         rows.append({
-            "id": f"emb-{spec.seed}-{len(rows):05d}",
+            "id": f"emb-{spec.seed}-{len(rows):05d}" if hops == 2 else f"emb-{spec.seed}-h{hops}-{len(rows):05d}",
             "question": question,
             "answer": answer,
             "type": qtype,
             "level": level,
+            "hops": len(gold),
             "supporting_facts": {"title": [t for t, _ in facts],
                                  "sent_id": [w.entities[t].fact_sentence[a] for t, a in facts]},
             "context": {"title": [p["title"] for p in paragraphs],

@@ -268,3 +268,12 @@ def test_item9_paper_profile_baselines():
     assert cfg["eval_predictions"]["config"]["base_engine"]["model"] == "Qwen/Qwen2.5-7B"
     rl = cfg["rl_stage2_only_checkpoint"]["config"]
     assert rl.get("template_id") == "coa-r1-fewshot-v1"  # in-context learning guides RL from the untrained model
+
+
+def test_item4_fidelity_probe_follows_the_rollout_rule(embedded_tokenizer):
+    from evals.fidelity import probe_simulated_results
+
+    tok = embedded_tokenizer
+    policy = Searcher(tok, actions=0, sim_text=" the city lies on the river")  # ends with EOS, no closing tag
+    (text,) = probe_simulated_results(policy, [_prompt(tok)[1]], ["Valdren river"])
+    assert text == "the city lies on the river"  # no EOS text, nothing after it

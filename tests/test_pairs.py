@@ -42,9 +42,16 @@ def _row(tok, kind, completion, em):
         # the token covering the tag's first character, as the rollout records action spans
         start = next(n for n in range(len(comp)) if len(tok.decode(comp[: n + 1])) > at)
         spans = [{"kind": "action", "start": len(prompt) + start, "end": len(prompt) + start + 5}]
+    mask = [0] * len(prompt) + [1] * len(comp)
+    if "<search_result>" in completion:  # the environment's tokens: an observation span, policy_mask 0
+        at = completion.index("<search_result>")
+        a = next(n for n in range(len(comp)) if len(tok.decode(comp[: n + 1])) > at)
+        b = next(n for n in range(len(comp)) if "</search_result>" in tok.decode(comp[: n + 1])) + 1
+        spans.append({"kind": "observation", "start": len(prompt) + a, "end": len(prompt) + b})
+        mask[len(prompt) + a: len(prompt) + b] = [0] * (b - a)
     return {"trajectory_id": f"r/{kind}/q1/0", "question_id": "q1", "question": "In which country is Valdren?",
-            "gold_answers": ["Norsland"], "token_ids": prompt + comp, "prompt_tokens": len(prompt), "em": em,
-            "spans": spans}
+            "gold_answers": ["Norsland"], "token_ids": prompt + comp, "policy_mask": mask, "prompt_tokens": len(prompt),
+            "em": em, "spans": spans}
 
 
 def _search(queries):
@@ -90,6 +97,12 @@ def test_mining_builds_both_kinds_and_accounts_for_every_wrong_row(embedded_toke
     assert cot_wrong["token_ids"][cot_wrong["prompt_tokens"]:][: len(a.prefix_ids)] == a.prefix_ids
     (s, e), = a.chosen_observation_spans
     assert "Norsland" in tok.decode(a.chosen_ids[s:e])
+    # loss masks: the search result is out, the inserted action and the policy's text are in
+    assert a.chosen_mask[s:e] == [0] * (e - s) and a.chosen_mask[:s] == [1] * s and all(a.chosen_mask[e:])
+    (rs, re_), = b.rejected_observation_spans
+    assert b.rejected_mask == coa_wrong["policy_mask"][coa_wrong["prompt_tokens"] + len(b.prefix_ids):]
+    assert b.rejected_mask[rs:re_] == [0] * (re_ - rs) and "<search_result>" in tok.decode(b.rejected_ids[rs:re_])
+    assert all(a.rejected_mask) and len(a.rejected_mask) == len(a.rejected_ids)
     assert [d.reason for d in discarded] == ["wrong CoA took no action: nothing to remove"]
 
 
@@ -129,3 +142,8 @@ def test_no_action_branch_cuts_an_action_and_forces_the_answer(embedded_tokenize
     # the policy opened an action with the tool off: it was cut where it began and the answer forced
     assert "<begin_search>" not in chosen and chosen.startswith(" Let me check.")
     assert b.chosen_answer == "Norsland" and not b.chosen_has_action and b.rejected_has_action
+    # the forced answer prompt is the environment's: out of the loss mask; the policy's answer after it is in
+    forced = tok.encode("\n</think>\n\nThe final answer is \\boxed{", add_special_tokens=False)
+    at = next(i for i in range(len(b.chosen_ids)) if b.chosen_ids[i: i + len(forced)] == forced)
+    assert b.chosen_mask[at: at + len(forced)] == [0] * len(forced)
+    assert all(b.chosen_mask[:at]) and all(b.chosen_mask[at + len(forced):])

@@ -1,5 +1,7 @@
 """SFT data helpers: mix selection, stage-1 rows, the sharegpt export (pure functions)."""
 
+import pytest
+
 from training.sft_data import llamafactory_dataset_info, select_mix, sharegpt_record, stage1_rows
 
 
@@ -19,11 +21,14 @@ def test_mix_takes_only_correct_and_reports_shortfall():
 
 def test_stage1_rows_concatenate_context_and_flag_truncation():
     pair = {"pair_id": "p", "question_id": "q", "kind": "a", "prompt_ids": [1, 2], "prefix_ids": [3],
-            "chosen_ids": [4, 5, 6], "rejected_ids": [7], "prompt_text": "P", "prefix_text": "x", "chosen_text": "c",
-            "rejected_text": "r"}
+            "chosen_ids": [4, 5, 6], "chosen_mask": [1, 0, 1], "rejected_ids": [7], "rejected_mask": [1],
+            "prompt_text": "P", "prefix_text": "x", "chosen_text": "c", "rejected_text": "r"}
     (row,) = stage1_rows([pair], max_length=5)
     assert row["context_ids"] == [1, 2, 3] and row["chosen_ids"] == [4, 5] and row["truncated"]
+    assert row["chosen_mask"] == [1, 0] and row["rejected_mask"] == [1]  # masks cut with their ids
     assert row["prompt"] == "Px" and not stage1_rows([pair], max_length=10)[0]["truncated"]
+    with pytest.raises(ValueError, match="chosen_mask"):
+        stage1_rows([{k: v for k, v in pair.items() if k != "chosen_mask"}], max_length=10)
 
 
 def test_sharegpt_splits_observations_into_their_own_turns():

@@ -62,12 +62,45 @@ def test_resume_from_a_mid_training_checkpoint(tiny_model, embedded_tokenizer, t
     assert resumed.loss_curve == pytest.approx(first.loss_curve, rel=1e-4)
 
 
-def test_stage1_trains_on_pairs_and_logs_logps(tiny_model, tmp_path):
+def _pairs(tok, n=4):
+    """sft_stage1_data rows: the chosen side searches (its result masked out), the rejected side answers wrong."""
+    rows = []
+    for i in range(n):
+        context = tok.encode(f"Q{i}: where is Valdren?\n<think>I need it.", add_special_tokens=False)
+        action = tok.encode(" <begin_search> Valdren </end_search>", add_special_tokens=False)
+        obs = tok.encode("\n<search_result>\nValdren is in Norsland.\n</search_result>\n", add_special_tokens=False)
+        answer = tok.encode(" So Norsland.</think> \\boxed{Norsland}", add_special_tokens=False)
+        rejected = tok.encode(" It is in Brivia.</think> \\boxed{Brivia}", add_special_tokens=False)
+        rows.append({"pair_id": f"p{i}", "context_ids": context, "chosen_ids": action + obs + answer,
+                     "chosen_mask": [1] * len(action) + [0] * len(obs) + [1] * len(answer),
+                     "rejected_ids": rejected, "rejected_mask": [1] * len(rejected)})
+    return rows
+
+
+def test_stage1_trains_on_pairs_and_logs_logps(tiny_model, embedded_tokenizer, tmp_path):
     from training.sft import TrainSettings, train_stage1
 
-    pairs = [{"prompt": f"Q{i}: where is Valdren?\n<think>I need it.", "chosen": " <begin_search> Valdren </end_search>",
-              "rejected": " It is in Brivia.</think> \\boxed{Brivia}"} for i in range(4)]
+    pairs = _pairs(embedded_tokenizer)
     res = train_stage1(tiny_model, pairs, tmp_path / "s1", TrainSettings(max_steps=3, learning_rate=1e-2, batch_size=2,
                                                                         max_length=128, alpha=0.5))
     assert res.steps == 3 and len(res.logps_chosen) == 3 and len(res.logps_rejected) == 3
-    assert json.loads((tmp_path / "s1" / "meta.json").read_text())["settings"]["alpha"] == 0.5
+    assert all(torch.isfinite(torch.tensor(res.loss_curve)))
+    assert res.metrics["probe_loss_end"] < res.metrics["probe_loss_start"]
+    obs = sum(len(p["chosen_mask"]) - sum(p["chosen_mask"]) for p in pairs)
+    assert res.metrics["env_tokens_excluded"] == obs > 0
+    before, after = _params(tiny_model), _params(tmp_path / "s1")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    meta = json.loads((tmp_path / "s1" / "meta.json").read_text())
+    assert meta["settings"]["alpha"] == 0.5 and meta["logps_chosen"] == res.logps_chosen
+    assert len(meta["logps_accuracy"]) == 3
+
+
+def test_stage1_resumes_from_a_mid_training_checkpoint(tiny_model, embedded_tokenizer, tmp_path):
+    from training.sft import TrainSettings, train_stage1
+
+    settings = TrainSettings(max_steps=4, learning_rate=1e-2, batch_size=2, max_length=128, save_steps=2)
+    first = train_stage1(tiny_model, _pairs(embedded_tokenizer), tmp_path / "a", settings)
+    mid = tmp_path / "a.work" / "checkpoint-2"
+    assert mid.is_dir()
+    resumed = train_stage1(tiny_model, _pairs(embedded_tokenizer), tmp_path / "b", settings, resume_from=str(mid))
+    assert resumed.steps == 4 and resumed.loss_curve == pytest.approx(first.loss_curve, rel=1e-4)

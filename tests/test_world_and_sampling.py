@@ -1,4 +1,10 @@
 import collections
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -6,7 +12,7 @@ from qadata.checks import answer_in_gold
 from qadata.corpus import corpus_from_questions
 from qadata.loaders import normalise_hotpot
 from qadata.sampling import largest_remainder, sample_questions
-from qadata.world import WorldSpec, build_world, generate_questions
+from qadata.world import WorldSpec, build_world, generate_questions, hop_counts
 
 SMALL = WorldSpec(seed=5, countries=8, places=60, people=200, orgs=40, works=200, questions=120)
 
@@ -25,17 +31,54 @@ def test_world_is_deterministic_and_seed_dependent():
 
 def test_world_questions_are_hotpotqa_shaped_and_answerable():
     rows = _rows()
+    raw = generate_questions(build_world(SMALL))
     assert len(rows) == 120
-    types = collections.Counter(r["type"] for r in rows)
-    assert types["bridge"] == types["comparison"] == 60
+    # hop_mix (0.1, 0.5, 0.25, 0.15) of 120 questions; 2-hop half bridge, half comparison; the rest bridges
+    hops = collections.Counter(r["hops"] for r in raw)
+    assert hops == {1: 12, 2: 60, 3: 30, 4: 18} == hop_counts(SMALL)
+    types = collections.Counter((r["hops"], r["type"]) for r in raw)
+    assert types[2, "bridge"] == types[2, "comparison"] == 30
+    assert types[1, "bridge"] + types[3, "bridge"] + types[4, "bridge"] == 60
     assert {r["level"] for r in rows} <= {"easy", "medium", "hard"}
+    # each hop count holds out its own dev tail, so every hop count is evaluated
     assert collections.Counter(r["split"] for r in rows) == {"train": 96, "dev": 24}
-    for r in rows:
+    assert {r["hops"] for r in raw if r["split"] == "dev"} == {1, 2, 3, 4}
+    for r, q in zip(rows, raw):
         paras = {p["title"]: p["sentences"] for p in r["context"]}
         assert len(r["context"]) == 10
+        # supporting facts cover every hop: one gold paragraph per hop, each in the context
+        assert len({f["title"] for f in r["supporting_facts"]}) == q["hops"]
         for f in r["supporting_facts"]:
             assert f["title"] in paras and 0 <= f["sent_id"] < len(paras[f["title"]])
         assert answer_in_gold(r, sentences_only=True), r["id"]
+
+
+def test_two_hop_questions_keep_their_ids():
+    """With hop_mix (0, 1, 0, 0) the world is the 2-hop world of earlier versions, id for id; in the mixed
+    world the 2-hop questions are the first ones of that world, under the same ids."""
+    only2 = generate_questions(build_world(dataclasses.replace(SMALL, hop_mix=(0, 1, 0, 0))))
+    key = [[r["id"], r["question"], r["answer"], r["split"]] for r in only2]
+    assert hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16] == "6180419b3ce5795b"
+    mixed = [r for r in generate_questions(build_world(SMALL)) if r["hops"] == 2]
+    assert [(r["id"], r["question"], r["answer"]) for r in mixed] == \
+        [(r["id"], r["question"], r["answer"]) for r in only2[: len(mixed)]]
+    assert len({r["id"] for r in generate_questions(build_world(SMALL))}) == SMALL.questions
+
+
+def test_world_does_not_depend_on_the_hash_seed():
+    """Distractors were drawn from a set of kind names, whose order follows PYTHONHASHSEED."""
+    code = ("import hashlib, json; from qadata.world import WorldSpec, build_world, generate_questions, hop_counts; "
+            "print(hashlib.sha256(json.dumps(generate_questions(build_world(WorldSpec(seed=5, countries=8, "
+            "places=60, people=200, orgs=40, works=200, questions=60)))).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(h)},
+                              capture_output=True, text=True, check=True).stdout for h in (1, 3)}
+    assert len(digests) == 1
+
+
+@pytest.mark.parametrize("mix", [(0, 0, 0, 0), (1, 1, 1), (1, -1, 0, 0)])
+def test_hop_mix_is_validated(mix):
+    with pytest.raises(ValueError, match="hop_mix"):
+        generate_questions(build_world(dataclasses.replace(SMALL, hop_mix=mix)))
 
 
 def test_corpus_deduplicates_paragraphs_with_stable_ids():

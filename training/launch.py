@@ -221,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = _settings(args.settings)
     if args.stage == 1:
-        rows = pq.read_table(args.data, columns=["prompt", "chosen", "rejected"]).to_pylist()
+        rows = pq.read_table(args.data, columns=["pair_id", "context_ids", "chosen_ids", "chosen_mask", "rejected_ids",
+                                                 "rejected_mask"]).to_pylist()
     else:
         labels = args.labels or LABELS[args.stage]
         rows = pq.read_table(args.data, columns=["input_ids", labels]).to_pylist()

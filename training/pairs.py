@@ -26,11 +26,23 @@ rolled out with ``force_answer``: one that ends without ``\boxed{}`` is prompted
 judged on an answer rather than discarded for lack of one. All sequences are token ids: the prefix
 is sliced from the trajectory's own ids (never decoded and re-encoded) and continuations come from
 the rollout library.
+
+Each continuation carries a 0/1 mask aligned with its ids (``chosen_mask`` / ``rejected_mask``): the
+rollout's ``policy_mask`` (the chosen side: the continuation's own rollout; the rejected side: the source
+trajectory's, sliced at the juncture), with every observation span zeroed. So the search results and the
+forced ``\boxed{`` prompt stay out of SFT-1's P̄ (the paper's P(x|c) is the policy's tokens). One
+exception, by design: the ``<begin_search>`` ids the miner inserts at an (a) juncture are the chosen
+decision itself (what the pair teaches), so they count as policy tokens although the rollout received
+them as prompt.
+
+:func:`budget_pairs` then caps the mined pairs at ``max_pairs`` with a kind balance (the paper trains
+SFT-1 on 1,500 pairs, mostly action-chosen); the pairs left out are discarded with the reason.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -60,6 +72,9 @@ class Pair:
     chosen_has_action: bool = False
     rejected_has_action: bool = False
     chosen_observation_spans: list[tuple[int, int]] = field(default_factory=list)  # within chosen_ids
+    rejected_observation_spans: list[tuple[int, int]] = field(default_factory=list)  # within rejected_ids
+    chosen_mask: list[int] = field(default_factory=list)  # 1 = a policy token (in SFT-1's loss), aligned with chosen_ids
+    rejected_mask: list[int] = field(default_factory=list)  # the same for rejected_ids
 
 
 @dataclass
@@ -115,6 +130,24 @@ def first_action_juncture(row: dict) -> int | None:
     return n if n >= 0 else None
 
 
+def _span(s) -> tuple[str, int, int]:
+    return (s.kind, s.start, s.end) if hasattr(s, "kind") else (s["kind"], s["start"], s["end"])
+
+
+def continuation_mask(policy_mask: Sequence[int], spans: Sequence, start: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """The continuation from token ``start`` on: its policy mask with every observation span zeroed (a
+    simulated result is policy text but still an observation), and its observation spans, both relative
+    to ``start``. ``spans`` are the rollout's :class:`~agent.rollout.Span` objects or their stored dicts."""
+    mask = [1 if m else 0 for m in policy_mask[start:]]
+    obs = []
+    for kind, a, b in map(_span, spans):
+        if kind == "observation" and b > start:
+            a, b = max(a, start) - start, b - start
+            mask[a:b] = [0] * (min(b, len(mask)) - a)
+            obs.append((a, b))
+    return mask, obs
+
+
 def _graded(text: str, golds: Sequence[str]) -> tuple[str | None, bool]:
     from evals.grading import extract_boxed
 
@@ -129,6 +162,10 @@ def mine_pairs(cot_rows: Sequence[dict], coa_rows: Sequence[dict], *, engine, se
     pair or as a :class:`Discarded` with the reason, so the counts reconcile. ``max_per_kind`` caps the
     rows mined per kind (in question-id order); the rest are discarded with that reason."""
     tok = engine.tokenizer
+    lacking = [r["trajectory_id"] for r in [*cot_rows, *coa_rows] if r.get("policy_mask") is None]
+    if lacking:
+        raise ValueError(f"mine_pairs needs each trajectory's policy_mask (the rejected side's loss mask); "
+                         f"{len(lacking)} rows lack it, e.g. {lacking[0]}")
 
     def decode(ids):
         return tok.decode(list(ids), skip_special_tokens=False)
@@ -203,7 +240,10 @@ def mine_pairs(cot_rows: Sequence[dict], coa_rows: Sequence[dict], *, engine, se
         t, cont, answer = chosen
         rejected = row["token_ids"][row["prompt_tokens"] + j:]
         rej_answer, rej_ok = _graded(decode(prefix + rejected), golds)
-        obs = [(s.start - base, s.end - base) for s in t.spans if s.kind == "observation" and s.start >= base]
+        chosen_mask, obs = continuation_mask(t.policy_mask, t.spans, base)
+        if kind == "a":
+            chosen_mask[: len(action_open)] = [1] * len(action_open)  # the inserted action: the chosen decision
+        rejected_mask, rej_obs = continuation_mask(row["policy_mask"], row["spans"], row["prompt_tokens"] + j)
         pairs.append(Pair(
             pair_id=f"{row['trajectory_id']}#{kind}", question_id=row["question_id"], kind=kind, juncture_rule=rule,
             prompt_ids=prompt, prefix_ids=prefix, chosen_ids=cont, rejected_ids=rejected,
@@ -211,5 +251,39 @@ def mine_pairs(cot_rows: Sequence[dict], coa_rows: Sequence[dict], *, engine, se
             source_trajectory=row["trajectory_id"],
             chosen_has_action=decode(cont).lstrip().startswith(ACTION_OPEN),
             rejected_has_action=decode(rejected).lstrip().startswith(ACTION_OPEN),
-            chosen_observation_spans=obs))
+            chosen_observation_spans=obs, rejected_observation_spans=rej_obs,
+            chosen_mask=chosen_mask, rejected_mask=rejected_mask))
     return pairs, discarded
+
+
+def _order_key(seed: int, pair_id: str) -> bytes:
+    return hashlib.blake2b(f"{seed}/{pair_id}".encode(), digest_size=8).digest()
+
+
+def budget_pairs(pairs: Sequence[Pair], max_pairs: int | None, action_chosen_share: float,
+                 seed: int = 0) -> tuple[list[Pair], list[Discarded], dict]:
+    """Keep at most ``max_pairs`` pairs, ``action_chosen_share`` of them of kind (a) (action-chosen) and the
+    rest of kind (b) (think-chosen); a kind short of its share leaves its room to the other. Which pairs of
+    a kind are kept is a seeded hash order of the pair ids (deterministic, independent of the input
+    order). Returns the kept pairs (input order), the rest as :class:`Discarded`, and the budget stats
+    (requested / available / kept per kind)."""
+    if not 0.0 <= action_chosen_share <= 1.0:
+        raise ValueError(f"action_chosen_share must be in [0, 1], got {action_chosen_share}")
+    if max_pairs is not None and max_pairs < 0:
+        raise ValueError(f"max_pairs must be >= 0 or None, got {max_pairs}")
+    by_kind = {k: sorted((p for p in pairs if p.kind == k), key=lambda p: _order_key(seed, p.pair_id)) for k in "ab"}
+    avail = {k: len(v) for k, v in by_kind.items()}
+    cap = sum(avail.values()) if max_pairs is None else max_pairs
+    want = {"a": round(cap * action_chosen_share)}
+    want["b"] = cap - want["a"]
+    keep = {k: min(avail[k], want[k]) for k in "ab"}
+    for k in "ab":  # a kind short of its share leaves the room to the other
+        keep[k] += min(avail[k] - keep[k], cap - keep["a"] - keep["b"])
+    kept_ids = {p.pair_id for k in "ab" for p in by_kind[k][: keep[k]]}
+    reason = (f"over max_pairs budget (kind balance: action-chosen share {action_chosen_share:g} of "
+              f"max_pairs={max_pairs}; kept {keep['a']} a + {keep['b']} b)")
+    kept = [p for p in pairs if p.pair_id in kept_ids]
+    dropped = [Discarded(p.question_id, p.kind, reason) for p in pairs if p.pair_id not in kept_ids]
+    stats = {"max_pairs": max_pairs, "action_chosen_share": action_chosen_share, "requested": want,
+             "available": avail, "kept": keep, "dropped": {k: avail[k] - keep[k] for k in "ab"}}
+    return kept, dropped, stats

@@ -1,6 +1,8 @@
-"""The three SFT stages with TRL, one function per stage, configs built from small overrides.
+"""The three SFT stages, one function per stage, configs built from small overrides.
 
-- :func:`train_stage1`: the contrastive loss (``CPOTrainer``, see :mod:`training.losses`) on the pairs.
+- :func:`train_stage1`: the contrastive loss (:mod:`training.losses`) on the pairs' token ids, with
+  :class:`SFT1Trainer`, a ``transformers.Trainer`` whose loss counts only the policy's own tokens
+  (observations and forced text are masked out through the rollout's ``policy_mask``).
 - :func:`train_trajectory_sft`: SFT on pre-tokenised trajectories (``SFTTrainer`` with our own
   ``labels``): stage 2 with observations masked (``labels_stage2``), stage 3 unmasked (``labels_stage3``).
 
@@ -12,6 +14,7 @@ on GPU.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -128,29 +131,114 @@ def probe_loss_trajectories(model, rows: Sequence[dict], labels_key: str, max_le
     return total / max(tokens, 1)
 
 
-def probe_loss_pairs(model, tok, pairs: Sequence[dict], alpha: float, max_length: int) -> float:
+def probe_loss_pairs(model, pairs: Sequence[dict], alpha: float, max_length: int) -> float:
     """The paper's SFT-1 loss (:func:`training.losses.sft1_loss`) averaged over the first ``PROBE_EXAMPLES``
-    pairs, tokenised as CPOTrainer tokenises them (prompt, then continuation)."""
+    pairs, on their ids and masks exactly as :class:`SFT1Trainer` sees them (one pair per forward)."""
     import torch
 
-    from training.losses import mean_logprob, sft1_loss
+    from training.losses import collate_pairs, pair_mean_logprobs, sft1_loss
 
     was_training = model.training
     model.eval()
     losses = []
     with torch.no_grad():
         for p in list(pairs)[:PROBE_EXAMPLES]:
-            context = tok(p["prompt"], add_special_tokens=False)["input_ids"]
-            means = []
-            for side in ("chosen", "rejected"):
-                cont = tok(p[side], add_special_tokens=False)["input_ids"]
-                ids = torch.tensor([(context + cont)[:max_length]], device=model.device)
-                labels = ids.clone()
-                labels[:, : len(context)] = -100
-                means.append(mean_logprob(model(input_ids=ids).logits, ids, labels))
-            losses.append(float(sft1_loss(means[0], means[1], alpha)[0]))
+            batch = {k: v.to(model.device) for k, v in collate_pairs([p], 0, max_length).items()}
+            losses.append(float(sft1_loss(*pair_mean_logprobs(model, batch), alpha)[0]))
     model.train(was_training)
     return sum(losses) / max(len(losses), 1)
+
+
+STAGE1_KEYS = ("context_ids", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
+
+
+def check_stage1_rows(pairs: Sequence[dict], max_length: int) -> dict:
+    """Raise on rows SFT-1 cannot train on (text-only rows, a side with no policy token within
+    ``max_length``); return the token counts: trained on, and excluded as environment tokens."""
+    from training.losses import continuation_labels
+
+    missing = [k for k in STAGE1_KEYS if pairs and k not in pairs[0]]
+    if missing:
+        raise ValueError(f"SFT-1 trains on token ids and policy masks; the rows lack {missing} "
+                         "(materialise sft_stage1_data from contrastive_pairs with masks)")
+    counts = {"policy_tokens": 0, "env_tokens_excluded": 0}
+    empty = []
+    for p in pairs:
+        for side in ("chosen", "rejected"):
+            _, labels = continuation_labels(p["context_ids"], p[f"{side}_ids"], p[f"{side}_mask"], max_length)
+            n = sum(1 for x in labels[1:] if x != -100)
+            if n == 0:
+                empty.append(f"{p.get('pair_id', '?')}:{side}")
+            counts["policy_tokens"] += n
+            kept = max(0, min(len(p[f"{side}_ids"]), max_length - len(p["context_ids"])))
+            counts["env_tokens_excluded"] += sum(1 for m in list(p[f"{side}_mask"])[:kept] if not m)
+    if empty:
+        raise ValueError(f"SFT-1: {len(empty)} continuation(s) have no policy token within max_length={max_length} "
+                         f"(context too long or all environment tokens): {', '.join(empty[:5])}")
+    return counts
+
+
+@functools.cache
+def _sft1_trainer_class():
+    import torch
+    from transformers import Trainer
+
+    from training.losses import pair_mean_logprobs, sft1_loss
+
+    class SFT1Trainer(Trainer):
+        """``Trainer`` with the SFT-1 loss: mean over the batch's pairs of
+        -logσ(P̄c - P̄r) + α·(-P̄c), P̄ over the policy tokens (labels != -100) of each continuation.
+        Batches come from :func:`training.losses.collate_pairs`; logs ``logps/chosen``, ``logps/rejected``,
+        ``logps/margin`` and ``logps/accuracy`` (share of pairs with P̄c > P̄r), per logging step."""
+
+        def __init__(self, *args, alpha: float = 1.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.alpha = alpha
+            self.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by the accumulation steps
+            self._pair_stats: list[torch.Tensor] = []
+
+        def pair_logps(self, model, inputs):
+            return pair_mean_logprobs(model, inputs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            pc, pr = self.pair_logps(model, inputs)
+            loss = sft1_loss(pc, pr, self.alpha).mean()
+            if model.training:
+                stats = torch.stack([pc.detach(), pr.detach()], dim=-1)  # (B, 2)
+                self._pair_stats.append(self.accelerator.gather(stats).float().cpu())
+            return (loss, {"logps_chosen": pc, "logps_rejected": pr}) if return_outputs else loss
+
+        def log(self, logs, start_time=None):
+            if "loss" in logs and self._pair_stats:
+                stats = torch.cat(self._pair_stats)
+                self._pair_stats = []
+                pc, pr = stats[:, 0], stats[:, 1]
+                logs.update({"logps/chosen": float(pc.mean()), "logps/rejected": float(pr.mean()),
+                             "logps/margin": float((pc - pr).mean()), "logps/accuracy": float((pc > pr).float().mean())})
+            super().log(logs, start_time)
+
+    return SFT1Trainer
+
+
+def stage1_trainer(model, tok, pairs: Sequence[dict], settings: TrainSettings, work_dir: str | Path):
+    """The :class:`SFT1Trainer` :func:`train_stage1` runs: ``pairs`` as the dataset, batches padded by
+    :func:`training.losses.collate_pairs` and cut to ``settings.max_length``, α = ``settings.alpha``."""
+    from transformers import TrainingArguments
+
+    from training.losses import collate_pairs
+
+    args = TrainingArguments(remove_unused_columns=False, **_common_args(settings, Path(work_dir)))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return _sft1_trainer_class()(model=model, args=args, train_dataset=list(pairs), processing_class=tok,
+                                 data_collator=functools.partial(collate_pairs, pad_id=pad_id,
+                                                                 max_length=settings.max_length),
+                                 alpha=settings.alpha)
+
+
+def __getattr__(name):  # transformers is imported lazily: the class is built once, on first use
+    if name == "SFT1Trainer":
+        return _sft1_trainer_class()
+    raise AttributeError(name)
 
 
 def _history(trainer, key: str) -> list[float]:
@@ -159,29 +247,26 @@ def _history(trainer, key: str) -> list[float]:
 
 def train_stage1(model_path: str, pairs: Sequence[dict], out: str | Path, settings: TrainSettings = TrainSettings(),
                  *, data_version: str = "", resume_from: str | None = None) -> TrainResult:
-    """SFT-1 on ``pairs`` (dicts with ``prompt``, ``chosen``, ``rejected`` text)."""
-    from datasets import Dataset
-    from trl.experimental.cpo import CPOTrainer
-
-    from training.losses import sft1_trl_config
-
+    """SFT-1 on ``pairs`` (``sft_stage1_data`` rows: ``context_ids``, ``chosen_ids``/``chosen_mask``,
+    ``rejected_ids``/``rejected_mask``), token-exact; no packing (each pair is one chosen + one rejected row)."""
     out = Path(out)
+    pairs = [{k: p[k] for k in ("pair_id", *STAGE1_KEYS) if k in p} for p in pairs]
+    tokens = check_stage1_rows(pairs, settings.max_length)
     model, tok = _load(model_path, settings)
-    common = _common_args(settings, Path(str(out) + ".work"))
-    args = sft1_trl_config(common.pop("output_dir"), alpha=settings.alpha, max_length=settings.max_length, **common)
-    ds = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs])
-    trainer = CPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-    probe_start = probe_loss_pairs(model, tok, pairs, settings.alpha, settings.max_length)
+    trainer = stage1_trainer(model, tok, pairs, settings, Path(str(out) + ".work"))
+    probe_start = probe_loss_pairs(model, pairs, settings.alpha, settings.max_length)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - t0
-    probe_end = probe_loss_pairs(model, tok, pairs, settings.alpha, settings.max_length)
+    probe_end = probe_loss_pairs(model, pairs, settings.alpha, settings.max_length)
     result = TrainResult(str(out), trainer.state.global_step, _history(trainer, "loss"), wall,
-                         metrics={"probe_loss_start": probe_start, "probe_loss_end": probe_end},
+                         metrics={"probe_loss_start": probe_start, "probe_loss_end": probe_end, **tokens},
                          logps_chosen=_history(trainer, "logps/chosen"), logps_rejected=_history(trainer, "logps/rejected"))
     _save(trainer, model, tok, out, {"stage": 1, "base_model": model_path, "root_model": root_model(model_path), "data_version": data_version,
                                      "settings": asdict(settings), "steps": result.steps, "loss_curve": result.loss_curve,
                                      "logps_chosen": result.logps_chosen, "logps_rejected": result.logps_rejected,
+                                     "logps_margin": _history(trainer, "logps/margin"),
+                                     "logps_accuracy": _history(trainer, "logps/accuracy"),
                                      **result.metrics, "wall_seconds": wall, "examples": len(pairs)})
     return result
 

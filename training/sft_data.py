@@ -1,6 +1,7 @@
 """SFT data from trajectories and pairs, token-level: the labels come from the masks, never from re-tokenised text.
 
-- Stage 1 (contrastive): context c = prompt + shared prefix; chosen / rejected continuations as ids.
+- Stage 1 (contrastive): context c = prompt + shared prefix; chosen / rejected continuations as ids,
+  each with its loss mask (policy tokens only: observations and forced text are 0).
 - Stages 2 and 3 (trajectory SFT): correct CoA and CoT trajectories mixed by a configured ratio;
   ``labels_stage2`` = the ids where the policy wrote them, -100 on the prompt and on observations
   (search results stay out of the loss); ``labels_stage3`` = every completion id, observations
@@ -18,13 +19,20 @@ IGNORE = -100
 
 
 def stage1_rows(pairs: Sequence[dict], max_length: int) -> list[dict]:
+    """One SFT-1 example per pair: ``context_ids`` = prompt + shared prefix; each continuation's ids with its
+    loss mask (``chosen_mask`` / ``rejected_mask``: 1 on policy tokens, 0 on observations and forced text),
+    cut to fit ``max_length`` (and flagged). The text columns are for reading only; training uses the ids."""
     rows = []
     for p in pairs:
+        if p.get("chosen_mask") is None or p.get("rejected_mask") is None:
+            raise ValueError(f"pair {p['pair_id']} has no chosen_mask/rejected_mask: re-mine contrastive_pairs "
+                             "(SFT-1 keeps observations out of the loss through these masks)")
         context = list(p["prompt_ids"]) + list(p["prefix_ids"])
         room = max(0, max_length - len(context))
         rows.append({"pair_id": p["pair_id"], "question_id": p["question_id"], "kind": p["kind"],
                      "context_ids": context, "chosen_ids": list(p["chosen_ids"])[:room],
-                     "rejected_ids": list(p["rejected_ids"])[:room],
+                     "chosen_mask": list(p["chosen_mask"])[:room],
+                     "rejected_ids": list(p["rejected_ids"])[:room], "rejected_mask": list(p["rejected_mask"])[:room],
                      "prompt": p["prompt_text"] + p["prefix_text"], "chosen": p["chosen_text"], "rejected": p["rejected_text"],
                      "truncated": len(context) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) > max_length})
     return rows
