@@ -1,4 +1,4 @@
-"""Data stage: the generated world, normalised HotpotQA-style questions and the CoT/CoA sample."""
+"""Data stage: the generated world, normalised HotpotQA-style questions, the CoT/CoA sample and the RL pool."""
 
 import collections
 
@@ -8,6 +8,7 @@ from pydantic import Field
 
 from pipelines.metadata import bar_plot, latest_metadata, markdown_table, table_metadata, timed
 from pipelines.quality import REJECTED_EXPECTATIONS, gx_check
+from pipelines.storage import StorageResource
 from qadata.checks import answer_in_gold
 from qadata.loaders import SourceSpec, count_records, load_sources, normalise_hotpot
 from qadata.sampling import sample_questions
@@ -249,6 +250,114 @@ def question_sample_expectations(question_sample: pa.Table) -> dg.AssetCheckResu
         ("ExpectColumnValuesToBeInSet", {"column": "pool", "value_set": ["cot", "coa"]}),
         ("ExpectColumnValuesToMatchRegex", {"column": "stratum", "regex": r"^[a-z]+/[a-z]+$"}),
     ])
+
+
+# -- rl_questions -------------------------------------------------------------------------------
+RL_SCHEMA = pa.schema([("id", pa.string()), ("question", pa.string()), ("answer", pa.string()),
+                       ("answers", pa.list_(pa.string())), ("type", pa.string()), ("level", pa.string()),
+                       ("source", pa.string()), ("split", pa.string()), ("stratum", pa.string())])
+# what the RL pool must not share a question with: every table that holds an SFT or synthesis question
+SFT_QUESTION_TABLES = ("cot_trajectories", "coa_trajectories", "contrastive_pairs", "sft_stage1_data",
+                       "sft_stage23_data")
+
+
+class RlQuestionsConfig(dg.Config):
+    total: int = Field(8, description="RL questions (paper profile: 4,608 = 96 steps x 48 questions).")
+    seed: int = Field(0, description="Sampling seed.")
+    splits: list[str] = Field(default_factory=lambda: ["train"], description="Splits of hotpotqa_raw to draw from.")
+
+
+def _table_files(home: str, asset: str) -> list[str]:
+    import glob
+
+    from pipelines.paths import table_path, tables_dir
+
+    whole = table_path(home, [asset])
+    return [str(whole)] if whole.is_file() else sorted(glob.glob(str(tables_dir(home) / asset / "partition=*" / "data.parquet")))
+
+
+def _column(home: str, asset: str, column: str) -> set[str]:
+    """The values of one column over an asset's materialised table or partitions (empty when none)."""
+    import pyarrow.parquet as pq
+
+    values: set[str] = set()
+    for f in _table_files(home, asset):
+        if column not in pq.read_schema(f).names:
+            raise ValueError(f"{f}: no column {column!r}, which the RL pool's exclusion reads")
+        values |= {v for v in pq.read_table(f, columns=[column]).column(column).to_pylist() if v is not None}
+    return values
+
+
+def rl_excluded(home: str, question_sample: pa.Table, hotpotqa_raw: pa.Table, eval_splits: list[str],
+                eval_files: list[str]) -> dict[str, tuple[set[str], set[str]]]:
+    """What RL may not train on, by source: ``{source: (question ids, normalised question texts)}``.
+
+    ``sft``: question_sample (every question synthesis can draw) and the question ids of every materialised
+    trajectory, pair and SFT table; ``evaluation``: the evaluation splits and files question_sample excluded
+    and every materialised eval_questions partition.
+    """
+    sft_ids = set(question_sample.column("id").to_pylist())
+    for asset in SFT_QUESTION_TABLES:
+        sft_ids |= _column(home, asset, "question_id")
+    texts = {r["id"]: normalise_question(r["question"]) for r in hotpotqa_raw.select(["id", "question"]).to_pylist()}
+    sft_texts = {normalise_question(q) for q in question_sample.column("question").to_pylist()}
+    sft_texts |= {texts[i] for i in sft_ids if i in texts}
+    eval_texts = _eval_questions(hotpotqa_raw, eval_splits, eval_files) | {
+        normalise_question(q) for q in _column(home, "eval_questions", "question")}
+    return {"sft": (sft_ids, sft_texts), "evaluation": (set(), eval_texts)}
+
+
+def rl_overlap(rows: list[dict], excluded: dict[str, tuple[set[str], set[str]]]) -> dict[str, list[str]]:
+    """Per source, the ids of ``rows`` (``id``, ``question``) whose id or normalised text it holds."""
+    return {source: [r["id"] for r in rows if r["id"] in ids or normalise_question(r["question"]) in texts]
+            for source, (ids, texts) in excluded.items()}
+
+
+def _eval_config(instance: dg.DagsterInstance) -> tuple[list[str], list[str]]:
+    meta = latest_metadata(instance, "question_sample")
+    return list(meta.get("eval_splits", ["dev", "test"])), list(meta.get("eval_files", []))
+
+
+@dg.asset(group_name=GROUP, kinds={"python", "parquet"}, deps=list(SFT_QUESTION_TABLES))
+def rl_questions(context: dg.AssetExecutionContext, config: RlQuestionsConfig, storage: StorageResource,
+                 hotpotqa_raw: pa.Table, question_sample: pa.Table) -> dg.Output[pa.Table]:
+    """Seeded RL prompts from hotpotqa_raw, stratified by level and type, sharing no question with SFT data or evaluation."""
+    md: dict = {}
+    with timed(md):
+        eval_splits, eval_files = _eval_config(context.instance)
+        excluded = rl_excluded(storage.home, question_sample, hotpotqa_raw, eval_splits, eval_files)
+        candidates = hotpotqa_raw.to_pylist()
+        hits = rl_overlap(candidates, excluded)
+        out = {i for ids in hits.values() for i in ids}
+        result = sample_questions([r for r in candidates if r["id"] not in out], total=config.total, cot_fraction=0.0,
+                                  seed=config.seed, splits=config.splits)
+        table = pa.Table.from_pylist([{k: r[k] for k in RL_SCHEMA.names} for r in result.rows], schema=RL_SCHEMA)
+    if table.num_rows < config.total:
+        context.log.warning("rl_questions: only %d eligible questions for a requested pool of %d", table.num_rows,
+                            config.total)
+    strata = sorted(result.strata)
+    md.update(table_metadata(table, preview_columns=["id", "question", "answer", "stratum"]))
+    md.update({"requested_total": config.total, "eligible": result.eligible, "excluded_other_split": result.excluded_split,
+               **{f"excluded_{source}": len(ids) for source, ids in hits.items()},
+               "eval_splits": dg.MetadataValue.json(eval_splits), "eval_files": dg.MetadataValue.json(eval_files),
+               "strata": dg.MetadataValue.md(markdown_table([{"stratum": s, "rl": result.strata[s]["coa"]}
+                                                            for s in strata]))})
+    return dg.Output(table, metadata=md)
+
+
+@dg.asset_check(asset=rl_questions, blocking=True, additional_ins={"question_sample": dg.AssetIn("question_sample"),
+                                                                  "hotpotqa_raw": dg.AssetIn("hotpotqa_raw")},
+                description=("No RL question is an SFT question (question_sample, any trajectory, pair or SFT table) "
+                             "or an evaluation question, by id or by text."))
+def rl_questions_disjoint_from_sft(context: dg.AssetCheckExecutionContext, storage: StorageResource,
+                                   rl_questions: pa.Table, question_sample: pa.Table,
+                                   hotpotqa_raw: pa.Table) -> dg.AssetCheckResult:
+    excluded = rl_excluded(storage.home, question_sample, hotpotqa_raw, *_eval_config(context.instance))
+    hits = rl_overlap(rl_questions.select(["id", "question"]).to_pylist(), excluded)
+    return dg.AssetCheckResult(passed=not any(hits.values()), metadata={
+        "rl_questions": rl_questions.num_rows, **{f"overlap_{s}": len(ids) for s, ids in hits.items()},
+        **{f"{s}_questions": len(texts) for s, (_, texts) in excluded.items()},
+        "examples": ", ".join(sorted({i for ids in hits.values() for i in ids})[:5]) or "none"})
 
 
 @dg.asset_check(asset="hotpotqa_raw_rejected", description="Every quarantined row names its file, row and reason.")

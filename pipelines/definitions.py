@@ -92,8 +92,10 @@ def build_definitions(home: str | Path | None = None, shards: int | None = None)
              "Held-out evaluation questions of one benchmark partition (embedded world, NQ, TriviaQA, ...)."),
             (EVAL_PREDICTIONS_JOB, dg.AssetSelection.assets("eval_predictions"),
              "One method x benchmark partition of the evaluation: rollouts, EM/F1/cover-EM, LLM-judge verdicts."),
-            (EVAL_REPORTS_JOB, dg.AssetSelection.assets("eval_table", "action_analysis", "world_model_fidelity"),
-             "Table 1, Figure 3 and the world-model fidelity table from every materialised prediction partition.")):
+            (EVAL_REPORTS_JOB, dg.AssetSelection.assets("eval_table", "eval_comparisons", "action_analysis",
+                                                        "world_model_fidelity"),
+             "Table 1 with its intervals and paired tests, Figure 3 and the world-model fidelity table from every "
+             "materialised prediction partition.")):
         eval_jobs.append(dg.define_asset_job(name, selection=selection, description=desc + " Embedded defaults."))
         eval_jobs.append(dg.define_asset_job(f"{name}_paper", selection=selection,
                                              config=profile_config("paper", ops_of(selection)),

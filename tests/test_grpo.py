@@ -167,7 +167,9 @@ def test_rollout_func_returns_aligned_ids_masks_and_logprobs(embedded_tokenizer,
     ledger = CostLedger()
     engine = Scripted(tok, actions=3)
     rf = make_rollout_func(search=search, schedule=lambda step: simulated, ledger=ledger,
-                           rollout_config=RolloutConfig(max_actions=2, max_context=1024, seed=1),
+                           # the (T+1)-th action refused, so refused_actions is exercised too
+                           rollout_config=RolloutConfig(max_actions=2, max_context=1024, seed=1,
+                                                        after_last_action="refuse"),
                            engine_factory=lambda trainer: nullcontext(engine))
     # keep the trajectories' spans to check the mask against them independently of policy_mask
     import training.grpo_rollout as gr

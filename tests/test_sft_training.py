@@ -104,3 +104,24 @@ def test_stage1_resumes_from_a_mid_training_checkpoint(tiny_model, embedded_toke
     assert mid.is_dir()
     resumed = train_stage1(tiny_model, _pairs(embedded_tokenizer), tmp_path / "b", settings, resume_from=str(mid))
     assert resumed.steps == 4 and resumed.loss_curve == pytest.approx(first.loss_curve, rel=1e-4)
+
+
+def test_labelled_positions_loss_equals_the_models_loss(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from training.sft import freeze_below, labelled_positions_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 500, (2, 24))
+    labels = ids.clone()
+    labels[:, :8] = -100
+    labels[0, 12:18] = -100  # an observation in the middle
+    labels[1, 20:] = -100  # padding
+    want = model(input_ids=ids, labels=labels).loss
+    got = labelled_positions_loss(model, {"input_ids": ids, "labels": labels})
+    assert torch.allclose(got, want, atol=1e-5)
+    n = freeze_below(model, 1)
+    assert n == sum(p.numel() for p in model.model.layers[-1].parameters()) + sum(p.numel() for p in model.model.norm.parameters())
+    assert not model.get_input_embeddings().weight.requires_grad

@@ -22,12 +22,19 @@ applied), matching its own temperature-scaled recomputation.
 real ``<search_result>`` blocks, the ``\\n<search_result>\\n`` opener of a simulated block, the
 refusal notice, the forced-answer prompt; with ``mask_simulated_observations`` (default) also the
 policy-written body of simulated results, so RL-1 trains when and what to search, not the world model.
+
+Pure CoT in RL (the paper's section 3.1 mixes CoT data into RL as into SFT): TRL hands ``rollout_func``
+only the prompt strings, so :func:`make_rollout_func` takes ``prompt_modes`` (prompt text -> ``"cot"`` or
+``"coa"``, built from the dataset rows, whose CoT and CoA templates never render the same text). A CoT
+prompt is rolled out with the tool off and ``cut_actions`` (an action it opens ends its reasoning and the
+answer is forced), in no environment at all; CoA prompts in the batch's environment. The two sets run one
+after the other on the same engine and come back in TRL's order.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
@@ -68,6 +75,7 @@ class StepCost:
     step: int
     mode: str  # "simulated" | "real"
     trajectories: int
+    cot_trajectories: int  # rolled out with the tool off (pure CoT prompts); the rest are CoA
     distinct_prompts: int
     search_calls: int  # real search-engine queries
     simulated_observations: int  # result blocks the policy wrote itself
@@ -88,8 +96,8 @@ class CostLedger:
 
     def totals(self) -> dict:
         sums = {k: sum(getattr(r, k) for r in self.records) for k in
-                ("trajectories", "search_calls", "simulated_observations", "refused_actions", "generated_tokens",
-                 "environment_tokens", "trained_tokens", "answered", "wall_seconds")}
+                ("trajectories", "cot_trajectories", "search_calls", "simulated_observations", "refused_actions",
+                 "generated_tokens", "environment_tokens", "trained_tokens", "answered", "wall_seconds")}
         return {"batches": len(self.records), "simulated_batches": sum(r.mode == "simulated" for r in self.records),
                 "real_batches": sum(r.mode == "real" for r in self.records), **sums}
 
@@ -246,41 +254,72 @@ def rollout_outputs(trajs: Sequence[Trajectory], prompts: Sequence[str], recorde
     return {**out, "logprobs": logprobs}
 
 
+MODES = ("cot", "coa")
+
+
+def cot_config(config: RolloutConfig, max_completion_tokens: int | None = None) -> RolloutConfig:
+    """The rollout config of a pure-CoT prompt: tool off, an opened action cut, in no environment; the whole
+    response is one turn (``max_completion_tokens`` when given)."""
+    turn = max_completion_tokens if max_completion_tokens is not None else config.max_turn_tokens
+    return replace(config, tools=False, cut_actions=True, simulated=False, max_turn_tokens=turn)
+
+
 def make_rollout_func(*, search: SearchFn | None = None, schedule: Callable[[int], bool] | None = None,
                       rollout_config: RolloutConfig = RolloutConfig(), ledger: CostLedger | None = None,
                       engine_factory: EngineFactory | None = None, mask_simulated_observations: bool = True,
-                      max_batch: int = 64) -> Callable[[list, object], dict]:
+                      max_batch: int = 64, prompt_modes: Mapping[str, str] | None = None,
+                      cot_rollout_config: RolloutConfig | None = None) -> Callable[[list, object], dict]:
     """A TRL ``rollout_func(prompts, trainer)`` running :class:`agent.rollout.Rollout` with the live policy.
 
-    ``prompts`` are the rendered prompt strings of the dataset (``training.grpo`` renders the CoA
+    ``prompts`` are the rendered prompt strings of the dataset (``training.grpo`` renders the CoA or CoT
     template; the prefilled ``<think>`` included) and are encoded exactly as
     ``PromptTemplate.prompt_ids`` does. ``schedule(trainer.state.global_step)`` says simulated (True)
     or real (False) for each generation batch (default: always simulated); a real batch needs
-    ``search``. ``engine_factory(trainer)`` is a context manager yielding the engine (default
-    :func:`policy_engine`). Each batch's cost is
-    appended to ``ledger``.
+    ``search``. ``prompt_modes`` maps each prompt to ``"cot"`` or ``"coa"`` (None: every prompt is CoA);
+    CoT prompts roll out with ``cot_rollout_config`` (default :func:`cot_config` of ``rollout_config``).
+    ``engine_factory(trainer)`` is a context manager yielding the engine (default :func:`policy_engine`).
+    Each batch's cost is appended to ``ledger``.
     """
     factory = engine_factory or (lambda trainer: policy_engine(trainer, max_batch=max_batch))
+    if prompt_modes is not None and set(prompt_modes.values()) - set(MODES):
+        raise ValueError(f"prompt_modes values must be in {MODES}, got {sorted(set(prompt_modes.values()))}")
+    cot_rollout = cot_rollout_config or cot_config(rollout_config)
+    if cot_rollout.tools:
+        raise ValueError("cot_rollout_config must have tools=False: a pure-CoT prompt never searches")
+
+    def mode_of(prompt: str) -> str:
+        if prompt_modes is None:
+            return "coa"
+        if prompt not in prompt_modes:
+            raise KeyError(f"rollout_func got a prompt that prompt_modes does not know: {prompt[-120:]!r}")
+        return prompt_modes[prompt]
 
     def rollout_func(prompts: list, trainer) -> dict:
         step = int(trainer.state.global_step)
         simulated = True if schedule is None else bool(schedule(step))
-        if not simulated and search is None:
-            raise ValueError(f"step {step} is scheduled in the real environment but no `search` function was given "
-                             "(pass search=..., or simulated_fraction=1.0 for a simulated-only run)")
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("rollout_func expects rendered prompt strings in the dataset's `prompt` column, "
                             f"got {type(prompts[0]).__name__}")
+        modes = [mode_of(p) for p in prompts]
+        if not simulated and search is None and "coa" in modes:
+            raise ValueError(f"step {step} is scheduled in the real environment but no `search` function was given "
+                             "(pass search=..., or simulated_fraction=1.0 for a simulated-only run)")
         groups = check_groups(prompts, _num_generations(trainer))
         tokenizer = trainer.processing_class
         encoded = {p: tokenizer.encode(p, add_special_tokens=False) for p in dict.fromkeys(prompts)}
         size = len(prompts) // groups
         tasks = [(f"s{step}/q{i // size}/g{i % size}", list(encoded[p])) for i, p in enumerate(prompts)]
-        config = replace(rollout_config, simulated=simulated)
+        coa_config = replace(rollout_config, simulated=simulated)
+        trajs: list[Trajectory | None] = [None] * len(prompts)
         start = time.perf_counter()
         with factory(trainer) as engine:
             recorder = LogprobRecorder(engine)
-            trajs = Rollout(recorder, None if simulated else search, config, max_batch=max_batch).run(tasks)
+            for mode, config, env in (("coa", coa_config, None if simulated else search), ("cot", cot_rollout, None)):
+                idx = [i for i, m in enumerate(modes) if m == mode]
+                if idx:
+                    done = Rollout(recorder, env, config, max_batch=max_batch).run([tasks[i] for i in idx])
+                    for i, t in zip(idx, done, strict=True):
+                        trajs[i] = t
         wall = time.perf_counter() - start
         out = rollout_outputs(trajs, prompts, recorder, mask_simulated_observations)
         if out["logprobs"] is None and getattr(trainer, "use_vllm", False) and getattr(
@@ -291,13 +330,15 @@ def make_rollout_func(*, search: SearchFn | None = None, schedule: Callable[[int
             completion_tokens = sum(len(c) for c in out["completion_ids"])
             ledger.records.append(StepCost(
                 step=step, mode="simulated" if simulated else "real", trajectories=len(trajs),
-                distinct_prompts=len(encoded), search_calls=sum(out["search_calls"]),
+                cot_trajectories=modes.count("cot"), distinct_prompts=len(encoded),
+                search_calls=sum(out["search_calls"]),
                 simulated_observations=sum(out["simulated_observations"]), refused_actions=sum(out["refused_actions"]),
                 generated_tokens=sum(out["generated_tokens"]),
                 environment_tokens=completion_tokens - sum(sum(t.policy_mask[t.prompt_len:]) for t in trajs),
                 trained_tokens=sum(sum(m) for m in out["env_mask"]),
                 answered=sum(t.answer is not None for t in trajs), wall_seconds=round(wall, 3)))
         out["simulated"] = [simulated] * len(trajs)
+        out["mode"] = modes
         return out
 
     return rollout_func

@@ -43,6 +43,10 @@ class TrainSettings:
     alpha: float = 1.0  # SFT-1 only: weight of the NLL term on the chosen side
     lora: dict | None = None  # e.g. {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
     save_steps: int | None = None  # mid-training checkpoints (resume) every N steps
+    # train only the top N decoder layers (and the final norm); embeddings and lower layers frozen. On a CPU the
+    # backward pass then stops N layers down: the embedded demonstration's main training-time lever. None: all.
+    trainable_layers: int | None = None
+    lr_scheduler: str = "constant"
 
 
 @dataclass
@@ -65,7 +69,7 @@ def _common_args(s: TrainSettings, out: Path) -> dict:
                 warmup_steps=s.warmup_steps, weight_decay=s.weight_decay, seed=s.seed, logging_steps=1,
                 report_to=[], bf16=cuda, use_cpu=not cuda, gradient_checkpointing=s.gradient_checkpointing,
                 save_strategy="steps" if s.save_steps else "no", save_steps=s.save_steps or 500,
-                disable_tqdm=False, dataloader_num_workers=0, lr_scheduler_type="constant",
+                disable_tqdm=False, dataloader_num_workers=0, lr_scheduler_type=s.lr_scheduler,
                 include_num_input_tokens_seen="non_padding")  # real tokens trained on: tokens/s, packing gains
 
 
@@ -80,7 +84,44 @@ def _load(model_path: str, s: TrainSettings):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **s.lora))
+    elif s.trainable_layers is not None:
+        freeze_below(model, s.trainable_layers)
     return model, tok
+
+
+def freeze_below(model, trainable_layers: int) -> int:
+    """Freeze every parameter except the top ``trainable_layers`` decoder layers and the final norm; returns the
+    number of trainable parameters. Tied input/output embeddings stay frozen (they are the vocabulary)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no model.layers: trainable_layers needs a decoder-only model")
+    if not 0 < trainable_layers <= len(layers):
+        raise ValueError(f"trainable_layers must be within 1..{len(layers)}, got {trainable_layers}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers[len(layers) - trainable_layers:]:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    norm = getattr(model.model, "norm", None)
+    if norm is not None:
+        for p in norm.parameters():
+            p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def labelled_positions_loss(model, inputs) -> object:
+    """Token cross-entropy over the labelled positions only, with the vocabulary projection applied to those
+    positions alone: masked observation tokens (most of a CoA trajectory) still pass through the decoder, but
+    cost no logits. Equal to the model's own causal-LM loss (mean over labelled next tokens)."""
+    import torch.nn.functional as F
+
+    labels = inputs["labels"]
+    body = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
+    hidden = model.model(**body).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = model.lm_head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), target[keep])
 
 
 def _save(trainer, model, tok, out: Path, meta: dict) -> None:
@@ -283,7 +324,20 @@ def train_trajectory_sft(model_path: str, rows: Sequence[dict], labels_key: str,
     work = Path(str(out) + ".work")
     args = SFTConfig(max_length=settings.max_length, packing=settings.packing, **_common_args(settings, work))
     ds = Dataset.from_list([{"input_ids": list(r["input_ids"]), "labels": list(r[labels_key])} for r in rows])
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    direct = hasattr(model, "model") and hasattr(model, "lm_head") and not settings.packing
+
+    class _Trainer(SFTTrainer):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            if direct:  # the loss below is a per-micro-batch mean: let the Trainer divide by the accumulation steps
+                self.model_accepts_loss_kwargs = False
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not direct or return_outputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return labelled_positions_loss(model, inputs)
+
+    trainer = _Trainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     probe_start = probe_loss_trajectories(model, rows, labels_key, settings.max_length)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
