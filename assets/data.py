@@ -28,7 +28,9 @@ class EmbeddedWorldConfig(dg.Config):
     people: int = Field(1200, description="People (each with occupation, birth city/year, employer).")
     orgs: int = Field(300, description="Organisations.")
     works: int = Field(1200, description="Creative works.")
-    questions: int = Field(600, description="Bridge + comparison questions (half each).")
+    questions: int = Field(1000, description="Questions of 1 to 4 hops (mix: hop_mix); 1,000 leaves 200 held out.")
+    hop_mix: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.25, 0.15], description=(
+        "Shares of 1-, 2-, 3- and 4-hop questions (2-hop: HotpotQA's bridge and comparison, half each)."))
     dev_fraction: float = Field(0.2, description="Share of questions held out as the 'dev' split.")
 
 
@@ -37,7 +39,7 @@ def embedded_world(context: dg.AssetExecutionContext, config: EmbeddedWorldConfi
     """Bridge and comparison questions over a generated fictional world, in the Hugging Face HotpotQA layout."""
     md: dict = {}
     with timed(md):
-        world = build_world(WorldSpec(**config.model_dump()))
+        world = build_world(WorldSpec(**{**config.model_dump(), "hop_mix": tuple(config.hop_mix)}))
         rows = generate_questions(world)
         table = pa.Table.from_pylist(rows)
     kinds = collections.Counter(e.kind for e in world.entities.values())
@@ -160,8 +162,10 @@ def hotpotqa_raw_answerable(hotpotqa_raw: pa.Table) -> dg.AssetCheckResult:
 
 # -- question_sample ----------------------------------------------------------------------------
 class QuestionSampleConfig(dg.Config):
-    total: int = Field(128, description="Questions to sample (paper profile: 20,000).")
-    cot_fraction: float = Field(0.5, description="Share of the sample in the CoT pool; the rest is the CoA pool.")
+    total: int = Field(720, description=(
+        "Questions to sample (embedded: 720 of the world's 800 training questions, the rest left for RL; paper: 20,000)."))
+    cot_fraction: float = Field(1 / 6, description=(
+        "Share of the sample in the CoT pool; the rest is the CoA pool (embedded: the paper's 1:5 SFT mix; paper: 0.5)."))
     seed: int = Field(0, description="Sampling seed.")
     splits: list[str] = Field(default_factory=lambda: ["train"], description="Splits of hotpotqa_raw to sample from.")
     eval_splits: list[str] = Field(default_factory=lambda: ["dev", "test"],

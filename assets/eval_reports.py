@@ -424,7 +424,7 @@ class FidelityConfig(dg.Config):
     max_turn_tokens: int = Field(128, description="Tokens per turn, and per simulated search result.")
     answer_tokens: int = Field(24, description="Tokens allowed for a forced answer.")
     temperature: float = Field(0.0, description="Sampling temperature (0 = greedy).")
-    search_k: int = Field(3, description="Passages the real search returns per query.")
+    search_k: int = Field(2, description="Passages the real search returns per query (embedded 2, paper 3).")
     seed: int = Field(0, description="Sampling seed.")
     probe: bool = Field(True, description=(
         "Also probe every checkpoint with the same held-out queries (each question's text as a search the policy "

@@ -125,10 +125,16 @@ def _result(checked: int, problems: list[str], scope: str, severity=dg.AssetChec
 class EvalQuestionsConfig(dg.Config):
     autocoa_test_file: str = Field(str(SHARED_DATA / "autocoa" / "test.parquet"), description=(
         "AutoCoA's evaluation parquet (the six shared benchmarks); when absent those partitions are empty."))
-    n: int | None = Field(4, description="Questions sampled per benchmark; None = all (paper).")
+    n: int | None = Field(2, description=(
+        "Questions sampled per shared benchmark (embedded: small smoke samples; a 135M model cannot be meaningful on "
+        "real benchmarks); None = all (paper)."))
+    embedded_n: int | None = Field(100, description=(
+        "Held-out questions of the generated world (the embedded benchmark Table 1's comparisons are made on: the same "
+        "questions for every method, enough for intervals and paired tests); None = all of the split."))
     seed: int = Field(0, description="Sampling seed (samples are nested: the first 6 of n=10 are the sample of 6).")
-    embedded_splits: list[str] = Field(default_factory=lambda: ["dev", "train"], description=(
-        "Splits of embedded_world whose questions, minus every question_sample question, are the embedded pool."))
+    embedded_splits: list[str] = Field(default_factory=lambda: ["dev"], description=(
+        "Splits of embedded_world whose questions, minus every question_sample question, are the embedded pool "
+        "(default: the held-out dev split only; RL draws its own pool from train, so it never meets these)."))
 
 
 def _embedded_pool(world: pa.Table, sample: pa.Table, splits: list[str]) -> tuple[bm.LoadResult, dict]:
@@ -194,12 +200,13 @@ def eval_questions(context: dg.AssetExecutionContext, config: EvalQuestionsConfi
         rejected = result.rejected + [bm.RejectedQuestion(q.benchmark, q.source, q.source_row,
                                                           f"leakage: {leaks[(q.benchmark, q.question_id)]}", q.question)
                                       for q in result.questions if (q.benchmark, q.question_id) in leaks]
-        sampled = bm.sample_per_benchmark(clean, config.n, config.seed)
+        n = config.embedded_n if bench == EMBEDDED else config.n
+        sampled = bm.sample_per_benchmark(clean, n, config.seed)
     table, rej = bm.questions_table(sampled), bm.rejected_table(rejected)
     counts.update({"rows_rejected": len(rejected), "sampled": len(sampled), "not_sampled": len(clean) - len(sampled),
                    "leaked": len(leaks)})
-    if config.n is not None and 0 < len(clean) < config.n:
-        context.log.warning("eval_questions %s: only %d questions for n=%d", bench, len(clean), config.n)
+    if n is not None and 0 < len(clean) < n:
+        context.log.warning("eval_questions %s: only %d questions for n=%d", bench, len(clean), n)
     if bench == EMBEDDED and not clean:
         raise dg.Failure(f"eval_questions embedded: no embedded_world question outside question_sample in splits "
                          f"{config.embedded_splits}; enlarge EmbeddedWorldConfig.questions or lower QuestionSampleConfig.total")
@@ -207,7 +214,7 @@ def eval_questions(context: dg.AssetExecutionContext, config: EvalQuestionsConfi
                      len(clean), len(rejected), len(leaks), source)
     yield dg.Output(table, output_name="eval_questions", metadata={
         **md, **table_metadata(table, preview_columns=["benchmark", "question_id", "question", "golden_answers"]),
-        **counts, "source": source, "n": config.n if config.n is not None else -1, "seed": config.seed})
+        **counts, "source": source, "n": n if n is not None else -1, "seed": config.seed})
     yield dg.Output(rej, output_name="eval_questions_rejected", metadata={
         **table_metadata(rej, preview_columns=["source_row", "reason"]), **counts})
 
@@ -279,13 +286,13 @@ class EvalPredictionsConfig(dg.Config):
     temperature: float = Field(0.0, description="Sampling temperature of the policy (0 = greedy, reproducible).")
     top_p: float = Field(1.0, description="Nucleus sampling.")
     seed: int = Field(0, description="Sampling seed.")
-    max_actions: int = Field(2, description="T: searches allowed (paper: up to 10).")
-    max_context: int = Field(1536, description="N: tokens per trajectory, prompt included.")
-    max_turn_tokens: int = Field(80, description="Tokens the policy may write before its next action.")
+    max_actions: int = Field(5, description="T: searches allowed (4-hop questions need 4; paper: up to 10).")
+    max_context: int = Field(2048, description="N: tokens per trajectory, prompt included.")
+    max_turn_tokens: int = Field(96, description="Tokens the policy may write before its next action.")
     cot_max_tokens: int = Field(160, description="Tokens a base_cot answer may write.")
     answer_tokens: int = Field(24, description="Tokens allowed for a forced answer.")
     force_answer: bool = Field(True, description="A trajectory ending without \\boxed{} is prompted for the answer.")
-    search_k: int = Field(3, description="Passages per search.")
+    search_k: int = Field(2, description="Passages per search (embedded 2, as the training data; paper 3).")
 
 
 def checkpoint_template(checkpoint: str) -> PromptTemplate:

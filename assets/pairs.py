@@ -11,7 +11,7 @@ from pydantic import Field
 from agent.engines import load_engine, release_engines
 from agent.prompts import TEMPLATES, template_for
 from agent.rollout import RolloutConfig, search_tool
-from assets.trajectories import EngineConfig
+from assets.trajectories import TeacherEngineConfig
 from pipelines.metadata import bar_plot, markdown_table, table_metadata, timed
 from pipelines.paths import partition_dirname, tables_dir
 from pipelines.resources import SearchEngineResource
@@ -41,16 +41,17 @@ TRAJ_COLUMNS = ["trajectory_id", "question_id", "question", "gold_answers", "tok
 
 class PairsConfig(dg.Config):
     round: str = Field("r000", description="Synthesis round whose trajectories are mined.")
-    engine: EngineConfig = Field(default_factory=EngineConfig, description="The teacher that writes the continuations.")
+    engine: TeacherEngineConfig = Field(default_factory=TeacherEngineConfig, description=(
+        "The teacher that writes the continuations (embedded: the expert demonstrator, as for the trajectories)."))
     template_id: str | None = Field(None, description="CoA template for the shared context; default: by model family.")
     attempts: int = Field(4, description="Continuations sampled per juncture; the first correct one is kept.")
     temperature: float = Field(0.6, description="Sampling temperature of the continuations.")
-    max_actions: int = Field(3, description="T for the action continuations (paper profile: 10).")
+    max_actions: int = Field(5, description="T for the action continuations (4-hop questions need 4; paper profile: 10).")
     max_context: int = Field(2048, description="N, tokens per continuation sequence.")
     max_turn_tokens: int = Field(128, description="Tokens per turn (paper profile: 8192).")
-    search_k: int = Field(3, description="Passages per search.")
+    search_k: int = Field(2, description="Passages per search (as the trajectories; paper profile: 3).")
     seed: int = Field(0, description="Seed of the continuations.")
-    max_per_kind: int | None = Field(32, description=(
+    max_per_kind: int | None = Field(None, description=(
         "Wrong trajectories mined per kind (teacher time); the rest are recorded as discarded. None = all (paper)."))
     max_pairs: int | None = Field(400, description=(
         "Pairs kept after mining (paper: 1,500); the rest are recorded as discarded. None = all."))

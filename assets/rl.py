@@ -53,11 +53,15 @@ class RlConfig(dg.Config):
         "Recompute activations in the backward pass (paper profile: on)."))
     beta: float = Field(0.001, description="KL coefficient, low-variance k3 estimator (paper: 0.001).")
     temperature: float = Field(0.6, description="Sampling temperature (paper: 0.6).")
-    max_actions: int = Field(3, description="T: searches per trajectory (paper: 10).")
-    max_completion_tokens: int = Field(160, description="Response budget (paper: 8192).")
-    max_turn_tokens: int = Field(48, description="Tokens per generation call between actions.")
+    max_actions: int = Field(5, description="T: searches per trajectory (4-hop questions need 4; paper: 10).")
+    max_completion_tokens: int = Field(768, description="Response budget, search results included (embedded: four searches of k=2 fit; paper: 8192).")
+    max_turn_tokens: int = Field(96, description="Tokens per generation call between actions (as the evaluation).")
     use_vllm: bool = Field(False, description="TRL's colocated vLLM for generation (GPU only).")
     lora_r: int = Field(0, description="LoRA rank; 0 = full fine-tuning.")
+    base_template_id: Optional[str] = Field(None, description=(
+        "CoA template of rl_stage2_only (RL from the untrained model, guided by in-context examples as in the paper); "
+        "default: the few-shot template of the model's family. The chains after SFT use the plain agent instruction."))
+    search_k: int = Field(2, description="Passages per real search (embedded 2, as the training data; paper 3).")
     seed: int = Field(0, description="Seed of the question order, the CoT/CoA split, sampling and training.")
 
     def settings(self, steps: int) -> GrpoSettings:
@@ -79,11 +83,21 @@ def _questions(pool: pa.Table) -> list[dict]:
 
 def _train(context, config: RlConfig, storage: StorageResource, search_engine: SearchEngineResource, pool: pa.Table,
            *, asset: str, start: str, fraction: float, steps: int) -> dg.Output:
+    from agent.prompts import TEMPLATES, agent_template, template_for
+    from training.sft import root_model
+
+    root = Path(root_model(start)).name
+    if asset == "rl_stage2_only_checkpoint":
+        # RL from the untrained model: in-context examples guide it (the paper's RL-stage2-only baseline)
+        template = TEMPLATES[config.base_template_id] if config.base_template_id else template_for("coa", root)
+    else:  # a trained agent model is prompted as it is evaluated: the plain instruction, no examples
+        template = agent_template(root)
+    cot_template = template_for("cot", root, zero_shot=asset != "rl_stage2_only_checkpoint")
     questions = _questions(pool)
     if len(questions) < config.questions_per_step:
         raise dg.Failure(f"RL: rl_questions has {len(questions)} usable questions, fewer than questions_per_step="
                          f"{config.questions_per_step}")
-    search = search_tool(search_engine.get_engine(), 3) if fraction < 1.0 else None
+    search = search_tool(search_engine.get_engine(), config.search_k) if fraction < 1.0 else None
     simulated = round(fraction * steps)
     settings = config.settings(steps)
     context.log.info("%s: GRPO from %s, %d steps (%d simulated, %d real), %d questions (%d CoT) x %d samples per step",
@@ -91,7 +105,7 @@ def _train(context, config: RlConfig, storage: StorageResource, search_engine: S
                      cot_per_step(settings), config.num_generations)
     result = train_grpo(start, questions, storage.artifact_dir(asset), settings, search=search,
                         simulated_fraction=fraction, data_version=f"rl_questions:{len(questions)}",
-                        stage=asset.replace("_checkpoint", ""))
+                        stage=asset.replace("_checkpoint", ""), template=template, cot_template=cot_template)
     totals = result.cost_totals
     curve = result.reward_curve
     row = {"path": result.path, "stage": asset.replace("_checkpoint", ""), "start_model": start, "steps": result.steps,

@@ -3,6 +3,7 @@
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
 import dagster as dg
 import pyarrow as pa
@@ -23,9 +24,16 @@ MANIFEST = pa.schema([("path", pa.string()), ("stage", pa.string()), ("base_mode
 class SftConfig(dg.Config):
     base_model: str = Field("embedded", description="Start checkpoint for stage 1 / the ablation: 'embedded', a path or a hub id "
                                                      "(paper: deepseek-ai/DeepSeek-R1-Distill-Qwen-7B).")
-    max_steps: int = Field(4, description="Optimiser steps (embedded: a few, minutes on CPU).")
-    learning_rate: float = Field(5e-5, description="Learning rate (constant schedule).")
-    batch_size: int = Field(2, description="Per-device batch size.")
+    max_steps: Optional[int] = Field(None, description="Optimiser steps; None: from epochs (the paper profile sets steps).")
+    epochs: float = Field(1.0, description="Passes over the data when max_steps is None (steps = ceil(epochs x rows / batch)).")
+    learning_rate: float = Field(3e-4, description=(
+        "Peak learning rate (embedded: 3e-4 for a 135M model on a few hundred demonstrations; paper: 1e-5)."))
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name (cosine with warmup; 'constant').")
+    warmup_ratio: float = Field(0.05, description="Share of the steps spent warming up.")
+    trainable_layers: Optional[int] = Field(10, description=(
+        "Train only the top N decoder layers (embeddings and lower layers frozen): on a CPU the backward pass stops "
+        "N layers down. None: every layer (the paper profile)."))
+    batch_size: int = Field(8, description="Per-device batch size.")
     grad_accum: int = Field(1, description="Gradient accumulation steps.")
     max_length: int = Field(2048, description="Longest training sequence.")
     packing: bool = Field(False, description="Pack sequences (stages 2/3; TRL's bfd packing).")
@@ -41,12 +49,32 @@ class SftConfig(dg.Config):
         "Accelerate config: a path or a name under configs/accelerate/ (multi_gpu, deepspeed_zero2, deepspeed_zero3); "
         "default multi_gpu on CUDA, cpu otherwise."))
 
-    def settings(self) -> TrainSettings:
+    def steps_for(self, rows: int) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * rows / (self.batch_size * self.grad_accum)))
+
+    def settings(self, rows: int = 0) -> TrainSettings:
         lora = {"r": self.lora_r, "lora_alpha": 2 * self.lora_r, "target_modules": "all-linear"} if self.lora_r else None
-        return TrainSettings(max_steps=self.max_steps, learning_rate=self.learning_rate, batch_size=self.batch_size,
+        steps = self.steps_for(rows)
+        return TrainSettings(max_steps=steps, learning_rate=self.learning_rate, batch_size=self.batch_size,
+                             lr_scheduler=self.lr_scheduler, warmup_steps=math.ceil(self.warmup_ratio * steps),
+                             trainable_layers=None if self.lora_r else self.trainable_layers,
                              grad_accum=self.grad_accum, max_length=self.max_length, packing=self.packing,
                              gradient_checkpointing=self.gradient_checkpointing, alpha=self.alpha, lora=lora,
                              seed=self.seed)
+
+
+class Sft1Config(SftConfig):
+    epochs: float = Field(0.5, description=(
+        "Passes over the pairs when max_steps is None (embedded: half a pass; each pair is two sequences, and the "
+        "chosen side carries the search results the action brought)."))
+
+
+class Sft3Config(SftConfig):
+    epochs: float = Field(0.5, description=(
+        "Passes over the data when max_steps is None: SFT-3 continues SFT-2 on the same trajectories, now with the "
+        "search results in the loss (the world model), so a shorter pass suffices on CPU."))
 
 
 def _loss_plot(curves: dict[str, list[float]], title: str) -> dg.MetadataValue:
@@ -86,13 +114,13 @@ def _train(context, config: SftConfig, storage: StorageResource, *, stage: int, 
     version = f"{data_asset}:{data.num_rows}"
     if config.launcher == "inprocess":
         if stage == 1:
-            return train_stage1(model, data.to_pylist(), out, config.settings(), data_version=version)
-        return train_trajectory_sft(model, data.to_pylist(), labels, out, config.settings(), stage=stage,
+            return train_stage1(model, data.to_pylist(), out, config.settings(data.num_rows), data_version=version)
+        return train_trajectory_sft(model, data.to_pylist(), labels, out, config.settings(data.num_rows), stage=stage,
                                     data_version=version)
     from pipelines.paths import table_path
     from training.launch import launch_command, run_launcher
 
-    argv = launch_command(stage, model, table_path(storage.home, [data_asset]), out, config.settings(),
+    argv = launch_command(stage, model, table_path(storage.home, [data_asset]), out, config.settings(data.num_rows),
                           launcher=config.launcher, num_processes=config.num_processes,
                           accelerate_config=config.accelerate_config, labels=labels, data_version=version)
     context.log.info("launching: %s", " ".join(argv))
@@ -111,7 +139,7 @@ def _checkpoint_of(storage: StorageResource, asset: str) -> str:
 
 
 @dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"}, deps=["sft_stage1_data"])
-def sft_stage1_checkpoint(context: dg.AssetExecutionContext, config: SftConfig, storage: StorageResource) -> dg.Output[pa.Table]:
+def sft_stage1_checkpoint(context: dg.AssetExecutionContext, config: Sft1Config, storage: StorageResource) -> dg.Output[pa.Table]:
     """SFT-1: the base model trained on the contrastive pairs (−logσ(P̄c − P̄r) + α·(−P̄c)); also the stage-1-only ablation."""
     data = _table(storage, "sft_stage1_data")
     if data is None or data.num_rows == 0:
@@ -141,7 +169,7 @@ def sft_stage2_checkpoint(context: dg.AssetExecutionContext, config: SftConfig, 
 
 
 @dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"}, deps=["sft_stage2_checkpoint", "sft_stage23_data"])
-def sft_stage3_checkpoint(context: dg.AssetExecutionContext, config: SftConfig, storage: StorageResource) -> dg.Output[pa.Table]:
+def sft_stage3_checkpoint(context: dg.AssetExecutionContext, config: Sft3Config, storage: StorageResource) -> dg.Output[pa.Table]:
     """SFT-3: from the stage-2 checkpoint, the same data with search results in the loss (the internal world model)."""
     return _trajectory_stage(context, config, storage, "sft_stage3_checkpoint",
                              _checkpoint_of(storage, "sft_stage2_checkpoint"), "labels_stage3", 3)
@@ -192,7 +220,7 @@ def _build_checks(asset: str):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from agent.models import EMBEDDED_MODEL
-        from agent.prompts import template_for
+        from agent.prompts import agent_template
         from agent.protocol import parse
 
         manifest = _table(storage, asset)
@@ -202,7 +230,7 @@ def _build_checks(asset: str):
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
         root = json.loads((Path(path) / "meta.json").read_text()).get("root_model", EMBEDDED_MODEL)
-        template = template_for("coa", root)
+        template = agent_template(root)  # trained checkpoints answer the plain instruction
         ids = template.prompt_ids(tok, "In which country is the city of Valdren?")
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=96, do_sample=False,

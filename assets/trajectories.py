@@ -46,7 +46,9 @@ def trajectory_partitions(shards: int) -> dg.MultiPartitionsDefinition:
 
 
 class EngineConfig(dg.Config):
-    kind: str = Field("auto", description="'vllm', 'transformers', 'openai' (HTTP) or 'auto' (vLLM when installed).")
+    kind: str = Field("auto", description=(
+        "'vllm', 'transformers', 'openai' (HTTP), 'expert' (the scripted demonstrator of the generated world, "
+        "agent/expert.py) or 'auto' (vLLM when installed)."))
     model: str = Field("embedded", description="'embedded' (SmolLM2-135M-Instruct), a checkpoint directory or a hub id.")
     dtype: Optional[str] = Field(None, description="Weights dtype; default bfloat16 for vLLM/GPU, float32 for transformers on CPU.")
     max_model_len: int = Field(4096, description="Longest sequence the engine accepts (prompt + trajectory).")
@@ -64,9 +66,16 @@ class EngineConfig(dg.Config):
                           base_urls=tuple(self.base_urls), served_model=self.served_model)
 
 
+class TeacherEngineConfig(EngineConfig):
+    kind: str = Field("expert", description=(
+        "The teacher. Embedded default: 'expert', the scripted demonstrator of the generated world (a program "
+        "stronger than the 135M student, agent/expert.py); 'auto' with model 'embedded' selects the SmolLM2 "
+        "few-shot teacher; paper: 'vllm' with DeepSeek-R1-Distill-Qwen-32B."))
+
+
 class TrajectoryConfig(dg.Config):
     profile: str = Field("embedded", description="Profile name recorded with every row.")
-    engine: EngineConfig = Field(default_factory=EngineConfig)
+    engine: TeacherEngineConfig = Field(default_factory=TeacherEngineConfig, description="The teacher that writes the trajectories.")
     template_id: Optional[str] = Field(None, description=f"Prompt template ({', '.join(TEMPLATES)}); default: by model family.")
     samples_per_question: int = Field(1, description="Trajectories per question.")
     seed: Optional[int] = Field(None, description="Sampling seed; default: derived from the round's name, so each round differs.")
@@ -80,7 +89,8 @@ class TrajectoryConfig(dg.Config):
     force_answer: bool = Field(True, description=(
         "A trajectory that ends without \\boxed{} is prompted for the answer (as at the budget, Algorithm 1); "
         "finish_reason 'forced' marks it."))
-    search_k: int = Field(3, description="Passages per search.")
+    search_k: int = Field(2, description="Passages per search (embedded: 2, which keeps trajectories short for CPU "
+                                         "training; paper profile: 3).")
     max_questions: Optional[int] = Field(None, description="Cap on questions per shard (quick runs).")
     answer_rate_floor: float = Field(0.5, description="The non-empty-answer check warns below this share.")
 

@@ -156,12 +156,91 @@ def run_evaluation(instance, defs, *, profile: str, extra: dict, methods: list[s
     return results
 
 
+def step_seconds(instance, results) -> dict[str, float]:
+    """Wall seconds per asset step over the given runs (a partitioned step summed over its partitions), read from
+    the runs' event logs: step start to step success or failure."""
+    import collections
+
+    totals: dict[str, float] = collections.defaultdict(float)
+    for res in results:
+        if res is None:
+            continue
+        started: dict[str, float] = {}
+        for entry in instance.all_logs(res.run_id):
+            ev = entry.dagster_event
+            if ev is None or not entry.step_key:
+                continue
+            if ev.event_type_value == "STEP_START":
+                started[entry.step_key] = entry.timestamp
+            elif ev.event_type_value in ("STEP_SUCCESS", "STEP_FAILURE") and entry.step_key in started:
+                totals[entry.step_key] += entry.timestamp - started.pop(entry.step_key)
+    return dict(totals)
+
+
+STAGES = {  # asset step -> stage of the summary
+    "synthesis": ("cot_trajectories", "coa_trajectories"),
+    "pairs": ("contrastive_pairs",),
+    "sft": ("sft_stage1_checkpoint", "sft_stage2_checkpoint", "sft_stage3_checkpoint", "sft_stage2_only_checkpoint"),
+    "rl": ("rl_stage2_only_checkpoint", "sft123_rl1_checkpoint", "sft123_rl12_checkpoint", "sft12_rl2_checkpoint"),
+    "evaluation": ("eval_questions", "eval_predictions", "eval_table", "eval_comparisons", "action_analysis",
+                   "world_model_fidelity"),
+}
+
+
+def run_summary(home: Path, seconds: dict[str, float], wall: float) -> str:
+    """The end-of-run summary: the headline comparison (best agent model vs ReAct on the reasoning model, with its
+    interval and paired p-value), searches per question per method, and the wall time of each stage."""
+    from tabulate import tabulate
+
+    from pipelines.sql import connect
+
+    lines = []
+    try:
+        con, tables = connect(home)
+    except Exception as exc:  # noqa: BLE001 - a summary never fails the run
+        return f"(no summary: {exc})"
+    if {"eval_predictions", "embedded_world"} <= set(tables):
+        rows = con.execute("""
+            select p.method, count(*) as n, 100 * avg(p.em) as em, avg(p.n_actions) as searches,
+                   avg(case when w.type <> 'comparison' then p.n_actions end) as searches_non_comparison,
+                   100 * avg(case when p.finish_reason = 'error' then 1 else 0 end) as errors
+            from eval_predictions p join embedded_world w on p.question_id = w.id
+            where p.benchmark = 'embedded' group by p.method order by p.method""").fetchall()
+        lines.append("embedded held-out questions (greedy, the same questions for every method):")
+        lines.append(tabulate([[m, n, f"{em:.1f}", f"{s:.2f}", f"{snc:.2f}" if snc is not None else "-", f"{e:.1f}"]
+                               for m, n, em, s, snc, e in rows],
+                              headers=["method", "n", "EM %", "searches/q", "searches/q (non-comparison)", "errors %"]))
+    if "eval_comparisons" in tables:
+        cmp = con.execute("""
+            select method, n, score, ci_low, ci_high, reference, reference_score, reference_diff,
+                   reference_diff_low, reference_diff_high, reference_p
+            from eval_comparisons where benchmark = 'embedded' and metric = 'em'
+              and method not in ('base_cot', 'react_base', 'react_reasoning')
+            order by score desc, method limit 1""").fetchall()
+        if cmp:
+            m, n, sc, lo, hi, ref, rsc, d, dlo, dhi, p = cmp[0]
+            lines.append("")
+            lines.append(f"headline: best agent model {m}: EM {sc:.1f}% [{lo:.1f}, {hi:.1f}] (n={n}) vs {ref}: "
+                         + (f"{rsc:.1f}%; difference {d:+.1f} points [{dlo:+.1f}, {dhi:+.1f}], exact McNemar p={p:.2g}"
+                            if ref else "no reference predictions"))
+    stage_rows = [[stage, f"{sum(seconds.get(s, 0.0) for s in steps) / 60:.1f}"] for stage, steps in STAGES.items()]
+    other = wall - sum(sum(seconds.get(s, 0.0) for s in steps) for steps in STAGES.values())
+    stage_rows.append(["everything else (data, index, checks, loading)", f"{max(other, 0.0) / 60:.1f}"])
+    stage_rows.append(["total wall time", f"{wall / 60:.1f}"])
+    lines.append("")
+    lines.append(tabulate(stage_rows, headers=["stage", "minutes"]))
+    return "\n".join(lines)
+
+
 def cmd_run(args) -> int:
     from tabulate import tabulate
 
     from pipelines.definitions import build_definitions
     from pipelines.paths import discover_tables
 
+    import time
+
+    run_started = time.perf_counter()
     home = Path(args.home)
     instance = _instance(home)
     defs = build_definitions(home)
@@ -234,6 +313,11 @@ next:
   UI      : autocoa ui        (= DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000)
             then open http://127.0.0.1:3000
   search  : autocoa serve-search   (HTTP batch search on 127.0.0.1:8099)""")
+    print("\nsummary:")
+    try:
+        print(run_summary(home, step_seconds(instance, results), time.perf_counter() - run_started))
+    except Exception as exc:  # noqa: BLE001 - the summary reports; it never fails a finished run
+        print(f"(summary unavailable: {type(exc).__name__}: {exc})")
     failures = [f for r in results for f in _failed_steps(r)]
     if failures:
         print("\nFAILED steps:\n  " + "\n  ".join(failures), file=sys.stderr)

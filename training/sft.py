@@ -84,7 +84,7 @@ def _load(model_path: str, s: TrainSettings):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **s.lora))
-    elif s.trainable_layers is not None:
+    elif getattr(s, "trainable_layers", None) is not None:  # GRPO's settings have no such field: all layers
         freeze_below(model, s.trainable_layers)
     return model, tok
 
