@@ -23,7 +23,7 @@ AUTOCOA_TEST = SHARED_DATA / "autocoa" / "test.parquet"
 TF = {"kind": "transformers"}
 BASE = {"embedded_world": {"config": {"people": 300, "works": 300, "orgs": 60, "places": 80, "questions": 200}},
         "question_sample": {"config": {"total": 12}}}
-QUESTIONS = {"eval_questions": {"config": {"n": 2}}}
+QUESTIONS = {"eval_questions": {"config": {"n": 2, "embedded_n": 2}}}
 PREDICT = {"eval_predictions": {"config": {"engine": TF, "base_engine": TF, "judge": TF, "max_actions": 1, "max_context": 1000,
                                            "max_turn_tokens": 32, "cot_max_tokens": 40, "answer_tokens": 10}}}
 REPORTS = {"world_model_fidelity": {"config": {"engine": TF, "n": 2, "max_actions": 1, "max_context": 900,

@@ -69,8 +69,24 @@ def collate_pairs(rows: Sequence[dict], pad_id: int, max_length: int) -> dict:
 
 
 def pair_mean_logprobs(model, batch: dict):
-    """(P̄c, P̄r) per pair of a :func:`collate_pairs` batch, from one forward over chosen and rejected."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    means = mean_logprob(logits, batch["input_ids"], batch["labels"])
+    """(P̄c, P̄r) per pair of a :func:`collate_pairs` batch, from one forward over chosen and rejected.
+
+    The vocabulary projection runs on the labelled positions only (context, environment tokens and padding need
+    no logits): the same means as :func:`mean_logprob` over full logits, without a (rows x length x vocabulary)
+    tensor. Models without a separate ``model``/``lm_head`` (e.g. PEFT wrappers) take the full-logits path."""
+    import torch
+
+    ids, labels = batch["input_ids"], batch["labels"]
+    base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if base is None or head is None:
+        means = mean_logprob(model(input_ids=ids, attention_mask=batch["attention_mask"]).logits, ids, labels)
+    else:
+        hidden = base(input_ids=ids, attention_mask=batch["attention_mask"]).last_hidden_state
+        mask = labels[:, 1:] != IGNORE
+        logp = torch.log_softmax(head(hidden[:, :-1][mask]).float(), dim=-1)
+        picked = logp.gather(-1, ids[:, 1:][mask].unsqueeze(-1)).squeeze(-1)
+        sums = torch.zeros(ids.shape[0], dtype=picked.dtype, device=picked.device)
+        sums = sums.index_add(0, mask.nonzero()[:, 0], picked)
+        means = sums / mask.sum(-1).clamp(min=1)
     half = means.shape[0] // 2
     return means[:half], means[half:]
