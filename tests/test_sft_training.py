@@ -106,6 +106,16 @@ def test_stage1_resumes_from_a_mid_training_checkpoint(tiny_model, embedded_toke
     assert resumed.steps == 4 and resumed.loss_curve == pytest.approx(first.loss_curve, rel=1e-4)
 
 
+class _ForwardOnly:
+    """Stands in for DDP: exposes only forward (no .model / .lm_head), so the wrapper's hooks would run."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, **kwargs):
+        return self.module(**kwargs)
+
+
 def test_labelled_positions_loss_equals_the_models_loss(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
@@ -122,6 +132,16 @@ def test_labelled_positions_loss_equals_the_models_loss(tiny_model):
     want = model(input_ids=ids, labels=labels).loss
     got = labelled_positions_loss(model, {"input_ids": ids, "labels": labels})
     assert torch.allclose(got, want, atol=1e-5)
+    # through a wrapper's own forward (DDP, DeepSpeed, PEFT): logits_to_keep, same loss and same gradient
+    wrapped = _ForwardOnly(model)
+    assert torch.allclose(labelled_positions_loss(wrapped, {"input_ids": ids, "labels": labels}), want, atol=1e-5)
+    from training.losses import mean_logprob, pair_mean_logprobs
+
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    full = mean_logprob(model(input_ids=ids).logits, ids, labels)
+    for m in (model, wrapped):
+        c, r = pair_mean_logprobs(m, batch)
+        assert torch.allclose(torch.cat([c, r]), full, atol=1e-5)
     n = freeze_below(model, 1)
     assert n == sum(p.numel() for p in model.model.layers[-1].parameters()) + sum(p.numel() for p in model.model.norm.parameters())
     assert not model.get_input_embeddings().weight.requires_grad

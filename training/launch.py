@@ -135,6 +135,7 @@ def run_launcher(argv: Sequence[str], log: Callable[[str], object] = print, *, c
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH")]))
     child_env.setdefault("TQDM_MININTERVAL", "5")  # progress bars: one line per few seconds, not per refresh
     last: collections.deque[str] = collections.deque(maxlen=tail)
+    first_traceback: list[str] = []  # torchrun prints its own traceback last; the child's root cause comes first
     proc = subprocess.Popen(list(argv), cwd=str(cwd), env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1, start_new_session=True)
     try:
@@ -143,13 +144,18 @@ def run_launcher(argv: Sequence[str], log: Callable[[str], object] = print, *, c
             line = raw.rstrip()
             if line:
                 last.append(line)
+                if (first_traceback or "Traceback (most recent call last)" in line) and len(first_traceback) < tail:
+                    first_traceback.append(line)
                 log(line)
         rc = proc.wait()
     except BaseException:
         _terminate(proc)
         raise
     if rc != 0:
-        raise LaunchError(f"training launcher exited with code {rc}: {' '.join(argv[:8])} ...\n"
+        first = ""
+        if first_traceback and first_traceback[0] not in last:
+            first = f"--- first traceback ({len(first_traceback)} lines) ---\n" + "\n".join(first_traceback) + "\n"
+        raise LaunchError(f"training launcher exited with code {rc}: {' '.join(argv[:8])} ...\n{first}"
                           f"--- last {len(last)} lines ---\n" + "\n".join(last))
     if not result_path.is_file():
         raise LaunchError(f"training launcher exited 0 but wrote no result to {result_path}\n"

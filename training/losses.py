@@ -68,25 +68,42 @@ def collate_pairs(rows: Sequence[dict], pad_id: int, max_length: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
+def labelled_logits(model, input_ids, attention_mask, labels):
+    """``(logits, targets, rows)`` at the labelled next-token positions only: ``logits[i]`` predicts
+    ``targets[i]`` in batch row ``rows[i]``.
+
+    A bare transformers model runs its decoder and applies the vocabulary projection to exactly those
+    positions. A wrapped one (DDP, DeepSpeed, PEFT) is called through its own forward, so the wrapper's
+    gradient hooks run, with ``logits_to_keep`` set to the positions labelled in any row of the batch; the
+    rows' other positions are then dropped. Either way no logits are made for the unlabelled prefix."""
+    import torch
+    from transformers import PreTrainedModel
+
+    mask = labels[:, 1:] != IGNORE
+    targets, rows = input_ids[:, 1:][mask], mask.nonzero()[:, 0]
+    base = getattr(model, model.base_model_prefix, None) if isinstance(model, PreTrainedModel) else None
+    head = model.get_output_embeddings() if base is not None else None
+    if base is not None and head is not None:
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return head(hidden[:, :-1][mask]), targets, rows
+    keep = mask.any(0).nonzero()[:, 0]
+    if keep.numel() == 0:
+        keep = torch.zeros(1, dtype=torch.long, device=input_ids.device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    return logits[mask[:, keep]], targets, rows
+
+
 def pair_mean_logprobs(model, batch: dict):
     """(P̄c, P̄r) per pair of a :func:`collate_pairs` batch, from one forward over chosen and rejected.
 
-    The vocabulary projection runs on the labelled positions only (context, environment tokens and padding need
-    no logits): the same means as :func:`mean_logprob` over full logits, without a (rows x length x vocabulary)
-    tensor. Models without a separate ``model``/``lm_head`` (e.g. PEFT wrappers) take the full-logits path."""
+    Logits are made for the labelled positions only (:func:`labelled_logits`): the same means as
+    :func:`mean_logprob` over full logits, without a (rows x length x vocabulary) tensor."""
     import torch
 
     ids, labels = batch["input_ids"], batch["labels"]
-    base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
-    if base is None or head is None:
-        means = mean_logprob(model(input_ids=ids, attention_mask=batch["attention_mask"]).logits, ids, labels)
-    else:
-        hidden = base(input_ids=ids, attention_mask=batch["attention_mask"]).last_hidden_state
-        mask = labels[:, 1:] != IGNORE
-        logp = torch.log_softmax(head(hidden[:, :-1][mask]).float(), dim=-1)
-        picked = logp.gather(-1, ids[:, 1:][mask].unsqueeze(-1)).squeeze(-1)
-        sums = torch.zeros(ids.shape[0], dtype=picked.dtype, device=picked.device)
-        sums = sums.index_add(0, mask.nonzero()[:, 0], picked)
-        means = sums / mask.sum(-1).clamp(min=1)
+    logits, targets, rows = labelled_logits(model, ids, batch["attention_mask"], labels)
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    sums = torch.zeros(ids.shape[0], dtype=picked.dtype, device=picked.device).index_add(0, rows, picked)
+    means = sums / (labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)
     half = means.shape[0] // 2
     return means[:half], means[half:]

@@ -111,17 +111,15 @@ def freeze_below(model, trainable_layers: int) -> int:
 
 def labelled_positions_loss(model, inputs) -> object:
     """Token cross-entropy over the labelled positions only, with the vocabulary projection applied to those
-    positions alone: masked observation tokens (most of a CoA trajectory) still pass through the decoder, but
-    cost no logits. Equal to the model's own causal-LM loss (mean over labelled next tokens)."""
+    positions alone (:func:`training.losses.labelled_logits`): masked observation tokens (most of a CoA
+    trajectory) still pass through the decoder, but cost no logits. Equal to the model's own causal-LM loss
+    (mean over labelled next tokens)."""
     import torch.nn.functional as F
 
-    labels = inputs["labels"]
-    body = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
-    hidden = model.model(**body).last_hidden_state
-    target = labels[:, 1:]
-    keep = target != -100
-    logits = model.lm_head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), target[keep])
+    from training.losses import labelled_logits
+
+    logits, targets, _ = labelled_logits(model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"])
+    return F.cross_entropy(logits.float(), targets)
 
 
 def _save(trainer, model, tok, out: Path, meta: dict) -> None:
