@@ -349,13 +349,20 @@ def rl_questions(context: dg.AssetExecutionContext, config: RlQuestionsConfig, s
     return dg.Output(table, metadata=md)
 
 
-@dg.asset_check(asset=rl_questions, blocking=True, additional_ins={"question_sample": dg.AssetIn("question_sample"),
-                                                                  "hotpotqa_raw": dg.AssetIn("hotpotqa_raw")},
+@dg.asset_check(asset=rl_questions, blocking=True, additional_deps=["question_sample", "hotpotqa_raw"],
                 description=("No RL question is an SFT question (question_sample, any trajectory, pair or SFT table) "
                              "or an evaluation question, by id or by text."))
-def rl_questions_disjoint_from_sft(context: dg.AssetCheckExecutionContext, storage: StorageResource,
-                                   rl_questions: pa.Table, question_sample: pa.Table,
-                                   hotpotqa_raw: pa.Table) -> dg.AssetCheckResult:
+def rl_questions_disjoint_from_sft(context: dg.AssetCheckExecutionContext,
+                                   storage: StorageResource) -> dg.AssetCheckResult:
+    from assets.pairs import NOT_MATERIALISED, _table
+
+    rl_questions, question_sample, hotpotqa_raw = (_table(storage, a) for a in ("rl_questions", "question_sample",
+                                                                                "hotpotqa_raw"))
+    if rl_questions is None:
+        return NOT_MATERIALISED
+    if question_sample is None or hotpotqa_raw is None:
+        return dg.AssetCheckResult(passed=False, metadata={"error": "rl_questions exists but question_sample or "
+                                                           "hotpotqa_raw does not: disjointness cannot be shown"})
     excluded = rl_excluded(storage.home, question_sample, hotpotqa_raw, *_eval_config(context.instance))
     hits = rl_overlap(rl_questions.select(["id", "question"]).to_pylist(), excluded)
     return dg.AssetCheckResult(passed=not any(hits.values()), metadata={

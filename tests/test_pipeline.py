@@ -141,7 +141,7 @@ def test_cli_run_check_and_sql(cli_home, capsys, tmp_path, monkeypatch):
     out_csv = tmp_path / "pools.csv"
     assert cli.main(["--home", str(cli_home), "sql", "select pool, count(*) n from question_sample group by 1 order by 1",
                      "--csv", str(out_csv)]) == 0
-    assert out_csv.read_text().splitlines() == ["pool,n", "coa,64", "cot,64"]
+    assert out_csv.read_text().splitlines() == ["pool,n", "coa,600", "cot,120"]  # the embedded defaults
     out_pq = tmp_path / "s.parquet"
     assert cli.main(["--home", str(cli_home), "sql", "select * from search_index", "--parquet", str(out_pq)]) == 0
     assert pq.read_table(out_pq).num_rows == 1

@@ -21,7 +21,7 @@ from pipelines.sql import run_query
 ROLLOUT = {"max_turn_tokens": 40, "cot_max_tokens": 48, "max_context": 900, "max_actions": 2, "answer_tokens": 12,
            "engine": {"kind": "transformers"}}
 BASE = {"embedded_world": {"config": {"people": 300, "works": 300, "orgs": 60, "places": 80, "questions": 200}},
-        "question_sample": {"config": {"total": 12}}}
+        "question_sample": {"config": {"total": 12, "cot_fraction": 0.5}}}  # both pools in every shard
 SYNTH = {"cot_trajectories": {"config": ROLLOUT}, "coa_trajectories": {"config": ROLLOUT}}
 
 
