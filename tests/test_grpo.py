@@ -232,6 +232,11 @@ def test_rollout_func_checks_trl_prompt_layout_and_search(embedded_tokenizer):
 def test_simulation_schedule():
     paper = SimulationSchedule.from_fraction(80 / 96, 96)
     assert paper.simulated_steps == 80 and paper(79) and not paper(80)
+    # a short two-phase run keeps a real step (80/96 of 2 would round to 2 simulated, 0 real) and a simulated one
+    assert SimulationSchedule.from_fraction(80 / 96, 2).simulated_steps == 1
+    assert SimulationSchedule.from_fraction(0.05, 3).simulated_steps == 1
+    assert [SimulationSchedule.from_fraction(f, 4).simulated_steps for f in (0.0, 1.0)] == [0, 4]
+    assert SimulationSchedule.from_fraction(0.5, 1).simulated_steps in (0, 1)
     with pytest.raises(ValueError, match="simulated_fraction"):
         SimulationSchedule.from_fraction(1.5, 10)
 

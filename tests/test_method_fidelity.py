@@ -538,8 +538,13 @@ def small_data():
 
 
 def _check(home, pool, sample, raw):
+    """The check as Dagster runs it: it reads the three tables from the home."""
+    for name, table in (("rl_questions", pool), ("question_sample", sample), ("hotpotqa_raw", raw)):
+        path = table_path(home, [name])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
     return rl_questions_disjoint_from_sft(dg.build_asset_check_context(instance=dg.DagsterInstance.ephemeral()),
-                                          StorageResource(home=str(home)), pool, sample, raw)
+                                          StorageResource(home=str(home)))
 
 
 def test_item6_rl_pool_is_disjoint_from_sft_and_evaluation_and_the_check_blocks_an_overlap(small_data, tmp_path):
@@ -561,6 +566,9 @@ def test_item6_rl_pool_is_disjoint_from_sft_and_evaluation_and_the_check_blocks_
     assert not {r["id"] for r in rows} & (sample_ids | {spare})
     assert not {normalise_question(r["question"]) for r in rows} & sample_texts
     assert {r["split"] for r in rows} == {"train"}  # the dev split is evaluation: never an RL prompt
+    absent = rl_questions_disjoint_from_sft(dg.build_asset_check_context(instance=dg.DagsterInstance.ephemeral()),
+                                            StorageResource(home=str(home)))
+    assert absent.passed and "skipped" in absent.metadata  # rl_questions not materialised: skipped, not failed
     check = _check(home, pool, sample, raw)
     assert check.passed and check.metadata["overlap_sft"].value == 0
 

@@ -62,7 +62,10 @@ class SimulationSchedule:
     def from_fraction(cls, fraction: float, max_steps: int) -> SimulationSchedule:
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"simulated_fraction must be within [0, 1], got {fraction}")
-        return cls(round(fraction * max_steps))
+        steps = round(fraction * max_steps)
+        if 0.0 < fraction < 1.0 and max_steps >= 2:  # a two-phase run keeps both phases at any step count
+            steps = min(max(steps, 1), max_steps - 1)
+        return cls(steps)
 
 
 PAPER_SIMULATED_FRACTION = 80 / 96
