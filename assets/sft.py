@@ -37,6 +37,9 @@ class SftConfig(dg.Config):
     grad_accum: int = Field(1, description="Gradient accumulation steps.")
     max_length: int = Field(2048, description="Longest training sequence.")
     packing: bool = Field(False, description="Pack sequences (stages 2/3; TRL's bfd packing).")
+    length_buckets: bool = Field(True, description=(
+        "Batches of rows of similar length, in a shuffled order (cuts padding: random batches of the embedded data "
+        "were 36% padding, bucketed 10%; measured 1.5x tokens/s on 2 cores). False: uniform random order."))
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     alpha: float = Field(1.0, description="SFT-1: weight of the chosen-side NLL term.")
     lora_r: int = Field(0, description="LoRA rank; 0 = full fine-tuning.")
@@ -62,7 +65,7 @@ class SftConfig(dg.Config):
                              trainable_layers=None if self.lora_r else self.trainable_layers,
                              grad_accum=self.grad_accum, max_length=self.max_length, packing=self.packing,
                              gradient_checkpointing=self.gradient_checkpointing, alpha=self.alpha, lora=lora,
-                             seed=self.seed)
+                             seed=self.seed, length_buckets=self.length_buckets)
 
 
 class Sft1Config(SftConfig):

@@ -15,7 +15,8 @@ def _rows(tok, n=6):
     for i in range(n):
         prompt = tok.encode(f"Question {i}: where is Valdren?\n<think>", add_special_tokens=False)
         policy = tok.encode(" I search. <begin_search> Valdren </end_search>", add_special_tokens=False)
-        obs = tok.encode("\n<search_result>\nValdren is in Norsland.\n</search_result>\n", add_special_tokens=False)
+        obs = tok.encode("\n<search_result>\n" + "Valdren is in Norsland. " * (1 + i % 3) + "\n</search_result>\n",
+                         add_special_tokens=False)  # rows of three lengths: the length buckets have work to do
         answer = tok.encode(" So Norsland.</think>\n\n\\boxed{Norsland}", add_special_tokens=False)
         ids = prompt + policy + obs + answer
         l2 = [-100] * len(prompt) + policy + [-100] * len(obs) + answer
@@ -68,7 +69,8 @@ def _pairs(tok, n=4):
     for i in range(n):
         context = tok.encode(f"Q{i}: where is Valdren?\n<think>I need it.", add_special_tokens=False)
         action = tok.encode(" <begin_search> Valdren </end_search>", add_special_tokens=False)
-        obs = tok.encode("\n<search_result>\nValdren is in Norsland.\n</search_result>\n", add_special_tokens=False)
+        obs = tok.encode("\n<search_result>\n" + "Valdren is in Norsland. " * (1 + i % 3) + "\n</search_result>\n",
+                         add_special_tokens=False)  # rows of three lengths: the length buckets have work to do
         answer = tok.encode(" So Norsland.</think> \\boxed{Norsland}", add_special_tokens=False)
         rejected = tok.encode(" It is in Brivia.</think> \\boxed{Brivia}", add_special_tokens=False)
         rows.append({"pair_id": f"p{i}", "context_ids": context, "chosen_ids": action + obs + answer,
@@ -114,6 +116,54 @@ class _ForwardOnly:
 
     def __call__(self, **kwargs):
         return self.module(**kwargs)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_length_bucket_sampler_is_a_shuffled_permutation_of_similar_length_batches(seed):
+    import random
+
+    from training.sft import LengthBucketSampler, padding_share
+
+    rng = random.Random(seed)
+    lengths = [rng.choice([120, 300]) + rng.randrange(0, 600) for _ in range(101)]  # CoT-like and CoA-like rows
+    s = LengthBucketSampler(lengths, batch_size=8, seed=seed)
+    order = list(s)
+    assert sorted(order) == list(range(101)) and len(s) == 101  # every row exactly once
+    assert order == list(LengthBucketSampler(lengths, 8, seed))  # deterministic for (seed, epoch): resume-safe
+    s.set_epoch(1)
+    assert list(s) != order and sorted(s) == list(range(101))  # a new order per epoch
+    batches = [order[i:i + 8] for i in range(0, 101, 8)]  # how the DataLoader cuts the order
+    assert batches == LengthBucketSampler(lengths, 8, seed).batches()
+    shuffled = list(range(101))
+    rng.shuffle(shuffled)
+    uniform = [shuffled[i:i + 8] for i in range(0, 101, 8)]
+    assert padding_share(lengths, batches) < 0.5 * padding_share(lengths, uniform)
+    firsts = [lengths[b[0]] for b in batches]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)  # batch order is not by length
+
+
+def test_trajectory_sft_trains_in_length_buckets(tiny_model, embedded_tokenizer, tmp_path):
+    from training.sft import TrainSettings, train_trajectory_sft
+
+    rows = _rows(embedded_tokenizer, n=8)
+    seen = []
+    import training.sft as sft
+
+    real = sft.labelled_positions_loss
+
+    def spy(model, inputs):
+        seen.append(inputs["attention_mask"].sum(dim=1).tolist())
+        return real(model, inputs)
+
+    sft.labelled_positions_loss = spy
+    try:
+        train_trajectory_sft(tiny_model, rows, "labels_stage2", tmp_path / "c",
+                             TrainSettings(max_steps=4, learning_rate=1e-3, batch_size=2, max_length=256), stage=2)
+    finally:
+        sft.labelled_positions_loss = real
+    lengths = sorted(len(r["input_ids"]) for r in rows)
+    pairs = sorted(sorted(b) for b in seen)
+    assert pairs == [lengths[i:i + 2] for i in range(0, 8, 2)]  # the batches are the length-sorted pairs
 
 
 def test_labelled_positions_loss_equals_the_models_loss(tiny_model):

@@ -47,6 +47,68 @@ class TrainSettings:
     # backward pass then stops N layers down: the embedded demonstration's main training-time lever. None: all.
     trainable_layers: int | None = None
     lr_scheduler: str = "constant"
+    # batches of similar length in a shuffled order (:class:`LengthBucketSampler`): CoT rows are a third of a CoA
+    # row's length, and random batches of the embedded data were 36% padding. False: uniform random order.
+    length_buckets: bool = True
+
+
+class LengthBucketSampler:
+    """Row order for a ``Trainer``: rows sorted by length (ties broken at random), cut into batches of
+    ``batch_size``, and the full batches shuffled (a short one last). Every batch holds rows of similar length (little padding), while
+    the order of batches, hence of lengths and of CoT/CoA rows, stays random. Deterministic for a seed and an
+    epoch (``set_epoch``), so a resumed run skips exactly the batches it had seen."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0):
+        self.lengths = list(lengths)
+        self.batch_size = max(1, int(batch_size))
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batches(self) -> list[list[int]]:
+        import random
+
+        rng = random.Random(self.seed * 100_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        order.sort(key=lambda i: self.lengths[i])  # stable: equal lengths keep their shuffled order
+        cut = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        short = cut.pop() if cut and len(cut[-1]) < self.batch_size else None
+        rng.shuffle(cut)  # the short batch goes last: the DataLoader cuts the flat order every batch_size rows
+        return cut + ([short] if short else [])
+
+    def __iter__(self):
+        for batch in self.batches():
+            yield from batch
+
+
+def padding_share(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
+    """Share of a padded batch's positions that are padding, over ``batches`` of row indices into ``lengths``."""
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches if b)
+    return 1.0 - sum(lengths) / padded if padded else 0.0
+
+
+def _bucketed(trainer_cls):
+    """``trainer_cls`` whose training order is a :class:`LengthBucketSampler` when ``length_buckets`` is set
+    (per-device batches; the lengths are the rows' token counts)."""
+
+    class Bucketed(trainer_cls):
+        def __init__(self, *a, lengths: Sequence[int] | None = None, **kw):
+            super().__init__(*a, **kw)
+            self._lengths = lengths
+
+        def _get_train_sampler(self, train_dataset=None):
+            if self._lengths is None or self.args.world_size > 1:  # distributed: the Trainer's own sampler
+                return super()._get_train_sampler(train_dataset)
+            return LengthBucketSampler(self._lengths, self.args.per_device_train_batch_size, self.args.seed)
+
+    Bucketed.__name__ = Bucketed.__qualname__ = trainer_cls.__name__
+    return Bucketed
 
 
 @dataclass
@@ -224,7 +286,7 @@ def _sft1_trainer_class():
 
     from training.losses import pair_mean_logprobs, sft1_loss
 
-    class SFT1Trainer(Trainer):
+    class SFT1Trainer(_bucketed(Trainer)):
         """``Trainer`` with the SFT-1 loss: mean over the batch's pairs of
         -logσ(P̄c - P̄r) + α·(-P̄c), P̄ over the policy tokens (labels != -100) of each continuation.
         Batches come from :func:`training.losses.collate_pairs`; logs ``logps/chosen``, ``logps/rejected``,
@@ -268,10 +330,12 @@ def stage1_trainer(model, tok, pairs: Sequence[dict], settings: TrainSettings, w
 
     args = TrainingArguments(remove_unused_columns=False, **_common_args(settings, Path(work_dir)))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    lengths = [min(len(p["context_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])), settings.max_length)
+               for p in pairs] if settings.length_buckets else None
     return _sft1_trainer_class()(model=model, args=args, train_dataset=list(pairs), processing_class=tok,
                                  data_collator=functools.partial(collate_pairs, pad_id=pad_id,
                                                                  max_length=settings.max_length),
-                                 alpha=settings.alpha)
+                                 alpha=settings.alpha, lengths=lengths)
 
 
 def __getattr__(name):  # transformers is imported lazily: the class is built once, on first use
@@ -324,7 +388,7 @@ def train_trajectory_sft(model_path: str, rows: Sequence[dict], labels_key: str,
     ds = Dataset.from_list([{"input_ids": list(r["input_ids"]), "labels": list(r[labels_key])} for r in rows])
     direct = hasattr(model, "model") and hasattr(model, "lm_head") and not settings.packing
 
-    class _Trainer(SFTTrainer):
+    class _Trainer(_bucketed(SFTTrainer)):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             if direct:  # the loss below is a per-micro-batch mean: let the Trainer divide by the accumulation steps
@@ -335,7 +399,9 @@ def train_trajectory_sft(model_path: str, rows: Sequence[dict], labels_key: str,
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return labelled_positions_loss(model, inputs)
 
-    trainer = _Trainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    lengths = [min(len(r["input_ids"]), settings.max_length) for r in rows] \
+        if settings.length_buckets and not settings.packing else None
+    trainer = _Trainer(model=model, args=args, train_dataset=ds, processing_class=tok, lengths=lengths)
     probe_start = probe_loss_trajectories(model, rows, labels_key, settings.max_length)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
