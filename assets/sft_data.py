@@ -64,9 +64,9 @@ def sft_stage1_data(context: dg.AssetExecutionContext, config: Stage1DataConfig,
 
 class Stage23DataConfig(dg.Config):
     round: str = Field("r000", description="Synthesis round the trajectories come from.")
-    coa: int = Field(128, description=(
-        "Correct CoA trajectories wanted (embedded: 128, what CPU training affords in minutes; paper: 5,000); "
-        "fewer if fewer exist."))
+    coa: int = Field(200, description=(
+        "Correct CoA trajectories wanted (embedded: 200 of the ~490 correct ones, what CPU training affords in "
+        "minutes with length-bucketed batches; paper: 5,000); fewer if fewer exist."))
     cot: int = Field(26, description="Correct CoT trajectories wanted (embedded: the paper's 1:5 mix; paper: 1,000).")
     seed: int = Field(0, description="Seed of the selection.")
     max_length: int = Field(2048, description="Longest sequence; longer ones are truncated and flagged.")
