@@ -292,7 +292,7 @@ class VLLMEngine:
                 except queue.Empty:
                     break
             if any(item is _STOP for item in batch):  # close(): fail what is still running and exit
-                for req, fut, loop in pending.values():
+                for _req, fut, loop in pending.values():
                     deliver(fut, loop, exc=RuntimeError("vLLM engine closed"))
                 for item in batch:
                     if item is not _STOP:
@@ -314,7 +314,7 @@ class VLLMEngine:
                     outputs = self._engine.step()
                 except Exception as exc:  # noqa: BLE001 - the engine is broken: fail every waiter
                     log.exception("vLLM step failed")
-                    for req, fut, loop in pending.values():
+                    for _req, fut, loop in pending.values():
                         deliver(fut, loop, exc=exc)
                     pending.clear()
                     continue

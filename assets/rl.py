@@ -3,7 +3,6 @@
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 import dagster as dg
 import pyarrow as pa
@@ -41,10 +40,10 @@ class RlConfig(dg.Config):
     cot_fraction: float = Field(0.5, description=(
         "Share of each step's questions prompted as pure CoT, rolled out with the tool off (paper profile: 1/6, the "
         "SFT mix's 1:5 CoT:CoA ratio, as the paper gives no RL share; embedded: one of the two questions per step)."))
-    micro_batch: Optional[int] = Field(None, description=(
+    micro_batch: int | None = Field(None, description=(
         "Completions per forward/backward on each process, TRL's per_device_train_batch_size (None: the whole step; "
         "paper profile: 2, see README 'RL memory')."))
-    grad_accum: Optional[int] = Field(None, description=(
+    grad_accum: int | None = Field(None, description=(
         "TRL's gradient_accumulation_steps (None: what completes the step); micro_batch x grad_accum x num_processes "
         "must equal questions_per_step x num_generations (paper: 2 x 15 x 8 = 240 = 48 x 5)."))
     num_processes: int = Field(1, description=(
@@ -58,7 +57,7 @@ class RlConfig(dg.Config):
     max_turn_tokens: int = Field(96, description="Tokens per generation call between actions (as the evaluation).")
     use_vllm: bool = Field(False, description="TRL's colocated vLLM for generation (GPU only).")
     lora_r: int = Field(0, description="LoRA rank; 0 = full fine-tuning.")
-    base_template_id: Optional[str] = Field(None, description=(
+    base_template_id: str | None = Field(None, description=(
         "CoA template of rl_stage2_only (RL from the untrained model, guided by in-context examples as in the paper); "
         "default: the few-shot template of the model's family. The chains after SFT use the plain agent instruction."))
     search_k: int = Field(2, description="Passages per real search (embedded 2, as the training data; paper 3).")

@@ -3,7 +3,6 @@
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 import dagster as dg
 import pyarrow as pa
@@ -24,13 +23,13 @@ MANIFEST = pa.schema([("path", pa.string()), ("stage", pa.string()), ("base_mode
 class SftConfig(dg.Config):
     base_model: str = Field("embedded", description="Start checkpoint for stage 1 / the ablation: 'embedded', a path or a hub id "
                                                      "(paper: deepseek-ai/DeepSeek-R1-Distill-Qwen-7B).")
-    max_steps: Optional[int] = Field(None, description="Optimiser steps; None: from epochs (the paper profile sets steps).")
+    max_steps: int | None = Field(None, description="Optimiser steps; None: from epochs (the paper profile sets steps).")
     epochs: float = Field(1.0, description="Passes over the data when max_steps is None (steps = ceil(epochs x rows / batch)).")
     learning_rate: float = Field(3e-4, description=(
         "Peak learning rate (embedded: 3e-4 for a 135M model on a few hundred demonstrations; paper: 1e-5)."))
     lr_scheduler: str = Field("cosine", description="transformers scheduler name (cosine with warmup; 'constant').")
     warmup_ratio: float = Field(0.05, description="Share of the steps spent warming up.")
-    trainable_layers: Optional[int] = Field(10, description=(
+    trainable_layers: int | None = Field(10, description=(
         "Train only the top N decoder layers (embeddings and lower layers frozen): on a CPU the backward pass stops "
         "N layers down. None: every layer (the paper profile)."))
     batch_size: int = Field(8, description="Per-device batch size.")

@@ -4,7 +4,6 @@ import collections
 import glob
 import os
 import time
-from typing import Optional
 
 import dagster as dg
 import pyarrow as pa
@@ -50,13 +49,13 @@ class EngineConfig(dg.Config):
         "'vllm', 'transformers', 'openai' (HTTP), 'expert' (the scripted demonstrator of the generated world, "
         "agent/expert.py) or 'auto' (vLLM when installed)."))
     model: str = Field("embedded", description="'embedded' (SmolLM2-135M-Instruct), a checkpoint directory or a hub id.")
-    dtype: Optional[str] = Field(None, description="Weights dtype; default bfloat16 for vLLM/GPU, float32 for transformers on CPU.")
+    dtype: str | None = Field(None, description="Weights dtype; default bfloat16 for vLLM/GPU, float32 for transformers on CPU.")
     max_model_len: int = Field(4096, description="Longest sequence the engine accepts (prompt + trajectory).")
     tensor_parallel_size: int = Field(1, description="GPUs per vLLM engine (paper teacher: 4+).")
     gpu_memory_utilization: float = Field(0.85, description="vLLM's share of GPU memory.")
     max_batch: int = Field(64, description="Largest batch the transformers engine runs at once.")
     base_urls: list[str] = Field(default_factory=list, description="OpenAI-compatible servers (kind 'openai'); several form a fleet.")
-    served_model: Optional[str] = Field(None, description="Model name the HTTP server serves (default: model).")
+    served_model: str | None = Field(None, description="Model name the HTTP server serves (default: model).")
 
     def spec(self, min_model_len: int = 0) -> EngineSpec:
         return EngineSpec(kind=self.kind, model=self.model, dtype=self.dtype,
@@ -76,9 +75,9 @@ class TeacherEngineConfig(EngineConfig):
 class TrajectoryConfig(dg.Config):
     profile: str = Field("embedded", description="Profile name recorded with every row.")
     engine: TeacherEngineConfig = Field(default_factory=TeacherEngineConfig, description="The teacher that writes the trajectories.")
-    template_id: Optional[str] = Field(None, description=f"Prompt template ({', '.join(TEMPLATES)}); default: by model family.")
+    template_id: str | None = Field(None, description=f"Prompt template ({', '.join(TEMPLATES)}); default: by model family.")
     samples_per_question: int = Field(1, description="Trajectories per question.")
-    seed: Optional[int] = Field(None, description="Sampling seed; default: derived from the round's name, so each round differs.")
+    seed: int | None = Field(None, description="Sampling seed; default: derived from the round's name, so each round differs.")
     temperature: float = Field(0.6, description="Sampling temperature (paper: 0.6).")
     top_p: float = Field(0.95, description="Nucleus sampling.")
     max_actions: int = Field(5, description="T: searches allowed per trajectory (paper: up to 10).")
@@ -91,7 +90,7 @@ class TrajectoryConfig(dg.Config):
         "finish_reason 'forced' marks it."))
     search_k: int = Field(2, description="Passages per search (embedded: 2, which keeps trajectories short for CPU "
                                          "training; paper profile: 3).")
-    max_questions: Optional[int] = Field(None, description="Cap on questions per shard (quick runs).")
+    max_questions: int | None = Field(None, description="Cap on questions per shard (quick runs).")
     answer_rate_floor: float = Field(0.5, description="The non-empty-answer check warns below this share.")
 
 

@@ -105,7 +105,7 @@ class RawBM25:
         self.stemmer = Stemmer.Stemmer("english")
 
     @classmethod
-    def build(cls, texts: Sequence[str]) -> "RawBM25":
+    def build(cls, texts: Sequence[str]) -> RawBM25:
         stemmer = Stemmer.Stemmer("english")
         tokens = bm25s.tokenize(list(texts), stopwords="english", stemmer=stemmer, show_progress=False)
         retriever = bm25s.BM25(**BM25_PARAMS)

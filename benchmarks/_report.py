@@ -97,7 +97,7 @@ def observations(hotpot: dict | None, synth: dict | None, args) -> list[str]:
 
 
 def render(args, machine: dict, hotpot: dict | None, synth: dict | None, total_s: float) -> str:
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     v = machine["versions"]
     c = args.http_clients
     load = machine["loadavg_start"]

@@ -80,7 +80,7 @@ def child_build(n: int, seed: int, index_dir: str, mode: str) -> dict:
 
     out: dict = {"mode": mode, "passages": n}
     gen_s, vocab = timed(lambda: synthetic_vocab(VOCAB_SIZE, seed))
-    corpus_s, rows = timed(lambda: synthetic_corpus(n, vocab, seed))
+    corpus_s, rows = timed(lambda v=vocab: synthetic_corpus(n, v, seed))
     out["generate_seconds"] = round(gen_s + corpus_s, 2)
     out["corpus_chars"] = sum(len(r["contents"]) for r in rows)
     del vocab

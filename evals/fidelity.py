@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 
 from agent.engines import GenRequest
-from agent.rollout import close_simulated_block
 from agent.protocol import ACTION_CLOSE, ACTION_OPEN, OBS_CLOSE, OBS_OPEN
+from agent.rollout import close_simulated_block
 from evals.grading import normalize_answer
 
 _UNCHECKABLE = ("", "yes", "no", "noanswer")

@@ -233,12 +233,12 @@ def run_summary(home: Path, seconds: dict[str, float], wall: float) -> str:
 
 
 def cmd_run(args) -> int:
+    import time
+
     from tabulate import tabulate
 
     from pipelines.definitions import build_definitions
     from pipelines.paths import discover_tables
-
-    import time
 
     run_started = time.perf_counter()
     home = Path(args.home)

@@ -53,7 +53,7 @@ def read_flashrag_corpus(path: str | Path) -> Iterator[dict | Rejected]:
 
             def reject(reason: str, raw: str) -> Rejected:
                 return Rejected(source="flashrag", split="corpus", source_file=str(path),
-                                source_row=lineno, reason=f"line {lineno}: {reason}", raw=raw)
+                                source_row=lineno, reason=f"line {lineno}: {reason}", raw=raw)  # noqa: B023 - called in this iteration
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as exc:

@@ -36,7 +36,7 @@ class SourceSpec:
     split: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "SourceSpec":
+    def parse(cls, text: str) -> SourceSpec:
         """Parse ``path[::split[::layout]]`` as written in run config."""
         parts = text.split("::")
         if len(parts) > 3 or not parts[0]:

@@ -148,7 +148,7 @@ def build_world(spec: WorldSpec) -> World:
     people = w.by_kind["person"]
     for _ in range(spec.orgs):
         kind = r.choice(ORG_KINDS)
-        name = n.unique(lambda: f"{n.word(2)} {_ORG_SUFFIX[kind]}")
+        name = n.unique(lambda: f"{n.word(2)} {_ORG_SUFFIX[kind]}")  # noqa: B023 - called at once
         w.add(Entity("org", name, {"kind": kind, "founded": r.randint(1700, 1990),
                                    "headquarters": r.choice(w.by_kind["place"]).name,
                                    "founder": r.choice(people).name}))

@@ -73,7 +73,7 @@ class BM25Index:
     # -- building -------------------------------------------------------------------------
     @classmethod
     def build(cls, corpus: Sequence[dict], *, k1: float = 0.9, b: float = 0.4, method: str = "lucene",
-              show_progress: bool = True) -> "BM25Index":
+              show_progress: bool = True) -> BM25Index:
         """Index FlashRAG corpus rows (``{"id", "contents"}``).
 
         Defaults ``k1=0.9, b=0.4`` are Pyserini's BM25 defaults, which FlashRAG's wiki-18 runs use.
@@ -102,7 +102,7 @@ class BM25Index:
         return index_dir
 
     @classmethod
-    def load(cls, index_dir: str | Path, *, mmap: bool = True) -> "BM25Index":
+    def load(cls, index_dir: str | Path, *, mmap: bool = True) -> BM25Index:
         index_dir = Path(index_dir)
         if not (index_dir / "params.index.json").is_file():
             raise FileNotFoundError(f"{index_dir}: not a bm25s index directory (params.index.json missing)")

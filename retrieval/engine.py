@@ -64,7 +64,7 @@ class HttpSearchEngine:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "HttpSearchEngine":
+    def __enter__(self) -> HttpSearchEngine:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -19,9 +19,9 @@ from evals.fidelity import (
     compare_observation,
     contains_answer,
     lcs_length,
-    rouge_l,
     probe_simulated_results,
     probe_suffix,
+    rouge_l,
     simulated_observations,
     token_f1,
 )

@@ -16,8 +16,17 @@ from agent.rollout import Rollout, RolloutConfig, search_tool
 from agent.synthesis import RunInfo, synthesize
 from evals.grading import score
 from qadata.corpus import corpus_from_questions
-from qadata.world import (BRIDGE, COMPARISON, HOP3, HOP4, SINGLE, WorldSpec, all_paragraphs, build_world,
-                          generate_questions)
+from qadata.world import (
+    BRIDGE,
+    COMPARISON,
+    HOP3,
+    HOP4,
+    SINGLE,
+    WorldSpec,
+    all_paragraphs,
+    build_world,
+    generate_questions,
+)
 from retrieval.bm25 import BM25Index
 from retrieval.engine import LocalSearchEngine
 from training.pairs import mine_pairs

@@ -10,8 +10,8 @@ import httpx
 import pytest
 import uvicorn
 
-from qadata.world import WorldSpec, build_world, generate_questions, all_paragraphs
 from qadata.text import join_sentences
+from qadata.world import WorldSpec, all_paragraphs, build_world, generate_questions
 from retrieval.bm25 import BM25Index
 from retrieval.engine import HttpSearchEngine, SearchServerError
 from retrieval.server import ServerLimits, create_app

@@ -200,7 +200,7 @@ def mine_pairs(cot_rows: Sequence[dict], coa_rows: Sequence[dict], *, engine, se
         plans = kept
     tasks_a, tasks_b = [], []
     contexts = {}
-    for i, (kind, rule, row, j) in enumerate(plans):
+    for i, (kind, _rule, row, j) in enumerate(plans):
         prompt = coa_prompt_ids(row["question"])
         prefix = row["token_ids"][row["prompt_tokens"]: row["prompt_tokens"] + j]
         contexts[i] = (prompt, prefix)
