@@ -36,7 +36,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from agent.engines import GenRequest, GenResult, cut_at_stop
+from agent.engine_api import GenRequest, GenResult, cut_at_stop
 from agent.protocol import ACTION_CLOSE, ACTION_OPEN, OBS_CLOSE, OBS_OPEN, THINK_CLOSE
 
 EXPERT_MODEL = "expert-demonstrator-v1"  # recorded as the rows' model; the engine name is "expert"
@@ -48,18 +48,37 @@ MAX_ATTEMPTS = 2  # searches for one entity before the expert gives up on it and
 # Longer, more specific patterns first: "the founder of the organisation that first presented X" must
 # not be read as "the founder of the X".
 _Q = [
-    (r"What is the capital of the country in which the creator of (?P<a>.+) was born\?",
-     ("creator", "birth_city", "country", "capital"), None),
-    (r"In which country are the headquarters of the organisation that the creator of (?P<a>.+) has been associated "
-     r"with\?", ("creator", "employer", "headquarters", "country"), None),
-    (r"In which country was the founder of the organisation that first presented (?P<a>.+) born\?",
-     ("publisher", "founder", "birth_city", "country"), None),
-    (r"In what year was the founder of the organisation that first presented (?P<a>.+) born\?",
-     ("publisher", "founder", "birth_year"), None),
-    (r"In which country are the headquarters of the organisation that (?P<a>.+) has been associated with\?",
-     ("employer", "headquarters", "country"), None),
-    (r"In which city are the headquarters of the organisation that (?P<a>.+) has been associated with\?",
-     ("employer", "headquarters"), None),
+    (
+        r"What is the capital of the country in which the creator of (?P<a>.+) was born\?",
+        ("creator", "birth_city", "country", "capital"),
+        None,
+    ),
+    (
+        r"In which country are the headquarters of the organisation that the creator of (?P<a>.+) has been associated "
+        r"with\?",
+        ("creator", "employer", "headquarters", "country"),
+        None,
+    ),
+    (
+        r"In which country was the founder of the organisation that first presented (?P<a>.+) born\?",
+        ("publisher", "founder", "birth_city", "country"),
+        None,
+    ),
+    (
+        r"In what year was the founder of the organisation that first presented (?P<a>.+) born\?",
+        ("publisher", "founder", "birth_year"),
+        None,
+    ),
+    (
+        r"In which country are the headquarters of the organisation that (?P<a>.+) has been associated with\?",
+        ("employer", "headquarters", "country"),
+        None,
+    ),
+    (
+        r"In which city are the headquarters of the organisation that (?P<a>.+) has been associated with\?",
+        ("employer", "headquarters"),
+        None,
+    ),
     (r"In which country was the founder of the (?P<a>.+) born\?", ("founder", "birth_city", "country"), None),
     (r"In which country was the creator of (?P<a>.+) born\?", ("creator", "birth_city", "country"), None),
     (r"In which city was the person who [a-z]+ the [a-z ]+? (?P<a>The .+) born\?", ("creator", "birth_city"), None),
@@ -95,11 +114,28 @@ _FACT = {
 }
 _FACT_RE = {k: re.compile(v) for k, v in _FACT.items()}
 # the kind of entity whose paragraph states the attribute (for articles and for a refined query)
-_HOLDER = {"creator": "work", "publisher": "work", "birth_city": "person", "birth_year": "person",
-           "occupation": "person", "nationality": "person", "employer": "person", "country": "city",
-           "population": "city", "capital": "country", "founder": "org", "founded": "org", "headquarters": "org"}
-_REFINE = {"work": "first presented", "person": "born", "city": "city census", "country": "sovereign state",
-           "org": "founded headquarters"}
+_HOLDER = {
+    "creator": "work",
+    "publisher": "work",
+    "birth_city": "person",
+    "birth_year": "person",
+    "occupation": "person",
+    "nationality": "person",
+    "employer": "person",
+    "country": "city",
+    "population": "city",
+    "capital": "country",
+    "founder": "org",
+    "founded": "org",
+    "headquarters": "org",
+}
+_REFINE = {
+    "work": "first presented",
+    "person": "born",
+    "city": "city census",
+    "country": "sovereign state",
+    "org": "founded headquarters",
+}
 _NUMERIC = {"birth_year", "founded", "population"}
 
 # -- phrasings --------------------------------------------------------------------------------------
@@ -136,8 +172,10 @@ _SAYS = {
 _FIRST = ["I need {need}.", "First I need {need}.", "To answer, I first need {need}."]
 _THEN = ["Now I need {need}.", "Next I need {need}.", "Then I need {need}."]
 _COMPARE_NEED = {
-    "birth_year": "when {a} and {b} were born", "founded": "when {a} and {b} were founded",
-    "population": "the populations of {a} and {b}", "nationality": "the nationalities of {a} and {b}",
+    "birth_year": "when {a} and {b} were born",
+    "founded": "when {a} and {b} were founded",
+    "population": "the populations of {a} and {b}",
+    "nationality": "the nationalities of {a} and {b}",
     "occupation": "the occupations of {a} and {b}",
 }
 _COMPARE_FIRST = ["I need {need}.", "To compare, I need {need}."]
@@ -147,15 +185,53 @@ _GIVE_UP = ["I cannot find {e}, so I have to guess.", "The search does not find 
 _SKIP = ["I am fairly sure of the rest without another search.", "I think I already know the rest."]
 _COT_OPEN = ["The question is about {e}.", "This question starts from {e}.", "I need {need}."]
 _COT_COMPARE_OPEN = ["The question compares {a} and {b}.", "I need to compare {a} and {b}."]
-_COT_GUESS = ["I cannot look this up, so I have to guess.", "Without a search I can only guess.",
-              "I do not know this, so I will make my best guess."]
+_COT_GUESS = [
+    "I cannot look this up, so I have to guess.",
+    "Without a search I can only guess.",
+    "I do not know this, so I will make my best guess.",
+]
 _FINAL = "So the answer is {v}."
 
 # invented-sounding guesses (the expert's own syllables, unrelated to the world's tables)
-_SYLLABLES = ["ar", "bel", "cor", "dun", "el", "fen", "gar", "hal", "is", "kel", "lor", "mer", "nor", "os", "pel",
-              "ran", "sel", "tor", "ul", "ven", "wyn", "zar"]
-_GUESS_OCCUPATIONS = ["novelist", "painter", "composer", "architect", "poet", "engineer", "physicist", "teacher",
-                      "film director", "sculptor", "chemist", "playwright", "journalist"]
+_SYLLABLES = [
+    "ar",
+    "bel",
+    "cor",
+    "dun",
+    "el",
+    "fen",
+    "gar",
+    "hal",
+    "is",
+    "kel",
+    "lor",
+    "mer",
+    "nor",
+    "os",
+    "pel",
+    "ran",
+    "sel",
+    "tor",
+    "ul",
+    "ven",
+    "wyn",
+    "zar",
+]
+_GUESS_OCCUPATIONS = [
+    "novelist",
+    "painter",
+    "composer",
+    "architect",
+    "poet",
+    "engineer",
+    "physicist",
+    "teacher",
+    "film director",
+    "sculptor",
+    "chemist",
+    "playwright",
+    "journalist",
+]
 _GUESS_ORGS = ["Press", "University", "Institute", "Gazette", "Bank", "Pictures"]
 
 
@@ -212,9 +288,9 @@ def split_context(text: str) -> tuple[str, str]:
     user_at = text.rfind("<|im_start|>user")
     if user_at >= 0:
         end = text.find("<|im_end|>", user_at)
-        user = text[user_at + len("<|im_start|>user"): end if end >= 0 else len(text)]
+        user = text[user_at + len("<|im_start|>user") : end if end >= 0 else len(text)]
         asst_at = text.find("<|im_start|>assistant", user_at)
-        assistant = text[asst_at + len("<|im_start|>assistant"):].lstrip("\n") if asst_at >= 0 else ""
+        assistant = text[asst_at + len("<|im_start|>assistant") :].lstrip("\n") if asst_at >= 0 else ""
     else:
         user, assistant = text, ""
     lines = [re.sub(r"^Question:\s*", "", ln.strip()) for ln in user.split("\n") if ln.strip()]
@@ -224,8 +300,16 @@ def split_context(text: str) -> tuple[str, str]:
     return (lines[-1] if lines else ""), assistant
 
 
-_BLOCK = re.compile(re.escape(ACTION_OPEN) + r"(.*?)" + re.escape(ACTION_CLOSE) + r"\s*" + re.escape(OBS_OPEN)
-                    + r"(.*?)" + re.escape(OBS_CLOSE), re.S)
+_BLOCK = re.compile(
+    re.escape(ACTION_OPEN)
+    + r"(.*?)"
+    + re.escape(ACTION_CLOSE)
+    + r"\s*"
+    + re.escape(OBS_OPEN)
+    + r"(.*?)"
+    + re.escape(OBS_CLOSE),
+    re.S,
+)
 _RESULT = re.compile(r'^result \d+: "(.*)"$', re.M)
 
 
@@ -235,8 +319,10 @@ def read_observations(assistant: str) -> list[_Block]:
     for m in _BLOCK.finditer(assistant):
         body = m.group(2)
         heads = list(_RESULT.finditer(body))
-        results = [(h.group(1), body[h.end(): heads[i + 1].start() if i + 1 < len(heads) else len(body)].strip())
-                   for i, h in enumerate(heads)]
+        results = [
+            (h.group(1), body[h.end() : heads[i + 1].start() if i + 1 < len(heads) else len(body)].strip())
+            for i, h in enumerate(heads)
+        ]
         blocks.append(_Block(" ".join(m.group(1).split()), results))
     return blocks
 
@@ -272,8 +358,15 @@ class ExpertEngine:
 
     name = "expert"
 
-    def __init__(self, tokenizer, *, temperature: float | None = None, seed: int = 0,
-                 misread_rate: float = MISREAD_RATE, skip_rate: float = SKIP_RATE):
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        temperature: float | None = None,
+        seed: int = 0,
+        misread_rate: float = MISREAD_RATE,
+        skip_rate: float = SKIP_RATE,
+    ):
         self.tokenizer = tokenizer
         self.model_name = EXPERT_MODEL
         self.temperature, self.seed = temperature, seed
@@ -316,8 +409,9 @@ class ExpertEngine:
         return random.Random(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little"))
 
     # -- deciding and writing ------------------------------------------------------------------
-    def write(self, question: str, assistant: str, *, tools: bool, temperature: float,
-              rng: random.Random) -> tuple[str, _Step]:
+    def write(
+        self, question: str, assistant: str, *, tools: bool, temperature: float, rng: random.Random
+    ) -> tuple[str, _Step]:
         """The text the expert writes after ``assistant`` (the reasoning so far) for ``question``."""
         plan = parse_question(question)
         p_misread = min(1.0, self.misread_rate * max(temperature, 0.0))
@@ -349,8 +443,15 @@ class ExpertEngine:
         final = _FINAL.format(v=step.answer)
         return f"{body} {final}".lstrip() + f"{THINK_CLOSE}\n\nThe answer is \\boxed{{{step.answer}}}."
 
-    def _next(self, plan: _Plan | None, question: str, blocks: list[_Block], rng: random.Random,
-              p_misread: float, p_skip: float) -> _Step:
+    def _next(
+        self,
+        plan: _Plan | None,
+        question: str,
+        blocks: list[_Block],
+        rng: random.Random,
+        p_misread: float,
+        p_skip: float,
+    ) -> _Step:
         """The next CoA step, recomputed from the question and the observations each call.
 
         The entity of a later hop is whatever the expert searched after the earlier one (its own
@@ -358,8 +459,11 @@ class ExpertEngine:
         """
         if plan is None:
             if not blocks:
-                return _Step([rng.choice(["I search for the question directly.", "Let me search for this."])],
-                             query=question.rstrip("?"), kind="search")
+                return _Step(
+                    [rng.choice(["I search for the question directly.", "Let me search for this."])],
+                    query=question.rstrip("?"),
+                    kind="search",
+                )
             top = next((b.results[0][0] for b in reversed(blocks) if b.results), None)
             return _Step(["The top result is the best match."], answer=top or "unknown", kind="final")
         if plan.compare:
@@ -369,8 +473,9 @@ class ExpertEngine:
             found = self._lookup(entity, attr, blocks, at, rng, question, plan)
             if isinstance(found, _Step):
                 if hop == 0 and found.kind == "search":
-                    found.text = [_cap(rng.choice(_FIRST).format(need=rng.choice(_NEED[attr]).format(
-                        e=_ref(entity, attr))))]
+                    found.text = [
+                        _cap(rng.choice(_FIRST).format(need=rng.choice(_NEED[attr]).format(e=_ref(entity, attr))))
+                    ]
                 return found
             para, at, results = found
             value = _read(attr, para)
@@ -388,14 +493,16 @@ class ExpertEngine:
                 return _Step([says], answer=value, kind="final", noise=noise)
             nxt = plan.attrs[hop + 1]
             if rng.random() < p_skip:
-                return _Step([says, rng.choice(_SKIP)], answer=self._guess(plan, question, rng), kind="skip",
-                             noise="skip")
+                return _Step(
+                    [says, rng.choice(_SKIP)], answer=self._guess(plan, question, rng), kind="skip", noise="skip"
+                )
             need = rng.choice(_THEN).format(need=rng.choice(_NEED[nxt]).format(e=_ref(value, nxt)))
             return _Step([says, need], query=value, kind="search", noise=noise)
         raise AssertionError("unreachable: the last hop returns")
 
-    def _next_compare(self, plan: _Plan, blocks: list[_Block], rng: random.Random, p_misread: float,
-                      p_skip: float) -> _Step:
+    def _next_compare(
+        self, plan: _Plan, blocks: list[_Block], rng: random.Random, p_misread: float, p_skip: float
+    ) -> _Step:
         (a, b), attr = plan.start, plan.attrs[0]
         found_a = self._lookup(a, attr, blocks, 0, rng, "", plan)
         if isinstance(found_a, _Step):
@@ -410,8 +517,9 @@ class ExpertEngine:
         if isinstance(found_b, _Step):
             if found_b.kind == "search":
                 if rng.random() < p_skip:
-                    return _Step([says_a, rng.choice(_SKIP)], answer=self._guess(plan, "", rng), kind="skip",
-                                 noise="skip")
+                    return _Step(
+                        [says_a, rng.choice(_SKIP)], answer=self._guess(plan, "", rng), kind="skip", noise="skip"
+                    )
                 found_b.text = [says_a, rng.choice(_COMPARE_THEN).format(b=_ref(b, attr))]
             return found_b
         para_b, _, results = found_b
@@ -431,13 +539,17 @@ class ExpertEngine:
         hi, lo = (va, vb) if first else (vb, va)
         return _Step([says_b, f"{hi} is {word} {lo}."], answer=a if first else b, kind="final", noise=noise)
 
-    def _lookup(self, entity: str, attr: str, blocks: list[_Block], at: int, rng: random.Random, question: str,
-                plan: _Plan) -> tuple[str, int, list[tuple[str, str]]] | _Step:
+    def _lookup(
+        self, entity: str, attr: str, blocks: list[_Block], at: int, rng: random.Random, question: str, plan: _Plan
+    ) -> tuple[str, int, list[tuple[str, str]]] | _Step:
         """The paragraph of ``entity`` among the results of its searches (from block ``at`` on), with the
         index after its last search and the passages those searches showed; or the step to take instead."""
         key = _norm(entity)
-        mine = [i for i in range(at, len(blocks))
-                if _norm(blocks[i].query) == key or _norm(blocks[i].query).startswith(key + " ")]
+        mine = [
+            i
+            for i in range(at, len(blocks))
+            if _norm(blocks[i].query) == key or _norm(blocks[i].query).startswith(key + " ")
+        ]
         if not mine:
             return _Step(query=entity, kind="search")
         results = [r for i in mine for r in blocks[i].results]
@@ -446,17 +558,28 @@ class ExpertEngine:
             return para, mine[-1] + 1, results
         ref = _ref(entity, attr)
         if len(mine) < MAX_ATTEMPTS and blocks[mine[-1]].results:
-            return _Step([_cap(rng.choice(_RETRY).format(e=ref))],
-                         query=f"{entity} {_REFINE[_HOLDER[attr]]}", kind="retry")
-        return _Step([_cap(rng.choice(_GIVE_UP).format(e=ref))], answer=self._guess(plan, question, rng),
-                     kind="give_up", noise="search_failed")
+            return _Step(
+                [_cap(rng.choice(_RETRY).format(e=ref))], query=f"{entity} {_REFINE[_HOLDER[attr]]}", kind="retry"
+            )
+        return _Step(
+            [_cap(rng.choice(_GIVE_UP).format(e=ref))],
+            answer=self._guess(plan, question, rng),
+            kind="give_up",
+            noise="search_failed",
+        )
 
     @staticmethod
-    def _misread(attr: str, entity: str, value: str, results: list[tuple[str, str]],
-                 rng: random.Random) -> str | None:
+    def _misread(attr: str, entity: str, value: str, results: list[tuple[str, str]], rng: random.Random) -> str | None:
         """A wrong value: the same fact read from another passage of the results (or a number misread)."""
-        others = sorted({v for title, text in results if _norm(title) != _norm(entity)
-                         for v in [_read(attr, text)] if v is not None and _norm(v) != _norm(value)})
+        others = sorted(
+            {
+                v
+                for title, text in results
+                if _norm(title) != _norm(entity)
+                for v in [_read(attr, text)]
+                if v is not None and _norm(v) != _norm(value)
+            }
+        )
         if others:
             return rng.choice(others)
         if attr in _NUMERIC:
@@ -465,8 +588,7 @@ class ExpertEngine:
         return None
 
     # -- without the tool ------------------------------------------------------------------------
-    def _cot(self, plan: _Plan | None, question: str, blocks: list[_Block], rng: random.Random,
-             started: bool) -> _Step:
+    def _cot(self, plan: _Plan | None, question: str, blocks: list[_Block], rng: random.Random, started: bool) -> _Step:
         """Reasoning from the question alone, then a committed guess (right only by chance)."""
         if plan is not None and blocks:  # the answer may already stand in the observations
             known = self._next(plan, question, blocks, rng, 0.0, 0.0)
@@ -475,13 +597,21 @@ class ExpertEngine:
         text = []
         if not started and plan is not None:
             if plan.compare:
-                text.append(rng.choice(_COT_COMPARE_OPEN).format(a=_ref(plan.start[0], plan.attrs[0]),
-                                                                 b=_ref(plan.start[1], plan.attrs[0])))
+                text.append(
+                    rng.choice(_COT_COMPARE_OPEN).format(
+                        a=_ref(plan.start[0], plan.attrs[0]), b=_ref(plan.start[1], plan.attrs[0])
+                    )
+                )
             else:
                 first = rng.choice(_COT_OPEN)
-                text.append(_cap(first.format(e=_ref(plan.start[0], plan.attrs[0]),
-                                              need=rng.choice(_NEED[plan.attrs[0]]).format(
-                                                  e=_ref(plan.start[0], plan.attrs[0])))))
+                text.append(
+                    _cap(
+                        first.format(
+                            e=_ref(plan.start[0], plan.attrs[0]),
+                            need=rng.choice(_NEED[plan.attrs[0]]).format(e=_ref(plan.start[0], plan.attrs[0])),
+                        )
+                    )
+                )
         text.append(rng.choice(_COT_GUESS))
         return _Step(text, answer=self._guess(plan, question, rng), kind="guess")
 

@@ -17,7 +17,7 @@ import logging
 import random
 from collections.abc import Sequence
 
-from agent.engines import GenRequest, GenResult
+from agent.engine_api import GenRequest, GenResult
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,18 @@ class OpenAIEngine:
 
     name = "openai"
 
-    def __init__(self, base_urls: str | Sequence[str], model: str, tokenizer, *, api_key: str | None = None,
-                 timeout: float = 600.0, retries: int = 3, max_in_flight: int = 256, transport=None):
+    def __init__(
+        self,
+        base_urls: str | Sequence[str],
+        model: str,
+        tokenizer,
+        *,
+        api_key: str | None = None,
+        timeout: float = 600.0,
+        retries: int = 3,
+        max_in_flight: int = 256,
+        transport=None,
+    ):
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
         if not urls:
             raise ValueError("OpenAIEngine needs at least one base URL")
@@ -58,8 +68,9 @@ class OpenAIEngine:
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
             limits = httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight)
-            self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits, headers=self.headers,
-                                             transport=self._transport)
+            self._client = httpx.AsyncClient(
+                timeout=self.timeout, limits=limits, headers=self.headers, transport=self._transport
+            )
             self._client_loop = loop
             self._sem = asyncio.Semaphore(self.max_in_flight)
         return self._client
@@ -70,11 +81,18 @@ class OpenAIEngine:
         self._client = self._client_loop = None
 
     def body(self, r: GenRequest) -> dict:
-        body = {"model": self.model, "prompt": list(r.prompt_ids), "max_tokens": r.max_new_tokens,
-                "temperature": r.temperature, "top_p": r.top_p if r.temperature > 0 else 1.0,
-                "stop": list(r.stop) or None, "include_stop_str_in_output": True,
-                "skip_special_tokens": False, "spaces_between_special_tokens": False,
-                "return_token_ids": True}
+        body = {
+            "model": self.model,
+            "prompt": list(r.prompt_ids),
+            "max_tokens": r.max_new_tokens,
+            "temperature": r.temperature,
+            "top_p": r.top_p if r.temperature > 0 else 1.0,
+            "stop": list(r.stop) or None,
+            "include_stop_str_in_output": True,
+            "skip_special_tokens": False,
+            "spaces_between_special_tokens": False,
+            "return_token_ids": True,
+        }
         if r.seed is not None:
             body["seed"] = r.seed
         if r.allowed_token_ids:  # a vLLM server extension of the completions API
@@ -128,7 +146,7 @@ class OpenAIEngine:
                         if resp.status_code not in RETRY_STATUS:
                             break
                     if attempt < self.retries:
-                        await asyncio.sleep(min(8.0, 0.5 * 2 ** attempt) * (0.5 + random.random()))
+                        await asyncio.sleep(min(8.0, 0.5 * 2**attempt) * (0.5 + random.random()))
                 raise EngineHTTPError(f"{self._endpoint(base)} failed: {last}")
             finally:
                 self.in_flight[base] -= 1

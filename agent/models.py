@@ -52,10 +52,16 @@ def ensure_embedded_checkpoint(cache_dir: str | Path) -> Path:
     with atomic_directory(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / "autocoa_source.json", {
-            "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "dtype": str(model.dtype),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "seconds": round(time.perf_counter() - start, 2)})
+        atomic_write_json(
+            tmp / "autocoa_source.json",
+            {
+                "gguf": str(gguf),
+                "gguf_bytes": gguf.stat().st_size,
+                "dtype": str(model.dtype),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "seconds": round(time.perf_counter() - start, 2),
+            },
+        )
     log.info("converted in %.1fs", time.perf_counter() - start)
     return target
 

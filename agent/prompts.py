@@ -25,25 +25,31 @@ COT_INSTRUCTIONS = (
 # Worked examples about invented facts, written in the protocol; they share no entity with the
 # generated world or HotpotQA, so they leak no answer.
 _COA_SHOTS = [
-    ("In which country was the founder of the Marlow Clockworks born?",
-     "<think>I need the founder of the Marlow Clockworks. <begin_search> Marlow Clockworks founder </end_search>\n"
-     "<search_result>\nresult 1: \"Marlow Clockworks\"\nThe Marlow Clockworks was founded in 1871 by Edda Thorne.\n"
-     "</search_result>\nThe founder is Edda Thorne. Now I need where she was born. "
-     "<begin_search> Edda Thorne birthplace </end_search>\n<search_result>\nresult 1: \"Edda Thorne\"\n"
-     "Edda Thorne (born 1840) was a clockmaker born in Valdren, a town in Norsland.\n</search_result>\n"
-     "Valdren is in Norsland.</think>\n\nThe answer is \\boxed{Norsland}."),
-    ("Which is older, the Kessit Bridge or the Omara Tower?",
-     "<think>I need both construction dates. <begin_search> Kessit Bridge built </end_search>\n"
-     "<search_result>\nresult 1: \"Kessit Bridge\"\nThe Kessit Bridge was completed in 1902.\n</search_result>\n"
-     "<begin_search> Omara Tower built </end_search>\n<search_result>\nresult 1: \"Omara Tower\"\n"
-     "The Omara Tower was built in 1787.\n</search_result>\n1787 is earlier than 1902.</think>\n\n"
-     "The answer is \\boxed{Omara Tower}."),
+    (
+        "In which country was the founder of the Marlow Clockworks born?",
+        "<think>I need the founder of the Marlow Clockworks. <begin_search> Marlow Clockworks founder </end_search>\n"
+        '<search_result>\nresult 1: "Marlow Clockworks"\nThe Marlow Clockworks was founded in 1871 by Edda Thorne.\n'
+        "</search_result>\nThe founder is Edda Thorne. Now I need where she was born. "
+        '<begin_search> Edda Thorne birthplace </end_search>\n<search_result>\nresult 1: "Edda Thorne"\n'
+        "Edda Thorne (born 1840) was a clockmaker born in Valdren, a town in Norsland.\n</search_result>\n"
+        "Valdren is in Norsland.</think>\n\nThe answer is \\boxed{Norsland}.",
+    ),
+    (
+        "Which is older, the Kessit Bridge or the Omara Tower?",
+        "<think>I need both construction dates. <begin_search> Kessit Bridge built </end_search>\n"
+        '<search_result>\nresult 1: "Kessit Bridge"\nThe Kessit Bridge was completed in 1902.\n</search_result>\n'
+        '<begin_search> Omara Tower built </end_search>\n<search_result>\nresult 1: "Omara Tower"\n'
+        "The Omara Tower was built in 1787.\n</search_result>\n1787 is earlier than 1902.</think>\n\n"
+        "The answer is \\boxed{Omara Tower}.",
+    ),
 ]
 _COT_SHOTS = [
-    ("What is the capital of the country whose largest city is Lyon-sur-Mer, if that country is Brivia "
-     "and Brivia's capital is Tessan?",
-     "<think>The question says the country is Brivia and its capital is Tessan.</think>\n\n"
-     "The answer is \\boxed{Tessan}."),
+    (
+        "What is the capital of the country whose largest city is Lyon-sur-Mer, if that country is Brivia "
+        "and Brivia's capital is Tessan?",
+        "<think>The question says the country is Brivia and its capital is Tessan.</think>\n\n"
+        "The answer is \\boxed{Tessan}.",
+    ),
 ]
 
 
@@ -87,7 +93,7 @@ def prefill_needed(chat: str, prefill: str) -> str:
         return ""
     if chat.rstrip().endswith(prefill.strip()):
         # the template opened the tag; add only the whitespace the prefill has and the template lacks
-        return prefill[len(prefill.rstrip()):] if chat == chat.rstrip() else ""
+        return prefill[len(prefill.rstrip()) :] if chat == chat.rstrip() else ""
     return prefill
 
 
@@ -102,17 +108,20 @@ class InlineShotsTemplate(PromptTemplate):
         return [{"role": "user", "content": content}]
 
 
-TEMPLATES: dict[str, PromptTemplate] = {t.id: t for t in [
-    PromptTemplate("coa-smollm2-fewshot-v1", "coa", "smollm2", COA_INSTRUCTIONS, tuple(_COA_SHOTS)),
-    PromptTemplate("cot-smollm2-fewshot-v1", "cot", "smollm2", COT_INSTRUCTIONS, tuple(_COT_SHOTS)),
-    # the plain agent instruction, no worked examples: what a trained agent model is prompted with
-    PromptTemplate("coa-smollm2-v1", "coa", "smollm2", COA_INSTRUCTIONS),
-    PromptTemplate("cot-smollm2-v1", "cot", "smollm2", COT_INSTRUCTIONS),
-    PromptTemplate("coa-r1-v1", "coa", "r1", COA_INSTRUCTIONS, prefill="<think>\n"),
-    PromptTemplate("cot-r1-v1", "cot", "r1", COT_INSTRUCTIONS, prefill="<think>\n"),
-    # in-context learning for RL from the untrained model (the paper's RL-stage2-only baseline)
-    InlineShotsTemplate("coa-r1-fewshot-v1", "coa", "r1", COA_INSTRUCTIONS, tuple(_COA_SHOTS), prefill="<think>\n"),
-]}
+TEMPLATES: dict[str, PromptTemplate] = {
+    t.id: t
+    for t in [
+        PromptTemplate("coa-smollm2-fewshot-v1", "coa", "smollm2", COA_INSTRUCTIONS, tuple(_COA_SHOTS)),
+        PromptTemplate("cot-smollm2-fewshot-v1", "cot", "smollm2", COT_INSTRUCTIONS, tuple(_COT_SHOTS)),
+        # the plain agent instruction, no worked examples: what a trained agent model is prompted with
+        PromptTemplate("coa-smollm2-v1", "coa", "smollm2", COA_INSTRUCTIONS),
+        PromptTemplate("cot-smollm2-v1", "cot", "smollm2", COT_INSTRUCTIONS),
+        PromptTemplate("coa-r1-v1", "coa", "r1", COA_INSTRUCTIONS, prefill="<think>\n"),
+        PromptTemplate("cot-r1-v1", "cot", "r1", COT_INSTRUCTIONS, prefill="<think>\n"),
+        # in-context learning for RL from the untrained model (the paper's RL-stage2-only baseline)
+        InlineShotsTemplate("coa-r1-fewshot-v1", "coa", "r1", COA_INSTRUCTIONS, tuple(_COA_SHOTS), prefill="<think>\n"),
+    ]
+}
 
 
 def family_of(model_name: str) -> str:

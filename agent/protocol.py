@@ -14,13 +14,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from evals.grading import extract_boxed
+from qadata.answers import extract_boxed
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ACTION_OPEN, ACTION_CLOSE = "<begin_search>", "</end_search>"
 OBS_OPEN, OBS_CLOSE = "<search_result>", "</search_result>"
-_TAG = re.compile("|".join(re.escape(t) for t in (THINK_OPEN, THINK_CLOSE, ACTION_OPEN, ACTION_CLOSE, OBS_OPEN,
-                                                   OBS_CLOSE)))
+_TAG = re.compile(
+    "|".join(re.escape(t) for t in (THINK_OPEN, THINK_CLOSE, ACTION_OPEN, ACTION_CLOSE, OBS_OPEN, OBS_CLOSE))
+)
 _CLOSER = {ACTION_OPEN: ACTION_CLOSE, OBS_OPEN: OBS_CLOSE}
 _KIND = {ACTION_OPEN: "action", OBS_OPEN: "observation"}
 
@@ -53,12 +54,14 @@ class Parsed:
 
     @property
     def balanced(self) -> bool:
-        return self.think_closed and all(s.closed for s in self.steps) and not any(
-            i.startswith(("stray", "nested")) for i in self.issues)
+        return (
+            self.think_closed
+            and all(s.closed for s in self.steps)
+            and not any(i.startswith(("stray", "nested")) for i in self.issues)
+        )
 
 
-def parse(text: str, *, think_open: bool = False,
-          token_offsets: Sequence[tuple[int, int]] | None = None) -> Parsed:
+def parse(text: str, *, think_open: bool = False, token_offsets: Sequence[tuple[int, int]] | None = None) -> Parsed:
     """Parse a completion. ``think_open`` says the prompt already opened ``<think>`` (prefill)."""
     out = Parsed()
     in_think = think_open
@@ -75,18 +78,18 @@ def parse(text: str, *, think_open: bool = False,
         tag, pos = m.group(), m.start()
         if open_tag is not None:
             if tag == _CLOSER[open_tag]:
-                inner = text[open_at + len(open_tag): pos]
+                inner = text[open_at + len(open_tag) : pos]
                 add(_KIND[open_tag], open_at, m.end(), inner)
                 if open_tag == ACTION_OPEN and not inner.strip():
                     out.issues.append(f"empty query at {open_at}")
                 open_tag, cursor = None, m.end()
             elif tag in _CLOSER:  # a new block opens before the current one closed
                 out.issues.append(f"nested {tag} at {pos} inside unclosed {open_tag} from {open_at}")
-                add(_KIND[open_tag], open_at, pos, text[open_at + len(open_tag): pos], closed=False)
+                add(_KIND[open_tag], open_at, pos, text[open_at + len(open_tag) : pos], closed=False)
                 open_tag, open_at, cursor = tag, pos, pos
             elif tag == THINK_CLOSE:
                 out.issues.append(f"{THINK_CLOSE} at {pos} inside unclosed {open_tag} from {open_at}")
-                add(_KIND[open_tag], open_at, pos, text[open_at + len(open_tag): pos], closed=False)
+                add(_KIND[open_tag], open_at, pos, text[open_at + len(open_tag) : pos], closed=False)
                 open_tag, cursor = None, m.end()
                 in_think = _close_think(out, in_think, pos)
             continue
@@ -114,12 +117,12 @@ def parse(text: str, *, think_open: bool = False,
 
     if open_tag is not None:
         out.issues.append(f"unclosed {open_tag} from {open_at}")
-        add(_KIND[open_tag], open_at, len(text), text[open_at + len(open_tag):], closed=False)
+        add(_KIND[open_tag], open_at, len(text), text[open_at + len(open_tag) :], closed=False)
     elif in_think:
         add("think", cursor, len(text), text[cursor:])
     if out.think_closed:
         close = text.rfind(THINK_CLOSE)
-        tail = text[close + len(THINK_CLOSE):]
+        tail = text[close + len(THINK_CLOSE) :]
         if tail.strip():
             out.steps.append(Step("answer", tail.strip(), close + len(THINK_CLOSE), len(text)))
         out.answer = extract_boxed(text)

@@ -39,9 +39,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from agent.batching import AsyncBatcher
-from agent.engines import Engine, GenRequest, GenResult
+from agent.engine_api import Engine, GenRequest, GenResult
 from agent.protocol import ACTION_CLOSE, ACTION_OPEN, OBS_CLOSE, OBS_OPEN, THINK_CLOSE
-from evals.grading import extract_boxed
+from qadata.answers import extract_boxed
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,9 @@ class Span:
     passage_ids: list[str] = field(default_factory=list)
     refused: bool = False  # an action over the budget T (or with no room left): not executed
     truncated: bool = False  # observation cut at a token boundary to fit max_context (ends with TRUNCATED)
-    closed_by: str = ""  # simulated observation: "policy" (it wrote the closing tag), "eos" or "length" (the environment closed it)
+    closed_by: str = (
+        ""  # simulated observation: "policy" (it wrote the closing tag), "eos" or "length" (the environment closed it)
+    )
 
 
 @dataclass
@@ -120,7 +122,7 @@ class Trajectory:
 
 def _query_of(turn_text: str) -> str:
     start = turn_text.rfind(ACTION_OPEN)
-    body = turn_text[start + len(ACTION_OPEN):] if start >= 0 else turn_text
+    body = turn_text[start + len(ACTION_OPEN) :] if start >= 0 else turn_text
     return body.replace(ACTION_CLOSE, "").strip()
 
 
@@ -160,9 +162,16 @@ class Rollout:
     """Runs many trajectories concurrently over one engine and one search function
     (``queries -> [(rendered results, passage ids)]``, see :func:`search_tool`)."""
 
-    def __init__(self, engine: Engine, search: Callable[[list[str]], list[tuple[str, list[str]]]] | None,
-                 config: RolloutConfig = RolloutConfig(), *, max_batch: int = 64, search_batch: int = 256,
-                 on_done: Callable[[Trajectory], None] | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        search: Callable[[list[str]], list[tuple[str, list[str]]]] | None,
+        config: RolloutConfig = RolloutConfig(),
+        *,
+        max_batch: int = 64,
+        search_batch: int = 256,
+        on_done: Callable[[Trajectory], None] | None = None,
+    ):
         if search is None and config.tools and not config.simulated:
             raise ValueError("a real-environment rollout needs a search function")
         self.engine, self.config = engine, config
@@ -202,17 +211,29 @@ class Rollout:
             return await self.one(task_id, prompt_ids)
         except Exception as exc:  # noqa: BLE001 - recorded on the row, counted by the caller
             log.warning("trajectory %s failed: %s: %s", task_id, type(exc).__name__, exc)
-            traj = Trajectory(task_id, len(prompt_ids), list(prompt_ids), [0] * len(prompt_ids),
-                              finish_reason="error", error=f"{type(exc).__name__}: {exc}"[:2000],
-                              wall_seconds=time.perf_counter() - t0)
+            traj = Trajectory(
+                task_id,
+                len(prompt_ids),
+                list(prompt_ids),
+                [0] * len(prompt_ids),
+                finish_reason="error",
+                error=f"{type(exc).__name__}: {exc}"[:2000],
+                wall_seconds=time.perf_counter() - t0,
+            )
             if self.on_done is not None:
                 self.on_done(traj)
             return traj
 
     async def _gen(self, traj: Trajectory, max_new: int, stop: tuple[str, ...]):
         cfg = self.config
-        req = GenRequest(list(traj.token_ids), max_new, stop, cfg.temperature, cfg.top_p,
-                         self._seed(traj.task_id, len(traj.token_ids)))
+        req = GenRequest(
+            list(traj.token_ids),
+            max_new,
+            stop,
+            cfg.temperature,
+            cfg.top_p,
+            self._seed(traj.task_id, len(traj.token_ids)),
+        )
         res = await (self.engine.agenerate(req) if self._streaming else self.generate.submit(req))
         traj.token_ids += res.token_ids
         traj.policy_mask += [1] * len(res.token_ids)
@@ -276,8 +297,10 @@ class Rollout:
         cfg, t0 = self.config, time.perf_counter()
         traj = Trajectory(task_id, len(prompt_ids), list(prompt_ids), [0] * len(prompt_ids))
         if self._room(traj) < 0:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room for the forced answer "
-                             f"({self._reserve()} tokens) within max_context={cfg.max_context}")
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens leaves no room for the forced answer "
+                f"({self._reserve()} tokens) within max_context={cfg.max_context}"
+            )
         eos = set(getattr(self.engine, "eos_ids", ())) | set(self.tokenizer.all_special_ids)
         forced = cut_action = False
         while True:
@@ -298,7 +321,7 @@ class Rollout:
                 break
             if res.finish_reason != "stop":
                 traj.finish_reason = res.finish_reason
-                unanswered = extract_boxed(self.decode(traj.token_ids[traj.prompt_len:])) is None
+                unanswered = extract_boxed(self.decode(traj.token_ids[traj.prompt_len :])) is None
                 forced = unanswered and (res.finish_reason == "length" or cfg.force_answer)
                 if forced and res.finish_reason == "eos":
                     self._drop_trailing_eos(traj)
@@ -336,19 +359,22 @@ class Rollout:
                 if fitted is None:  # cannot happen after the room check above; kept as a guard
                     raise RuntimeError("observation does not fit after the room check")
                 start, end = self._append_env(traj, fitted[0])
-                traj.spans.append(Span("observation", start, end, text=rendered, passage_ids=list(passage_ids),
-                                       truncated=fitted[1]))
+                traj.spans.append(
+                    Span("observation", start, end, text=rendered, passage_ids=list(passage_ids), truncated=fitted[1])
+                )
             if cfg.after_last_action == "force" and traj.n_actions >= cfg.max_actions:
                 forced = True  # Algorithm 1: the loop ends when t reaches T, then the answer is forced
                 break
         if forced:
             await self._force_answer(traj)
             traj.finish_reason = "action_cut" if cut_action else "forced"
-        traj.completion = self.decode(traj.token_ids[traj.prompt_len:])
+        traj.completion = self.decode(traj.token_ids[traj.prompt_len :])
         traj.answer = extract_boxed(traj.completion)
         traj.wall_seconds = time.perf_counter() - t0
         if len(traj.token_ids) > cfg.max_context:  # the invariant every rule above keeps
-            raise AssertionError(f"trajectory {task_id} has {len(traj.token_ids)} tokens > max_context {cfg.max_context}")
+            raise AssertionError(
+                f"trajectory {task_id} has {len(traj.token_ids)} tokens > max_context {cfg.max_context}"
+            )
         if self.on_done is not None:
             self.on_done(traj)
         return traj
@@ -366,20 +392,21 @@ class Rollout:
         kept, env_close, closed_by = close_simulated_block(res, eos)
         dropped = len(res.token_ids) - len(kept)
         if dropped:
-            del traj.token_ids[body_start + len(kept):], traj.policy_mask[body_start + len(kept):]
+            del traj.token_ids[body_start + len(kept) :], traj.policy_mask[body_start + len(kept) :]
             traj.generated_tokens -= dropped
         if env_close:
             self._append_env(traj, close_ids)
         text = self.decode(kept).replace(OBS_CLOSE, "").strip()
-        traj.spans.append(Span("observation", start, len(traj.token_ids), simulated=True, text=text,
-                               closed_by=closed_by))
+        traj.spans.append(
+            Span("observation", start, len(traj.token_ids), simulated=True, text=text, closed_by=closed_by)
+        )
         return True
 
     async def _force_answer(self, traj: Trajectory) -> None:
         """Algorithm 1, lines 29-31: close the reasoning (unless the policy already did) and prompt the box;
         the answer ends when its braces balance (an answer may contain ``{}``), or at ``answer_tokens``."""
         cfg = self.config
-        closed = THINK_CLOSE in self.decode(traj.token_ids[traj.prompt_len:])
+        closed = THINK_CLOSE in self.decode(traj.token_ids[traj.prompt_len :])
         start, _ = self._append_env(traj, self.encode(FORCE_BOX if closed else FORCE_ANSWER))
         left = cfg.answer_tokens
         while left > 0:

@@ -17,55 +17,67 @@ import pyarrow as pa
 from agent.prompts import PromptTemplate
 from agent.protocol import parse
 from agent.rollout import Rollout, RolloutConfig, Trajectory
-from evals.grading import score
+from qadata.answers import score
 
 log = logging.getLogger(__name__)
 
-SPAN = pa.struct([("kind", pa.string()), ("start", pa.int32()), ("end", pa.int32()), ("simulated", pa.bool_()),
-                  ("refused", pa.bool_()), ("text", pa.string()), ("passage_ids", pa.list_(pa.string())),
-                  ("truncated", pa.bool_()), ("closed_by", pa.string())])
+SPAN = pa.struct(
+    [
+        ("kind", pa.string()),
+        ("start", pa.int32()),
+        ("end", pa.int32()),
+        ("simulated", pa.bool_()),
+        ("refused", pa.bool_()),
+        ("text", pa.string()),
+        ("passage_ids", pa.list_(pa.string())),
+        ("truncated", pa.bool_()),
+        ("closed_by", pa.string()),
+    ]
+)
 
-TRAJECTORY_SCHEMA = pa.schema([
-    ("trajectory_id", pa.string()),
-    ("question_id", pa.string()),
-    ("sample", pa.int32()),
-    ("pool", pa.string()),
-    ("round", pa.string()),
-    ("shard", pa.string()),
-    ("profile", pa.string()),
-    ("engine", pa.string()),
-    ("model", pa.string()),
-    ("template_id", pa.string()),
-    ("seed", pa.int64()),
-    ("temperature", pa.float32()),
-    ("question", pa.string()),
-    ("gold_answers", pa.list_(pa.string())),
-    ("prompt", pa.string()),
-    ("text", pa.string()),
-    ("token_ids", pa.list_(pa.int32())),
-    ("policy_mask", pa.list_(pa.int8())),
-    ("prompt_tokens", pa.int32()),
-    ("spans", pa.list_(SPAN)),
-    ("queries", pa.list_(pa.string())),
-    ("retrieved_passage_ids", pa.list_(pa.string())),
-    ("predicted_answer", pa.string()),
-    ("em", pa.float32()),
-    ("f1", pa.float32()),
-    ("cover_em", pa.float32()),
-    ("n_actions", pa.int32()),
-    ("max_actions", pa.int32()),
-    ("refused_actions", pa.int32()),
-    ("finish_reason", pa.string()),
-    ("error", pa.string()),  # finish_reason "error": what failed (the row is kept and counted, never dropped)
-    ("generated_tokens", pa.int32()),
-    ("observation_tokens", pa.int32()),
-    ("total_tokens", pa.int32()),
-    ("search_calls", pa.int32()),
-    ("wall_seconds", pa.float32()),
-    ("simulated", pa.bool_()),
-    ("parse_issues", pa.list_(pa.string())),
-    ("tags_balanced", pa.bool_()),
-])
+TRAJECTORY_SCHEMA = pa.schema(
+    [
+        ("trajectory_id", pa.string()),
+        ("question_id", pa.string()),
+        ("sample", pa.int32()),
+        ("pool", pa.string()),
+        ("round", pa.string()),
+        ("shard", pa.string()),
+        ("profile", pa.string()),
+        ("engine", pa.string()),
+        ("model", pa.string()),
+        ("template_id", pa.string()),
+        ("seed", pa.int64()),
+        ("temperature", pa.float32()),
+        ("question", pa.string()),
+        ("gold_answers", pa.list_(pa.string())),
+        ("prompt", pa.string()),
+        ("text", pa.string()),
+        ("token_ids", pa.list_(pa.int32())),
+        ("policy_mask", pa.list_(pa.int8())),
+        ("prompt_tokens", pa.int32()),
+        ("spans", pa.list_(SPAN)),
+        ("queries", pa.list_(pa.string())),
+        ("retrieved_passage_ids", pa.list_(pa.string())),
+        ("predicted_answer", pa.string()),
+        ("em", pa.float32()),
+        ("f1", pa.float32()),
+        ("cover_em", pa.float32()),
+        ("n_actions", pa.int32()),
+        ("max_actions", pa.int32()),
+        ("refused_actions", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("error", pa.string()),  # finish_reason "error": what failed (the row is kept and counted, never dropped)
+        ("generated_tokens", pa.int32()),
+        ("observation_tokens", pa.int32()),
+        ("total_tokens", pa.int32()),
+        ("search_calls", pa.int32()),
+        ("wall_seconds", pa.float32()),
+        ("simulated", pa.bool_()),
+        ("parse_issues", pa.list_(pa.string())),
+        ("tags_balanced", pa.bool_()),
+    ]
+)
 
 
 def shard_of(question_id: str, shards: int) -> int:
@@ -94,8 +106,9 @@ class RunInfo:
     samples: int
 
 
-def trajectory_row(traj: Trajectory, q: dict, sample: int, info: RunInfo, rollout: Rollout,
-                   config: RolloutConfig) -> dict:
+def trajectory_row(
+    traj: Trajectory, q: dict, sample: int, info: RunInfo, rollout: Rollout, config: RolloutConfig
+) -> dict:
     completion = traj.completion
     parsed = parse(completion, think_open=info.template.prefill.strip() == "<think>")
     scores = score(traj.answer, q.get("answers") or [q["answer"]])
@@ -103,25 +116,56 @@ def trajectory_row(traj: Trajectory, q: dict, sample: int, info: RunInfo, rollou
     passages = [pid for s in traj.spans if s.kind == "observation" for pid in s.passage_ids]
     return {
         "trajectory_id": f"{info.round}/{info.pool}/{q['id']}/{sample}",
-        "question_id": q["id"], "sample": sample, "pool": info.pool, "round": info.round, "shard": info.shard,
-        "profile": info.profile, "engine": info.engine, "model": info.model, "template_id": info.template.id,
-        "seed": info.seed, "temperature": config.temperature,
-        "question": q["question"], "gold_answers": list(q.get("answers") or [q["answer"]]),
-        "prompt": rollout.decode(traj.token_ids[: traj.prompt_len]), "text": completion,
-        "token_ids": traj.token_ids, "policy_mask": traj.policy_mask, "prompt_tokens": traj.prompt_len,
+        "question_id": q["id"],
+        "sample": sample,
+        "pool": info.pool,
+        "round": info.round,
+        "shard": info.shard,
+        "profile": info.profile,
+        "engine": info.engine,
+        "model": info.model,
+        "template_id": info.template.id,
+        "seed": info.seed,
+        "temperature": config.temperature,
+        "question": q["question"],
+        "gold_answers": list(q.get("answers") or [q["answer"]]),
+        "prompt": rollout.decode(traj.token_ids[: traj.prompt_len]),
+        "text": completion,
+        "token_ids": traj.token_ids,
+        "policy_mask": traj.policy_mask,
+        "prompt_tokens": traj.prompt_len,
         "spans": [{k: v for k, v in asdict(s).items()} for s in traj.spans],
-        "queries": traj.queries, "retrieved_passage_ids": passages,
-        "predicted_answer": traj.answer, "em": scores.em, "f1": scores.f1, "cover_em": scores.cover_em,
-        "n_actions": traj.n_actions, "max_actions": config.max_actions if config.tools else 0, "refused_actions": sum(1 for s in traj.spans if s.kind == "action" and s.refused),
-        "finish_reason": traj.finish_reason, "error": traj.error or None, "generated_tokens": traj.generated_tokens,
-        "observation_tokens": obs_tokens, "total_tokens": len(traj.token_ids), "search_calls": traj.search_calls,
-        "wall_seconds": traj.wall_seconds, "simulated": config.simulated,
-        "parse_issues": parsed.issues, "tags_balanced": parsed.balanced,
+        "queries": traj.queries,
+        "retrieved_passage_ids": passages,
+        "predicted_answer": traj.answer,
+        "em": scores.em,
+        "f1": scores.f1,
+        "cover_em": scores.cover_em,
+        "n_actions": traj.n_actions,
+        "max_actions": config.max_actions if config.tools else 0,
+        "refused_actions": sum(1 for s in traj.spans if s.kind == "action" and s.refused),
+        "finish_reason": traj.finish_reason,
+        "error": traj.error or None,
+        "generated_tokens": traj.generated_tokens,
+        "observation_tokens": obs_tokens,
+        "total_tokens": len(traj.token_ids),
+        "search_calls": traj.search_calls,
+        "wall_seconds": traj.wall_seconds,
+        "simulated": config.simulated,
+        "parse_issues": parsed.issues,
+        "tags_balanced": parsed.balanced,
     }
 
 
-def synthesize(questions: Sequence[dict], *, engine, search, info: RunInfo, config: RolloutConfig,
-               on_done: Callable[[Trajectory], None] | None = None) -> tuple[pa.Table, dict]:
+def synthesize(
+    questions: Sequence[dict],
+    *,
+    engine,
+    search,
+    info: RunInfo,
+    config: RolloutConfig,
+    on_done: Callable[[Trajectory], None] | None = None,
+) -> tuple[pa.Table, dict]:
     """Roll out ``info.samples`` trajectories per question; returns the rows and run statistics."""
     if info.template.mode == "cot" and config.tools:
         raise ValueError(f"template {info.template.id} is a CoT template; CoT rollouts run with tools=False")
@@ -139,10 +183,13 @@ def synthesize(questions: Sequence[dict], *, engine, search, info: RunInfo, conf
     wall = time.perf_counter() - start
     rows = [trajectory_row(t, *by_task[t.task_id], info, rollout, config) for t in trajectories]
     generated = sum(r["generated_tokens"] for r in rows)
-    stats = {"wall_seconds": wall, "generated_tokens": generated,
-             "generated_tokens_per_second": generated / wall if wall > 0 else 0.0,
-             "search_batches": len(rollout.search.batches) if rollout.search else 0,
-             "search_calls": sum(r["search_calls"] for r in rows),
-             "errors": sum(1 for r in rows if r["finish_reason"] == "error"),
-             "truncated_observations": sum(1 for r in rows for s in r["spans"] if s.get("truncated"))}
+    stats = {
+        "wall_seconds": wall,
+        "generated_tokens": generated,
+        "generated_tokens_per_second": generated / wall if wall > 0 else 0.0,
+        "search_batches": len(rollout.search.batches) if rollout.search else 0,
+        "search_calls": sum(r["search_calls"] for r in rows),
+        "errors": sum(1 for r in rows if r["finish_reason"] == "error"),
+        "truncated_observations": sum(1 for r in rows for s in r["spans"] if s.get("truncated")),
+    }
     return pa.Table.from_pylist(rows, schema=TRAJECTORY_SCHEMA), stats

@@ -40,7 +40,9 @@ def actions_without_observation(rows: Iterable[dict]) -> tuple[int, list[str]]:
             n += 1
             nxt = spans[i + 1] if i + 1 < len(spans) else None
             if nxt is None or nxt["kind"] != "observation" or nxt["start"] != s["end"]:
-                bad.append(f"{r['trajectory_id']}: action at tokens {s['start']}-{s['end']} has no observation after it")
+                bad.append(
+                    f"{r['trajectory_id']}: action at tokens {s['start']}-{s['end']} has no observation after it"
+                )
     return n, bad
 
 
@@ -58,7 +60,7 @@ def mask_misaligned(rows: Iterable[dict]) -> tuple[int, list[str]]:
         if sum(mask) != r["generated_tokens"]:
             bad.append(f"{tid}: mask sums to {sum(mask)}, generated {r['generated_tokens']}")
         for s in r["spans"]:
-            seg = mask[s["start"]: s["end"]]
+            seg = mask[s["start"] : s["end"]]
             if s["kind"] == "observation" and not s["simulated"] and any(seg):
                 bad.append(f"{tid}: observation tokens {s['start']}-{s['end']} marked as policy")
             if s["kind"] == "action" and not all(seg):

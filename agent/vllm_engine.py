@@ -24,7 +24,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.engines import GenRequest, GenResult
+from agent.engine_api import GenRequest, GenResult
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +140,20 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, model: str | Path, *, dtype: str | None = None, max_model_len: int = 4096,
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
-                 enable_prefix_caching: bool = True, enforce_eager: bool | None = None, seed: int = 0,
-                 max_num_seqs: int | None = None, logprobs: bool = False):
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        dtype: str | None = None,
+        max_model_len: int = 4096,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool | None = None,
+        seed: int = 0,
+        max_num_seqs: int | None = None,
+        logprobs: bool = False,
+    ):
         on_gpu = cuda_available()
         if not on_gpu:
             cpu_environment()
@@ -152,11 +162,16 @@ class VLLMEngine:
 
         _guard_kernel_rebind()
 
-        kwargs = dict(model=str(model), dtype=dtype or ("auto" if on_gpu else cpu_dtype()),
-                      max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-                      enable_prefix_caching=enable_prefix_caching, seed=seed,
-                      # torch.compile costs 100 s+ on CPU for a few % at this size
-                      enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager)
+        kwargs = dict(
+            model=str(model),
+            dtype=dtype or ("auto" if on_gpu else cpu_dtype()),
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            enable_prefix_caching=enable_prefix_caching,
+            seed=seed,
+            # torch.compile costs 100 s+ on CPU for a few % at this size
+            enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
+        )
         if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
@@ -198,14 +213,20 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind
 
         max_tokens = max(1, min(r.max_new_tokens, self.max_model_len - len(r.prompt_ids)))
-        return SamplingParams(max_tokens=max_tokens, temperature=r.temperature,
-                              top_p=r.top_p if r.temperature > 0 else 1.0, seed=r.seed,
-                              stop=list(r.stop) or None, include_stop_str_in_output=True,
-                              skip_special_tokens=False, spaces_between_special_tokens=False,
-                              logprobs=0 if self.logprobs else None,  # 0: the sampled token's only
-                              allowed_token_ids=list(r.allowed_token_ids) if r.allowed_token_ids else None,
-                              # only the finished output (the default re-sends every token at every step)
-                              output_kind=RequestOutputKind.FINAL_ONLY)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p if r.temperature > 0 else 1.0,
+            seed=r.seed,
+            stop=list(r.stop) or None,
+            include_stop_str_in_output=True,
+            skip_special_tokens=False,
+            spaces_between_special_tokens=False,
+            logprobs=0 if self.logprobs else None,  # 0: the sampled token's only
+            allowed_token_ids=list(r.allowed_token_ids) if r.allowed_token_ids else None,
+            # only the finished output (the default re-sends every token at every step)
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
 
     def _result(self, output, request: GenRequest) -> GenResult:
         comp = output.outputs[0]
@@ -275,6 +296,7 @@ class VLLMEngine:
                     fut.set_exception(exc)
                 else:
                     fut.set_result(value)
+
             try:
                 loop.call_soon_threadsafe(_set)
             except RuntimeError:  # the caller's loop has closed: nobody is waiting any more
@@ -302,8 +324,9 @@ class VLLMEngine:
                 for req, fut, loop in batch:
                     rid = f"r{next(self._ids)}"
                     try:
-                        self._engine.add_request(rid, TokensPrompt(prompt_token_ids=list(req.prompt_ids)),
-                                                 self._params(req))
+                        self._engine.add_request(
+                            rid, TokensPrompt(prompt_token_ids=list(req.prompt_ids)), self._params(req)
+                        )
                     except Exception as exc:  # noqa: BLE001 - a bad request fails alone
                         deliver(fut, loop, exc=exc)
                         continue

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from agent.synthesis import SPAN
+from assets.metadata import table_metadata, timed
 from assets.pairs import NOT_MATERIALISED, _table, read_round
-from pipelines.metadata import table_metadata, timed
-from pipelines.storage import StorageResource
+from assets.storage import StorageResource
 from qadata.io import atomic_directory, atomic_write_json
 from training.sft_data import (
     IGNORE,
@@ -22,18 +22,51 @@ from training.sft_data import (
 )
 
 GROUP = "sft"
-STAGE1_SCHEMA = pa.schema([
-    ("pair_id", pa.string()), ("question_id", pa.string()), ("kind", pa.string()),
-    ("context_ids", pa.list_(pa.int32())), ("chosen_ids", pa.list_(pa.int32())), ("chosen_mask", pa.list_(pa.int8())),
-    ("rejected_ids", pa.list_(pa.int32())), ("rejected_mask", pa.list_(pa.int8())),
-    ("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()), ("truncated", pa.bool_())])
-STAGE23_SCHEMA = pa.schema([
-    ("trajectory_id", pa.string()), ("question_id", pa.string()), ("pool", pa.string()), ("em", pa.float32()),
-    ("input_ids", pa.list_(pa.int32())), ("labels_stage2", pa.list_(pa.int32())), ("labels_stage3", pa.list_(pa.int32())),
-    ("env_tokens", pa.int32()), ("length", pa.int32()), ("truncated", pa.bool_()),
-    ("prompt", pa.string()), ("text", pa.string()), ("spans", pa.list_(SPAN))])
-TRAJ_COLUMNS = ["trajectory_id", "question_id", "pool", "em", "token_ids", "policy_mask", "prompt_tokens", "prompt",
-                "text", "spans"]
+STAGE1_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("question_id", pa.string()),
+        ("kind", pa.string()),
+        ("context_ids", pa.list_(pa.int32())),
+        ("chosen_ids", pa.list_(pa.int32())),
+        ("chosen_mask", pa.list_(pa.int8())),
+        ("rejected_ids", pa.list_(pa.int32())),
+        ("rejected_mask", pa.list_(pa.int8())),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("truncated", pa.bool_()),
+    ]
+)
+STAGE23_SCHEMA = pa.schema(
+    [
+        ("trajectory_id", pa.string()),
+        ("question_id", pa.string()),
+        ("pool", pa.string()),
+        ("em", pa.float32()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels_stage2", pa.list_(pa.int32())),
+        ("labels_stage3", pa.list_(pa.int32())),
+        ("env_tokens", pa.int32()),
+        ("length", pa.int32()),
+        ("truncated", pa.bool_()),
+        ("prompt", pa.string()),
+        ("text", pa.string()),
+        ("spans", pa.list_(SPAN)),
+    ]
+)
+TRAJ_COLUMNS = [
+    "trajectory_id",
+    "question_id",
+    "pool",
+    "em",
+    "token_ids",
+    "policy_mask",
+    "prompt_tokens",
+    "prompt",
+    "text",
+    "spans",
+]
 
 
 class Stage1DataConfig(dg.Config):
@@ -41,8 +74,9 @@ class Stage1DataConfig(dg.Config):
 
 
 @dg.asset(group_name=GROUP, kinds={"python", "parquet"}, deps=["contrastive_pairs"])
-def sft_stage1_data(context: dg.AssetExecutionContext, config: Stage1DataConfig,
-                    storage: StorageResource) -> dg.Output[pa.Table]:
+def sft_stage1_data(
+    context: dg.AssetExecutionContext, config: Stage1DataConfig, storage: StorageResource
+) -> dg.Output[pa.Table]:
     """The contrastive pairs as SFT-1 examples: context c = prompt + shared prefix, then each continuation's ids and policy-token mask."""
     pairs = _table(storage, "contrastive_pairs")
     if pairs is None:
@@ -52,29 +86,41 @@ def sft_stage1_data(context: dg.AssetExecutionContext, config: Stage1DataConfig,
         table = pa.Table.from_pylist(stage1_rows(pairs.to_pylist(), config.max_length), schema=STAGE1_SCHEMA)
     truncated = sum(table.column("truncated").to_pylist())
     if truncated:
-        context.log.warning("sft_stage1_data: %d of %d pairs truncated to %d tokens", truncated, table.num_rows,
-                            config.max_length)
+        context.log.warning(
+            "sft_stage1_data: %d of %d pairs truncated to %d tokens", truncated, table.num_rows, config.max_length
+        )
     md.update(table_metadata(table, preview_columns=["pair_id", "kind", "prompt", "chosen", "rejected"]))
     masks = table.column("chosen_mask").to_pylist() + table.column("rejected_mask").to_pylist()
-    md.update({"pairs": table.num_rows, "truncated": truncated, "max_length": config.max_length,
-               "policy_tokens": sum(sum(m) for m in masks),  # in SFT-1's loss
-               "env_tokens_excluded": sum(len(m) - sum(m) for m in masks)})  # observations and forced text
+    md.update(
+        {
+            "pairs": table.num_rows,
+            "truncated": truncated,
+            "max_length": config.max_length,
+            "policy_tokens": sum(sum(m) for m in masks),  # in SFT-1's loss
+            "env_tokens_excluded": sum(len(m) - sum(m) for m in masks),
+        }
+    )  # observations and forced text
     return dg.Output(table, metadata=md)
 
 
 class Stage23DataConfig(dg.Config):
     round: str = Field("r000", description="Synthesis round the trajectories come from.")
-    coa: int = Field(200, description=(
-        "Correct CoA trajectories wanted (embedded: 200 of the ~490 correct ones, what CPU training affords in "
-        "minutes with length-bucketed batches; paper: 5,000); fewer if fewer exist."))
+    coa: int = Field(
+        200,
+        description=(
+            "Correct CoA trajectories wanted (embedded: 200 of the ~490 correct ones, what CPU training affords in "
+            "minutes with length-bucketed batches; paper: 5,000); fewer if fewer exist."
+        ),
+    )
     cot: int = Field(26, description="Correct CoT trajectories wanted (embedded: the paper's 1:5 mix; paper: 1,000).")
     seed: int = Field(0, description="Seed of the selection.")
     max_length: int = Field(2048, description="Longest sequence; longer ones are truncated and flagged.")
 
 
 @dg.asset(group_name=GROUP, kinds={"python", "parquet"}, deps=["cot_trajectories", "coa_trajectories"])
-def sft_stage23_data(context: dg.AssetExecutionContext, config: Stage23DataConfig,
-                     storage: StorageResource) -> dg.Output[pa.Table]:
+def sft_stage23_data(
+    context: dg.AssetExecutionContext, config: Stage23DataConfig, storage: StorageResource
+) -> dg.Output[pa.Table]:
     """Correct CoA + CoT trajectories for SFT-2 (observations masked out of the labels) and SFT-3 (observations kept)."""
     cot = read_round(storage.home, "cot_trajectories", config.round, TRAJ_COLUMNS)
     coa = read_round(storage.home, "coa_trajectories", config.round, TRAJ_COLUMNS)
@@ -92,16 +138,31 @@ def sft_stage23_data(context: dg.AssetExecutionContext, config: Stage23DataConfi
             n = write_sharegpt(rows, tmp / "autocoa_sft.json")
             atomic_write_json(tmp / "dataset_info.json", llamafactory_dataset_info("autocoa_sft", "autocoa_sft.json"))
             (tmp / "hf").mkdir()
-            pq.write_table(table.select(["input_ids", "labels_stage2", "labels_stage3", "pool", "trajectory_id"]),
-                           tmp / "hf" / "train.parquet")
+            pq.write_table(
+                table.select(["input_ids", "labels_stage2", "labels_stage3", "pool", "trajectory_id"]),
+                tmp / "hf" / "train.parquet",
+            )
     if stats["coa_selected"] < config.coa or stats["cot_selected"] < config.cot:
-        context.log.warning("sft_stage23_data: only %d/%d correct CoA and %d/%d correct CoT trajectories in round %s",
-                            stats["coa_selected"], config.coa, stats["cot_selected"], config.cot, config.round)
+        context.log.warning(
+            "sft_stage23_data: only %d/%d correct CoA and %d/%d correct CoT trajectories in round %s",
+            stats["coa_selected"],
+            config.coa,
+            stats["cot_selected"],
+            config.cot,
+            config.round,
+        )
     md.update(table_metadata(table, preview_columns=["trajectory_id", "pool", "length", "env_tokens", "text"]))
-    md.update({**stats, "round": config.round, "max_length": config.max_length,
-               "truncated": sum(table.column("truncated").to_pylist()),
-               "sharegpt_records": n, "exports": dg.MetadataValue.path(str(out)),
-               "pools": dg.MetadataValue.json(dict(collections.Counter(table.column("pool").to_pylist())))})
+    md.update(
+        {
+            **stats,
+            "round": config.round,
+            "max_length": config.max_length,
+            "truncated": sum(table.column("truncated").to_pylist()),
+            "sharegpt_records": n,
+            "exports": dg.MetadataValue.path(str(out)),
+            "pools": dg.MetadataValue.json(dict(collections.Counter(table.column("pool").to_pylist()))),
+        }
+    )
     return dg.Output(table, metadata=md)
 
 
@@ -109,20 +170,26 @@ def _stage23(storage):
     return _table(storage, "sft_stage23_data")
 
 
-@dg.asset_check(asset=sft_stage23_data, blocking=True, description="Only correct trajectories (EM = 1) are in the SFT mix.")
+@dg.asset_check(
+    asset=sft_stage23_data, blocking=True, description="Only correct trajectories (EM = 1) are in the SFT mix."
+)
 def sft_stage23_only_correct(storage: StorageResource) -> dg.AssetCheckResult:
     t = _stage23(storage)
     if t is None:
         return NOT_MATERIALISED
     wrong = [r["trajectory_id"] for r in t.select(["trajectory_id", "em"]).to_pylist() if r["em"] < 1.0]
-    return dg.AssetCheckResult(passed=not wrong, metadata={"rows": t.num_rows, "wrong": len(wrong),
-                                                           "examples": "\n".join(wrong[:5])})
+    return dg.AssetCheckResult(
+        passed=not wrong, metadata={"rows": t.num_rows, "wrong": len(wrong), "examples": "\n".join(wrong[:5])}
+    )
 
 
-@dg.asset_check(asset=sft_stage23_data, blocking=True, description=(
-    "The mix is what was configured: min(requested, available) CoA and CoT trajectories."))
+@dg.asset_check(
+    asset=sft_stage23_data,
+    blocking=True,
+    description=("The mix is what was configured: min(requested, available) CoA and CoT trajectories."),
+)
 def sft_stage23_mix_ratio(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
-    from pipelines.metadata import latest_metadata
+    from assets.metadata import latest_metadata
 
     t = _stage23(storage)
     if t is None:
@@ -132,12 +199,19 @@ def sft_stage23_mix_ratio(context: dg.AssetCheckExecutionContext, storage: Stora
     want_coa = min(md.get("coa_requested", -1), md.get("correct_coa_available", -1))
     want_cot = min(md.get("cot_requested", -1), md.get("correct_cot_available", -1))
     ok = pools["coa"] == want_coa and pools["cot"] == want_cot
-    return dg.AssetCheckResult(passed=ok, metadata={"coa": pools["coa"], "expected_coa": want_coa,
-                                                    "cot": pools["cot"], "expected_cot": want_cot})
+    return dg.AssetCheckResult(
+        passed=ok,
+        metadata={"coa": pools["coa"], "expected_coa": want_coa, "cot": pools["cot"], "expected_cot": want_cot},
+    )
 
 
-@dg.asset_check(asset=sft_stage23_data, blocking=True, description=(
-    "Every observation token is masked (-100) in the stage-2 labels and none is in the stage-3 labels; prompts masked in both."))
+@dg.asset_check(
+    asset=sft_stage23_data,
+    blocking=True,
+    description=(
+        "Every observation token is masked (-100) in the stage-2 labels and none is in the stage-3 labels; prompts masked in both."
+    ),
+)
 def sft_stage23_observation_masks(storage: StorageResource) -> dg.AssetCheckResult:
     t = _stage23(storage)
     if t is None:
@@ -156,13 +230,17 @@ def sft_stage23_observation_masks(storage: StorageResource) -> dg.AssetCheckResu
                 if r["labels_stage3"][i] != r["input_ids"][i]:
                     bad.append(f"{r['trajectory_id']}: observation token {i} masked in stage 3")
                     break
-    return dg.AssetCheckResult(passed=not bad, metadata={"observation_tokens_checked": checked, "problems": len(bad),
-                                                         "examples": "\n".join(bad[:5])})
+    return dg.AssetCheckResult(
+        passed=not bad,
+        metadata={"observation_tokens_checked": checked, "problems": len(bad), "examples": "\n".join(bad[:5])},
+    )
 
 
-@dg.asset_check(asset=sft_stage23_data, description="No sequence over max_length; truncations are counted (WARN when any).")
+@dg.asset_check(
+    asset=sft_stage23_data, description="No sequence over max_length; truncations are counted (WARN when any)."
+)
 def sft_stage23_lengths(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
-    from pipelines.metadata import latest_metadata
+    from assets.metadata import latest_metadata
 
     t = _stage23(storage)
     if t is None:
@@ -170,29 +248,56 @@ def sft_stage23_lengths(context: dg.AssetCheckExecutionContext, storage: Storage
     limit = latest_metadata(context.instance, "sft_stage23_data").get("max_length", 2048)
     over = sum(1 for n in t.column("length").to_pylist() if n > limit)
     truncated = sum(t.column("truncated").to_pylist())
-    return dg.AssetCheckResult(passed=over == 0 and truncated == 0, severity=dg.AssetCheckSeverity.WARN,
-                               metadata={"over_limit": over, "truncated": truncated, "max_length": limit})
+    return dg.AssetCheckResult(
+        passed=over == 0 and truncated == 0,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"over_limit": over, "truncated": truncated, "max_length": limit},
+    )
 
 
-@dg.asset_check(asset=sft_stage1_data, blocking=True, description=(
-    "Every contrastive pair became exactly one SFT-1 example whose context is the pair's prompt + shared prefix ids "
-    "and whose loss masks are the pair's."))
+@dg.asset_check(
+    asset=sft_stage1_data,
+    blocking=True,
+    description=(
+        "Every contrastive pair became exactly one SFT-1 example whose context is the pair's prompt + shared prefix ids "
+        "and whose loss masks are the pair's."
+    ),
+)
 def sft_stage1_data_matches_the_pairs(storage: StorageResource) -> dg.AssetCheckResult:
     data, pairs = _table(storage, "sft_stage1_data"), _table(storage, "contrastive_pairs")
     if data is None or pairs is None:
         return NOT_MATERIALISED
-    by_id = {p["pair_id"]: p for p in pairs.select(["pair_id", "prompt_ids", "prefix_ids", "chosen_mask",
-                                                    "rejected_mask"]).to_pylist()}
-    rows = data.select(["pair_id", "context_ids", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask"]).to_pylist()
+    by_id = {
+        p["pair_id"]: p
+        for p in pairs.select(["pair_id", "prompt_ids", "prefix_ids", "chosen_mask", "rejected_mask"]).to_pylist()
+    }
+    rows = data.select(
+        ["pair_id", "context_ids", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask"]
+    ).to_pylist()
     ids = [r["pair_id"] for r in rows]
     bad = [f"{r['pair_id']}: no such pair" for r in rows if r["pair_id"] not in by_id]
-    bad += [f"{r['pair_id']}: context is not prompt + prefix" for r in rows if r["pair_id"] in by_id
-            and r["context_ids"] != by_id[r["pair_id"]]["prompt_ids"] + by_id[r["pair_id"]]["prefix_ids"]]
-    bad += [f"{r['pair_id']}: {side} mask is not the pair's (aligned with the ids)" for r in rows if r["pair_id"] in by_id
-            for side in ("chosen", "rejected")
-            if r[f"{side}_mask"] != by_id[r["pair_id"]][f"{side}_mask"][: len(r[f"{side}_ids"])]]
+    bad += [
+        f"{r['pair_id']}: context is not prompt + prefix"
+        for r in rows
+        if r["pair_id"] in by_id
+        and r["context_ids"] != by_id[r["pair_id"]]["prompt_ids"] + by_id[r["pair_id"]]["prefix_ids"]
+    ]
+    bad += [
+        f"{r['pair_id']}: {side} mask is not the pair's (aligned with the ids)"
+        for r in rows
+        if r["pair_id"] in by_id
+        for side in ("chosen", "rejected")
+        if r[f"{side}_mask"] != by_id[r["pair_id"]][f"{side}_mask"][: len(r[f"{side}_ids"])]
+    ]
     missing = sorted(set(by_id) - set(ids))
     dup = len(ids) - len(set(ids))
-    return dg.AssetCheckResult(passed=not bad and not missing and not dup, metadata={
-        "examples": len(rows), "pairs": len(by_id), "missing": len(missing), "duplicates": dup,
-        "problems": "\n".join((bad + [f"{m}: pair without an example" for m in missing])[:8]) or "none"})
+    return dg.AssetCheckResult(
+        passed=not bad and not missing and not dup,
+        metadata={
+            "examples": len(rows),
+            "pairs": len(by_id),
+            "missing": len(missing),
+            "duplicates": dup,
+            "problems": "\n".join((bad + [f"{m}: pair without an example" for m in missing])[:8]) or "none",
+        },
+    )

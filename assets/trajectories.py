@@ -11,14 +11,15 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from agent import validate
-from agent.engines import EngineSpec, load_engine
+from agent.engine_api import EngineSpec
+from agent.engines import load_engine
 from agent.prompts import TEMPLATES, template_for
 from agent.rollout import RolloutConfig, search_tool
 from agent.synthesis import RunInfo, round_seed, shard_of, synthesize
-from pipelines.metadata import bar_plot, latest_metadata, markdown_table, table_metadata, timed
-from pipelines.paths import partition_dirname, tables_dir
-from pipelines.resources import SearchEngineResource
-from pipelines.storage import StorageResource
+from assets.metadata import bar_plot, latest_metadata, markdown_table, table_metadata, timed
+from assets.resources import SearchEngineResource
+from assets.storage import StorageResource
+from qadata.paths import partition_dirname, tables_dir
 
 GROUP = "synthesis"
 POOLS = ("cot", "coa")
@@ -45,39 +46,65 @@ def trajectory_partitions(shards: int) -> dg.MultiPartitionsDefinition:
 
 
 class EngineConfig(dg.Config):
-    kind: str = Field("auto", description=(
-        "'vllm', 'transformers', 'openai' (HTTP), 'expert' (the scripted demonstrator of the generated world, "
-        "agent/expert.py) or 'auto' (vLLM when installed)."))
-    model: str = Field("embedded", description="'embedded' (SmolLM2-135M-Instruct), a checkpoint directory or a hub id.")
-    dtype: str | None = Field(None, description="Weights dtype; default bfloat16 for vLLM/GPU, float32 for transformers on CPU.")
+    kind: str = Field(
+        "auto",
+        description=(
+            "'vllm', 'transformers', 'openai' (HTTP), 'expert' (the scripted demonstrator of the generated world, "
+            "agent/expert.py) or 'auto' (vLLM when installed)."
+        ),
+    )
+    model: str = Field(
+        "embedded", description="'embedded' (SmolLM2-135M-Instruct), a checkpoint directory or a hub id."
+    )
+    dtype: str | None = Field(
+        None, description="Weights dtype; default bfloat16 for vLLM/GPU, float32 for transformers on CPU."
+    )
     max_model_len: int = Field(4096, description="Longest sequence the engine accepts (prompt + trajectory).")
     tensor_parallel_size: int = Field(1, description="GPUs per vLLM engine (paper teacher: 4+).")
     gpu_memory_utilization: float = Field(0.85, description="vLLM's share of GPU memory.")
     max_batch: int = Field(64, description="Largest batch the transformers engine runs at once.")
-    base_urls: list[str] = Field(default_factory=list, description="OpenAI-compatible servers (kind 'openai'); several form a fleet.")
+    base_urls: list[str] = Field(
+        default_factory=list, description="OpenAI-compatible servers (kind 'openai'); several form a fleet."
+    )
     served_model: str | None = Field(None, description="Model name the HTTP server serves (default: model).")
 
     def spec(self, min_model_len: int = 0) -> EngineSpec:
-        return EngineSpec(kind=self.kind, model=self.model, dtype=self.dtype,
-                          max_model_len=max(self.max_model_len, min_model_len),
-                          tensor_parallel_size=self.tensor_parallel_size,
-                          gpu_memory_utilization=self.gpu_memory_utilization, max_batch=self.max_batch,
-                          base_urls=tuple(self.base_urls), served_model=self.served_model)
+        return EngineSpec(
+            kind=self.kind,
+            model=self.model,
+            dtype=self.dtype,
+            max_model_len=max(self.max_model_len, min_model_len),
+            tensor_parallel_size=self.tensor_parallel_size,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            max_batch=self.max_batch,
+            base_urls=tuple(self.base_urls),
+            served_model=self.served_model,
+        )
 
 
 class TeacherEngineConfig(EngineConfig):
-    kind: str = Field("expert", description=(
-        "The teacher. Embedded default: 'expert', the scripted demonstrator of the generated world (a program "
-        "stronger than the 135M student, agent/expert.py); 'auto' with model 'embedded' selects the SmolLM2 "
-        "few-shot teacher; paper: 'vllm' with DeepSeek-R1-Distill-Qwen-32B."))
+    kind: str = Field(
+        "expert",
+        description=(
+            "The teacher. Embedded default: 'expert', the scripted demonstrator of the generated world (a program "
+            "stronger than the 135M student, agent/expert.py); 'auto' with model 'embedded' selects the SmolLM2 "
+            "few-shot teacher; paper: 'vllm' with DeepSeek-R1-Distill-Qwen-32B."
+        ),
+    )
 
 
 class TrajectoryConfig(dg.Config):
     profile: str = Field("embedded", description="Profile name recorded with every row.")
-    engine: TeacherEngineConfig = Field(default_factory=TeacherEngineConfig, description="The teacher that writes the trajectories.")
-    template_id: str | None = Field(None, description=f"Prompt template ({', '.join(TEMPLATES)}); default: by model family.")
+    engine: TeacherEngineConfig = Field(
+        default_factory=TeacherEngineConfig, description="The teacher that writes the trajectories."
+    )
+    template_id: str | None = Field(
+        None, description=f"Prompt template ({', '.join(TEMPLATES)}); default: by model family."
+    )
     samples_per_question: int = Field(1, description="Trajectories per question.")
-    seed: int | None = Field(None, description="Sampling seed; default: derived from the round's name, so each round differs.")
+    seed: int | None = Field(
+        None, description="Sampling seed; default: derived from the round's name, so each round differs."
+    )
     temperature: float = Field(0.6, description="Sampling temperature (paper: 0.6).")
     top_p: float = Field(0.95, description="Nucleus sampling.")
     max_actions: int = Field(5, description="T: searches allowed per trajectory (paper: up to 10).")
@@ -85,11 +112,18 @@ class TrajectoryConfig(dg.Config):
     max_turn_tokens: int = Field(256, description="Tokens the policy may write before its next action (CoA).")
     cot_max_tokens: int = Field(512, description="Tokens a CoT trajectory may write.")
     answer_tokens: int = Field(24, description="Tokens allowed for a forced answer.")
-    force_answer: bool = Field(True, description=(
-        "A trajectory that ends without \\boxed{} is prompted for the answer (as at the budget, Algorithm 1); "
-        "finish_reason 'forced' marks it."))
-    search_k: int = Field(2, description="Passages per search (embedded: 2, which keeps trajectories short for CPU "
-                                         "training; paper profile: 3).")
+    force_answer: bool = Field(
+        True,
+        description=(
+            "A trajectory that ends without \\boxed{} is prompted for the answer (as at the budget, Algorithm 1); "
+            "finish_reason 'forced' marks it."
+        ),
+    )
+    search_k: int = Field(
+        2,
+        description="Passages per search (embedded: 2, which keeps trajectories short for CPU "
+        "training; paper profile: 3).",
+    )
     max_questions: int | None = Field(None, description="Cap on questions per shard (quick runs).")
     answer_rate_floor: float = Field(0.5, description="The non-empty-answer check warns below this share.")
 
@@ -111,8 +145,10 @@ def _progress(context, total: int, label: str):
         bar.update(1)
         if state["done"] >= state["next"] or state["done"] == total:
             state["next"] += max(1, total // 10)
-            context.log.info("%s: %d/%d trajectories (%.0fs)", label, state["done"], total,
-                             time.perf_counter() - state["t0"])
+            context.log.info(
+                "%s: %d/%d trajectories (%.0fs)", label, state["done"], total, time.perf_counter() - state["t0"]
+            )
+
     return bar, on_done
 
 
@@ -131,44 +167,78 @@ def _metadata(table: pa.Table, stats: dict, info: RunInfo, config: TrajectoryCon
     for r in rows:
         by_actions[r["n_actions"]].append(r["em"])
     _, answered = validate.answer_rate(rows) if rows else (0, 0.0)
-    md = table_metadata(table, preview_columns=["question_id", "sample", "n_actions", "predicted_answer", "em",
-                                                "finish_reason", "text"])
-    md.update({
-        "questions": questions, "trajectories": n, "round": info.round, "shard": info.shard, "seed": info.seed,
-        "engine": info.engine, "model": info.model, "template_id": info.template.id, "profile": info.profile,
-        "accuracy_em": round(sum(r["em"] for r in rows) / n, 4) if n else 0.0,
-        "mean_f1": round(sum(r["f1"] for r in rows) / n, 4) if n else 0.0,
-        "mean_actions": round(sum(actions) / n, 3) if n else 0.0,
-        "answer_rate": round(answered, 4), "answer_rate_floor": config.answer_rate_floor,
-        "max_actions": config.max_actions,
-        "generated_tokens": stats["generated_tokens"],
-        "tokens_per_second": round(stats["generated_tokens_per_second"], 2),
-        "search_calls": stats["search_calls"], "search_batches": stats["search_batches"],
-        "errors": stats.get("errors", 0), "truncated_observations": stats.get("truncated_observations", 0),
-        "finish_reasons": dg.MetadataValue.json(dict(collections.Counter(r["finish_reason"] for r in rows))),
-        "accuracy_by_actions": dg.MetadataValue.md(markdown_table(
-            [{"actions": k, "trajectories": len(v), "em": round(sum(v) / len(v), 3)} for k, v in sorted(by_actions.items())])),
-    })
+    md = table_metadata(
+        table, preview_columns=["question_id", "sample", "n_actions", "predicted_answer", "em", "finish_reason", "text"]
+    )
+    md.update(
+        {
+            "questions": questions,
+            "trajectories": n,
+            "round": info.round,
+            "shard": info.shard,
+            "seed": info.seed,
+            "engine": info.engine,
+            "model": info.model,
+            "template_id": info.template.id,
+            "profile": info.profile,
+            "accuracy_em": round(sum(r["em"] for r in rows) / n, 4) if n else 0.0,
+            "mean_f1": round(sum(r["f1"] for r in rows) / n, 4) if n else 0.0,
+            "mean_actions": round(sum(actions) / n, 3) if n else 0.0,
+            "answer_rate": round(answered, 4),
+            "answer_rate_floor": config.answer_rate_floor,
+            "max_actions": config.max_actions,
+            "generated_tokens": stats["generated_tokens"],
+            "tokens_per_second": round(stats["generated_tokens_per_second"], 2),
+            "search_calls": stats["search_calls"],
+            "search_batches": stats["search_batches"],
+            "errors": stats.get("errors", 0),
+            "truncated_observations": stats.get("truncated_observations", 0),
+            "finish_reasons": dg.MetadataValue.json(dict(collections.Counter(r["finish_reason"] for r in rows))),
+            "accuracy_by_actions": dg.MetadataValue.md(
+                markdown_table(
+                    [
+                        {"actions": k, "trajectories": len(v), "em": round(sum(v) / len(v), 3)}
+                        for k, v in sorted(by_actions.items())
+                    ]
+                )
+            ),
+        }
+    )
     if n:
-        md["action_histogram"] = bar_plot(labels, {"trajectories": counts}, f"{info.pool}: actions per trajectory",
-                                          "trajectories")
+        md["action_histogram"] = bar_plot(
+            labels, {"trajectories": counts}, f"{info.pool}: actions per trajectory", "trajectories"
+        )
     return md
 
 
 def build_trajectory_asset(pool: str, partitions: dg.MultiPartitionsDefinition):
-    doc = {"cot": "Chain-of-thought trajectories (no tool) written by the teacher for the CoT pool, graded against the gold answers.",
-           "coa": "Chain-of-action trajectories (reasoning interleaved with real searches) written by the teacher for the CoA pool, graded."}[pool]
+    doc = {
+        "cot": "Chain-of-thought trajectories (no tool) written by the teacher for the CoT pool, graded against the gold answers.",
+        "coa": "Chain-of-action trajectories (reasoning interleaved with real searches) written by the teacher for the CoA pool, graded.",
+    }[pool]
 
-    @dg.asset(name=f"{pool}_trajectories", group_name=GROUP, partitions_def=partitions, kinds={"python", "parquet"},
-              deps=["search_index"] if pool == "coa" else [], description=doc,
-              tags={"autocoa/stage": "synthesis"})
-    def _asset(context: dg.AssetExecutionContext, config: TrajectoryConfig, question_sample: pa.Table,
-               storage: StorageResource, search_engine: SearchEngineResource) -> dg.Output[pa.Table]:
+    @dg.asset(
+        name=f"{pool}_trajectories",
+        group_name=GROUP,
+        partitions_def=partitions,
+        kinds={"python", "parquet"},
+        deps=["search_index"] if pool == "coa" else [],
+        description=doc,
+        tags={"autocoa/stage": "synthesis"},
+    )
+    def _asset(
+        context: dg.AssetExecutionContext,
+        config: TrajectoryConfig,
+        question_sample: pa.Table,
+        storage: StorageResource,
+        search_engine: SearchEngineResource,
+    ) -> dg.Output[pa.Table]:
         round_key, shard = _partition(context)
         n_shards = len(partitions.get_partitions_def_for_dimension("shard").get_partition_keys())
         shard_index = int(shard[1:])
-        questions = [q for q in question_sample.to_pylist()
-                     if q["pool"] == pool and shard_of(q["id"], n_shards) == shard_index]
+        questions = [
+            q for q in question_sample.to_pylist() if q["pool"] == pool and shard_of(q["id"], n_shards) == shard_index
+        ]
         questions.sort(key=lambda q: q["id"])
         in_shard = len(questions)
         if config.max_questions is not None:
@@ -180,37 +250,85 @@ def build_trajectory_asset(pool: str, partitions: dg.MultiPartitionsDefinition):
             if template.mode != pool:
                 raise dg.Failure(f"{pool}_trajectories: template {template.id!r} is a {template.mode} template")
             seed = config.seed if config.seed is not None else round_seed(round_key)
-            rcfg = RolloutConfig(max_actions=config.max_actions, max_context=config.max_context,
-                                 max_turn_tokens=config.max_turn_tokens if pool == "coa" else config.cot_max_tokens,
-                                 answer_tokens=config.answer_tokens, temperature=config.temperature, top_p=config.top_p,
-                                 search_k=config.search_k, tools=pool == "coa", seed=seed,
-                                 force_answer=config.force_answer)
+            rcfg = RolloutConfig(
+                max_actions=config.max_actions,
+                max_context=config.max_context,
+                max_turn_tokens=config.max_turn_tokens if pool == "coa" else config.cot_max_tokens,
+                answer_tokens=config.answer_tokens,
+                temperature=config.temperature,
+                top_p=config.top_p,
+                search_k=config.search_k,
+                tools=pool == "coa",
+                seed=seed,
+                force_answer=config.force_answer,
+            )
             search = search_tool(search_engine.get_engine(), config.search_k) if pool == "coa" else None
-            info = RunInfo(pool=pool, round=round_key, shard=shard, profile=config.profile, engine=engine.name,
-                           model=engine.model_name, template=template, seed=seed, samples=config.samples_per_question)
+            info = RunInfo(
+                pool=pool,
+                round=round_key,
+                shard=shard,
+                profile=config.profile,
+                engine=engine.name,
+                model=engine.model_name,
+                template=template,
+                seed=seed,
+                samples=config.samples_per_question,
+            )
             total = len(questions) * config.samples_per_question
-            context.log.info("%s %s/%s: %d questions (%d in shard), %d trajectories, engine %s, model %s, template %s, seed %d",
-                             pool, round_key, shard, len(questions), in_shard, total, engine.name, engine.model_name,
-                             template.id, seed)
+            context.log.info(
+                "%s %s/%s: %d questions (%d in shard), %d trajectories, engine %s, model %s, template %s, seed %d",
+                pool,
+                round_key,
+                shard,
+                len(questions),
+                in_shard,
+                total,
+                engine.name,
+                engine.model_name,
+                template.id,
+                seed,
+            )
             bar, on_done = _progress(context, total, f"{pool} {round_key}/{shard}")
             try:
-                table, stats = synthesize(questions, engine=engine, search=search, info=info, config=rcfg, on_done=on_done)
+                table, stats = synthesize(
+                    questions, engine=engine, search=search, info=info, config=rcfg, on_done=on_done
+                )
             finally:
                 bar.close()
         md.update(_metadata(table, stats, info, config, len(questions)))
         md["questions_in_shard"] = in_shard
         md["questions_skipped_by_cap"] = in_shard - len(questions)
-        context.log.info("%s %s/%s: EM %.3f, %.2f actions/trajectory, %.1f generated tokens/s",
-                         pool, round_key, shard, md["accuracy_em"], md["mean_actions"], md["tokens_per_second"])
+        context.log.info(
+            "%s %s/%s: EM %.3f, %.2f actions/trajectory, %.1f generated tokens/s",
+            pool,
+            round_key,
+            shard,
+            md["accuracy_em"],
+            md["mean_actions"],
+            md["tokens_per_second"],
+        )
         return dg.Output(table, metadata=md)
 
     return _asset
 
 
 # -- checks ------------------------------------------------------------------------------------
-CHECK_COLUMNS = ["trajectory_id", "round", "question_id", "sample", "tags_balanced", "parse_issues", "n_actions",
-                 "max_actions", "spans", "token_ids", "policy_mask", "prompt_tokens", "generated_tokens",
-                 "predicted_answer"]
+CHECK_COLUMNS = [
+    "trajectory_id",
+    "round",
+    "question_id",
+    "sample",
+    "tags_balanced",
+    "parse_issues",
+    "n_actions",
+    "max_actions",
+    "spans",
+    "token_ids",
+    "policy_mask",
+    "prompt_tokens",
+    "generated_tokens",
+    "predicted_answer",
+]
 
 
 def _rows(context, storage: StorageResource, asset: str, whole_round: bool = False) -> tuple[list[dict], str]:
@@ -236,52 +354,85 @@ def _rows(context, storage: StorageResource, asset: str, whole_round: bool = Fal
 
 
 def _result(checked: int, problems: list[str], scope: str, severity=dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
-    return dg.AssetCheckResult(passed=not problems, severity=severity, metadata={
-        "scope": scope, "checked": checked, "problems": len(problems), "examples": "\n".join(problems[:8])})
+    return dg.AssetCheckResult(
+        passed=not problems,
+        severity=severity,
+        metadata={"scope": scope, "checked": checked, "problems": len(problems), "examples": "\n".join(problems[:8])},
+    )
 
 
 def build_trajectory_checks(asset_name: str) -> list:
-    @dg.asset_check(asset=asset_name, name="tags_balanced", description=(
-        "Think, action and result tags open and close in order in every trajectory (the small model's stray tags are reported here)."))
+    @dg.asset_check(
+        asset=asset_name,
+        name="tags_balanced",
+        description=(
+            "Think, action and result tags open and close in order in every trajectory (the small model's stray tags are reported here)."
+        ),
+    )
     def tags_balanced(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
         rows, scope = _rows(context, storage, asset_name)
         checked, bad = validate.tags_unbalanced(rows)
         # policy-written text: reported as WARN, the rollout-made structure is checked below as ERROR
         return _result(checked, bad, scope, dg.AssetCheckSeverity.WARN)
 
-    @dg.asset_check(asset=asset_name, name="actions_within_budget", blocking=True,
-                    description="No trajectory executed more than T actions.")
+    @dg.asset_check(
+        asset=asset_name,
+        name="actions_within_budget",
+        blocking=True,
+        description="No trajectory executed more than T actions.",
+    )
     def actions_within_budget(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
         rows, scope = _rows(context, storage, asset_name)
         return _result(*validate.actions_over_budget(rows), scope)
 
-    @dg.asset_check(asset=asset_name, name="actions_observed", blocking=True,
-                    description="Every action is immediately followed by an observation.")
+    @dg.asset_check(
+        asset=asset_name,
+        name="actions_observed",
+        blocking=True,
+        description="Every action is immediately followed by an observation.",
+    )
     def actions_observed(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
         rows, scope = _rows(context, storage, asset_name)
         return _result(*validate.actions_without_observation(rows), scope)
 
-    @dg.asset_check(asset=asset_name, name="mask_aligned", blocking=True, description=(
-        "policy_mask has one entry per token, is 0 on the prompt and real observations, 1 on actions, and counts the generated tokens."))
+    @dg.asset_check(
+        asset=asset_name,
+        name="mask_aligned",
+        blocking=True,
+        description=(
+            "policy_mask has one entry per token, is 0 on the prompt and real observations, 1 on actions, and counts the generated tokens."
+        ),
+    )
     def mask_aligned(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
         rows, scope = _rows(context, storage, asset_name)
         return _result(*validate.mask_misaligned(rows), scope)
 
-    @dg.asset_check(asset=asset_name, name="no_duplicate_samples", blocking=True,
-                    description="At most one row per (round, question, sample) across the round's shards.")
+    @dg.asset_check(
+        asset=asset_name,
+        name="no_duplicate_samples",
+        blocking=True,
+        description="At most one row per (round, question, sample) across the round's shards.",
+    )
     def no_duplicate_samples(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
         rows, scope = _rows(context, storage, asset_name, whole_round=True)
         return _result(*validate.duplicate_samples(rows), scope)
 
-    @dg.asset_check(asset=asset_name, name="answer_rate", description=(
-        "Share of trajectories with a non-empty boxed answer is above the configured floor (answer_rate_floor)."))
+    @dg.asset_check(
+        asset=asset_name,
+        name="answer_rate",
+        description=(
+            "Share of trajectories with a non-empty boxed answer is above the configured floor (answer_rate_floor)."
+        ),
+    )
     def answer_rate(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
         rows, scope = _rows(context, storage, asset_name)
         floor = float(latest_metadata(context.instance, asset_name).get("answer_rate_floor", 0.5))
         n, rate = validate.answer_rate(rows)
-        return dg.AssetCheckResult(passed=rate >= floor, severity=dg.AssetCheckSeverity.WARN,
-                                   metadata={"scope": scope, "trajectories": n, "answer_rate": round(rate, 4),
-                                             "floor": floor})
+        return dg.AssetCheckResult(
+            passed=rate >= floor,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"scope": scope, "trajectories": n, "answer_rate": round(rate, 4), "floor": floor},
+        )
 
     return [tags_balanced, actions_within_budget, actions_observed, mask_aligned, no_duplicate_samples, answer_rate]
 
@@ -308,16 +459,25 @@ def build_resynthesis_schedule(job, *, running: bool, cron: str = "0 4 * * 1"):
     round key in the launchpad, runs it by hand.
     """
 
-    @dg.schedule(name="weekly_resynthesis", job=job, cron_schedule=cron,
-                 default_status=dg.DefaultScheduleStatus.RUNNING if running else dg.DefaultScheduleStatus.STOPPED,
-                 description="Adds a new synthesis round each week (new seed or teacher) and synthesises every shard of it.")
+    @dg.schedule(
+        name="weekly_resynthesis",
+        job=job,
+        cron_schedule=cron,
+        default_status=dg.DefaultScheduleStatus.RUNNING if running else dg.DefaultScheduleStatus.STOPPED,
+        description="Adds a new synthesis round each week (new seed or teacher) and synthesises every shard of it.",
+    )
     def weekly_resynthesis(context: dg.ScheduleEvaluationContext):
         round_key = weekly_round_key(context.scheduled_execution_time)
         if not context.instance.has_dynamic_partition(ROUNDS.name, round_key):
             context.instance.add_dynamic_partitions(ROUNDS.name, [round_key])
         shards = job.partitions_def.get_partitions_def_for_dimension("shard").get_partition_keys()
-        return [dg.RunRequest(run_key=f"{round_key}|{s}",
-                              partition_key=dg.MultiPartitionKey({"round": round_key, "shard": s}),
-                              tags={"autocoa/round": round_key}) for s in shards]
+        return [
+            dg.RunRequest(
+                run_key=f"{round_key}|{s}",
+                partition_key=dg.MultiPartitionKey({"round": round_key, "shard": s}),
+                tags={"autocoa/round": round_key},
+            )
+            for s in shards
+        ]
 
     return weekly_resynthesis

@@ -18,15 +18,17 @@ import bm25s
 import numpy as np
 import Stemmer
 
-from pipelines.paths import SHARED_DATA
+from qadata.paths import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "RESULTS.md"
 DEFAULT_HOTPOT = SHARED_DATA / "hotpotqa"
 HOTPOT_FILES = ("distractor_train_sample.jsonl", "distractor_dev_sample.jsonl")
 BEGIN, END = "<!-- retrieval:begin -->", "<!-- retrieval:end -->"
-RESULTS_HEADER = ("# Benchmarks\n\nMeasured numbers, written by the benchmark commands in this folder; "
-                  "each command rewrites only its own marked section.\n\n")
+RESULTS_HEADER = (
+    "# Benchmarks\n\nMeasured numbers, written by the benchmark commands in this folder; "
+    "each command rewrites only its own marked section.\n\n"
+)
 K = 5
 BM25_PARAMS = {"k1": 0.9, "b": 0.4, "method": "lucene"}  # BM25Index.build defaults
 
@@ -37,7 +39,6 @@ BODY_WORDS = (60, 100)  # inclusive
 TITLE_WORDS = (1, 3)
 QUERY_WORDS = (3, 6)
 QUERY_MIN_RANK = 100  # queries skip the 100 most frequent (stop-word-like) pseudo-words
-
 
 
 def log(msg: str) -> None:
@@ -145,17 +146,21 @@ class ServerProcess:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        code = ("from retrieval.server import serve; "
-                f"serve({str(index_dir)!r}, host='127.0.0.1', port={self.port}, log_level='warning')")
+        code = (
+            "from retrieval.server import serve; "
+            f"serve({str(index_dir)!r}, host='127.0.0.1', port={self.port}, log_level='warning')"
+        )
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         self._log = log_path.open("wb")
         start = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code], cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"search server exited with {self.proc.returncode}: "
-                                   f"{log_path.read_text(errors='replace')[-2000:]}")
+                raise RuntimeError(
+                    f"search server exited with {self.proc.returncode}: {log_path.read_text(errors='replace')[-2000:]}"
+                )
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     break
@@ -193,7 +198,7 @@ def http_runner(url: str, queries: list[str], k: int, batch: int, clients: int) 
 
     def run(subset: list[str] | None = None) -> list:
         qs = queries if subset is None else subset
-        chunks = [qs[i:i + batch] for i in range(0, len(qs), batch)]
+        chunks = [qs[i : i + batch] for i in range(0, len(qs), batch)]
 
         def worker(c: int) -> list[tuple[int, list]]:
             return [(i, engines[c].search(chunks[i], k)) for i in range(c, len(chunks), clients)]
@@ -230,8 +235,10 @@ def synthetic_vocab(size: int = VOCAB_SIZE, seed: int = 0) -> list[str]:
 
     rng = np.random.default_rng(seed)
     consonants, vowels = "bcdfghjklmnprstvwz", "aeiou"
-    syllables = np.array([c + v for c in consonants for v in vowels]
-                         + [c + v + e for c in consonants for v in vowels for e in "nrst"], dtype=object)
+    syllables = np.array(
+        [c + v for c in consonants for v in vowels] + [c + v + e for c in consonants for v in vowels for e in "nrst"],
+        dtype=object,
+    )
     stop = set(STOPWORDS_EN)
     seen: set[str] = set()
     vocab: list[str] = []
@@ -291,12 +298,10 @@ def synthetic_queries(vocab: list[str], n: int, seed: int = 0) -> list[str]:
     ids = np.searchsorted(cdf, rng.random(int(lengths.sum()))) + QUERY_MIN_RANK
     out, pos = [], 0
     for length in lengths:
-        out.append(" ".join(vocab[i] for i in ids[pos:pos + length]))
+        out.append(" ".join(vocab[i] for i in ids[pos : pos + length]))
         pos += length
     return out
 
 
 def dir_mib(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 1)
-
-

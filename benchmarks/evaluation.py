@@ -35,13 +35,23 @@ def _evaluate(engine, search, questions, template, cfg) -> tuple[float, int, int
     from agent.synthesis import RunInfo, synthesize
     from evals.judge import JudgeItem, judge
 
-    info = RunInfo(pool=template.mode, round="bench", shard="s00", profile="bench", engine=engine.name,
-                   model=engine.model_name, template=template, seed=0, samples=1)
+    info = RunInfo(
+        pool=template.mode,
+        round="bench",
+        shard="s00",
+        profile="bench",
+        engine=engine.name,
+        model=engine.model_name,
+        template=template,
+        seed=0,
+        samples=1,
+    )
     t0 = time.perf_counter()
     table, _ = synthesize(questions, engine=engine, search=search, info=info, config=cfg)
     rows = table.to_pylist()
-    verdicts = judge(engine, [JudgeItem(q["question"], r["predicted_answer"], q["answers"])
-                              for q, r in zip(questions, rows)])
+    verdicts = judge(
+        engine, [JudgeItem(q["question"], r["predicted_answer"], q["answers"]) for q, r in zip(questions, rows)]
+    )
     wall = time.perf_counter() - t0
     return wall, sum(1 for r in rows if r["em"] >= 1), sum(1 for v in verdicts if v.verdict is not None)
 
@@ -66,14 +76,18 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     cache = Path(os.environ.get("AUTOCOA_MODEL_CACHE", Path(tempfile.gettempdir()) / "autocoa-models"))
     rows, passages, origin = load_questions(args.questions)
-    questions = [{"id": r["id"], "question": r["question"], "answer": r["answer"], "answers": list(r["answers"])}
-                 for r in rows]
+    questions = [
+        {"id": r["id"], "question": r["question"], "answer": r["answer"], "answers": list(r["answers"])} for r in rows
+    ]
     search = search_tool(LocalSearchEngine(index=BM25Index.build(passages, show_progress=False)), k=3)
     engine = VLLMEngine(ensure_embedded_checkpoint(cache), max_model_len=2048)
     engine.model_name = EMBEDDED_MODEL  # what load_engine records; templates are chosen by it
     template = react_template_for(engine.model_name)
-    cfg = react_rollout_config(RolloutConfig(max_actions=2, max_context=1536, max_turn_tokens=80, temperature=0.0,
-                                             top_p=1.0, seed=0, force_answer=True))
+    cfg = react_rollout_config(
+        RolloutConfig(
+            max_actions=2, max_context=1536, max_turn_tokens=80, temperature=0.0, top_p=1.0, seed=0, force_answer=True
+        )
+    )
     _evaluate(engine, search, questions[:2], template, cfg)  # warm-up (kernels, allocator)
 
     log(f"batched: {len(questions)} questions in one rollout + one judge call")

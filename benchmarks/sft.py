@@ -73,30 +73,42 @@ def main(argv=None) -> int:
     results = {}
     for packing in (False, True):
         with tempfile.TemporaryDirectory() as tmp:
-            s = TrainSettings(max_steps=args.steps, learning_rate=1e-5, batch_size=args.batch, max_length=args.max_length,
-                              packing=packing)
+            s = TrainSettings(
+                max_steps=args.steps,
+                learning_rate=1e-5,
+                batch_size=args.batch,
+                max_length=args.max_length,
+                packing=packing,
+            )
             t0 = time.perf_counter()
             res = train_trajectory_sft(str(ckpt), rows, "labels_stage2", Path(tmp) / "out", s, stage=2)
             total = time.perf_counter() - t0
         seen = res.metrics["tokens_seen"]  # non-padding tokens the model trained on (Trainer's own count)
-        results[packing] = {"train_seconds": res.wall_seconds, "total_seconds": total, "tokens": seen,
-                            "tps": seen / res.wall_seconds}
-        print(f"packing={packing}: {seen} tokens in {res.wall_seconds:.1f}s = {seen / res.wall_seconds:.1f} tok/s", flush=True)
+        results[packing] = {
+            "train_seconds": res.wall_seconds,
+            "total_seconds": total,
+            "tokens": seen,
+            "tps": seen / res.wall_seconds,
+        }
+        print(
+            f"packing={packing}: {seen} tokens in {res.wall_seconds:.1f}s = {seen / res.wall_seconds:.1f} tok/s",
+            flush=True,
+        )
     ratio = results[True]["tps"] / results[False]["tps"]
     device = "GPU " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
     md = f"""{BEGIN}
 ## SFT throughput (`python -m benchmarks.sft`)
 
-Measured {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} on {device}: embedded SmolLM2-135M, full fine-tuning,
-{args.steps} steps of batch {args.batch}, max length {args.max_length}, on {len(set(map(tuple, (r['input_ids'] for r in rows))))}
+Measured {dt.datetime.now().strftime("%Y-%m-%d %H:%M")} on {device}: embedded SmolLM2-135M, full fine-tuning,
+{args.steps} steps of batch {args.batch}, max length {args.max_length}, on {len(set(map(tuple, (r["input_ids"] for r in rows))))}
 distinct CoA trajectories of `{args.home}` (mean {sum(lengths) / len(lengths):.0f} tokens, max {max(lengths)}).
 
 | run | tokens trained | train s | tokens/s |
 |---|---:|---:|---:|
-| without packing (padded batches) | {results[False]['tokens']} | {results[False]['train_seconds']:.1f} | {results[False]['tps']:.1f} |
-| with packing (TRL bfd) | {results[True]['tokens']} | {results[True]['train_seconds']:.1f} | {results[True]['tps']:.1f} |
+| without packing (padded batches) | {results[False]["tokens"]} | {results[False]["train_seconds"]:.1f} | {results[False]["tps"]:.1f} |
+| with packing (TRL bfd) | {results[True]["tokens"]} | {results[True]["train_seconds"]:.1f} | {results[True]["tps"]:.1f} |
 
-Packing ÷ no packing: **{ratio:.2f}x** ({'meets' if ratio >= 1.5 else 'MISSES'} target 1.5x).
+Packing ÷ no packing: **{ratio:.2f}x** ({"meets" if ratio >= 1.5 else "MISSES"} target 1.5x).
 Padding ceiling for these lengths: {ceiling:.2f}x (token slots of random padded batches of {args.batch} ÷ real tokens: the
 speed-up packing could reach by removing padding alone, at equal cost per token; a length distribution close to
 max length leaves little padding to remove).

@@ -28,29 +28,54 @@ from qadata.text import normalise_question
 # test.parquet names files NQ_dev.json, TriviaQA_dev.json, HotpotQA_dev.json, 2WIKI_dev.json,
 # MuSiQue_dev.json, Bamboogle_dev.json and Fanout_dev.json; FlashRAG names dataset folders.
 BENCHMARK_NAMES: dict[str, str] = {
-    "nq": "nq", "naturalquestions": "nq", "natural_questions": "nq",
-    "triviaqa": "triviaqa", "trivia_qa": "triviaqa",
+    "nq": "nq",
+    "naturalquestions": "nq",
+    "natural_questions": "nq",
+    "triviaqa": "triviaqa",
+    "trivia_qa": "triviaqa",
     "popqa": "popqa",
-    "hotpotqa": "hotpotqa", "hotpot_qa": "hotpotqa",
-    "2wiki": "2wikimultihopqa", "2wikimultihopqa": "2wikimultihopqa",
+    "hotpotqa": "hotpotqa",
+    "hotpot_qa": "hotpotqa",
+    "2wiki": "2wikimultihopqa",
+    "2wikimultihopqa": "2wikimultihopqa",
     "musique": "musique",
     "bamboogle": "bamboogle",
-    "fanout": "fanout", "fanoutqa": "fanout",
+    "fanout": "fanout",
+    "fanoutqa": "fanout",
 }
 # Table order: single-hop first, then multi-hop (the paper's Table 1 groups them so).
-BENCHMARK_ORDER: tuple[str, ...] = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique",
-                                    "bamboogle", "fanout")
+BENCHMARK_ORDER: tuple[str, ...] = (
+    "nq",
+    "triviaqa",
+    "popqa",
+    "hotpotqa",
+    "2wikimultihopqa",
+    "musique",
+    "bamboogle",
+    "fanout",
+)
 AUTOCOA_QUESTION_MARKER = "Now, please answer the user's question below:"
 _SPLIT_SUFFIX = re.compile(r"[_\-.](dev|test|train|val|validation)$")
 
-QUESTION_SCHEMA = pa.schema([
-    ("benchmark", pa.string()), ("question_id", pa.string()), ("question", pa.string()),
-    ("golden_answers", pa.list_(pa.string())), ("source", pa.string()), ("source_row", pa.int64()),
-])
-REJECTED_SCHEMA = pa.schema([
-    ("benchmark", pa.string()), ("source", pa.string()), ("source_row", pa.int64()),
-    ("reason", pa.string()), ("raw", pa.string()),
-])
+QUESTION_SCHEMA = pa.schema(
+    [
+        ("benchmark", pa.string()),
+        ("question_id", pa.string()),
+        ("question", pa.string()),
+        ("golden_answers", pa.list_(pa.string())),
+        ("source", pa.string()),
+        ("source_row", pa.int64()),
+    ]
+)
+REJECTED_SCHEMA = pa.schema(
+    [
+        ("benchmark", pa.string()),
+        ("source", pa.string()),
+        ("source_row", pa.int64()),
+        ("reason", pa.string()),
+        ("raw", pa.string()),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -67,9 +92,14 @@ class EvalQuestion:
     source_row: int = 0
 
     def as_row(self) -> dict:
-        return {"benchmark": self.benchmark, "question_id": self.question_id, "question": self.question,
-                "golden_answers": list(self.golden_answers), "source": self.source,
-                "source_row": self.source_row}
+        return {
+            "benchmark": self.benchmark,
+            "question_id": self.question_id,
+            "question": self.question,
+            "golden_answers": list(self.golden_answers),
+            "source": self.source,
+            "source_row": self.source_row,
+        }
 
     @property
     def key(self) -> str:
@@ -78,8 +108,12 @@ class EvalQuestion:
 
     def as_task(self) -> dict:
         """The question dict ``agent.synthesis.synthesize`` takes (``id`` is :attr:`key`)."""
-        return {"id": self.key, "question": self.question, "answer": self.golden_answers[0],
-                "answers": list(self.golden_answers)}
+        return {
+            "id": self.key,
+            "question": self.question,
+            "answer": self.golden_answers[0],
+            "answers": list(self.golden_answers),
+        }
 
 
 @dataclass(frozen=True)
@@ -91,8 +125,13 @@ class RejectedQuestion:
     raw: str
 
     def as_row(self) -> dict:
-        return {"benchmark": self.benchmark, "source": self.source, "source_row": self.source_row,
-                "reason": self.reason, "raw": self.raw[:RAW_PREVIEW_CHARS]}
+        return {
+            "benchmark": self.benchmark,
+            "source": self.source,
+            "source_row": self.source_row,
+            "reason": self.reason,
+            "raw": self.raw[:RAW_PREVIEW_CHARS],
+        }
 
 
 @dataclass
@@ -139,9 +178,13 @@ def benchmark_sort_key(name: str) -> tuple[int, str]:
 
 
 def _duplicate(q: EvalQuestion, first: EvalQuestion) -> RejectedQuestion:
-    return RejectedQuestion(q.benchmark, q.source, q.source_row,
-                            f"duplicate id {q.question_id!r} (first loaded from {first.source} row {first.source_row})",
-                            _preview(q.question))
+    return RejectedQuestion(
+        q.benchmark,
+        q.source,
+        q.source_row,
+        f"duplicate id {q.question_id!r} (first loaded from {first.source} row {first.source_row})",
+        _preview(q.question),
+    )
 
 
 def _answers(value: Any, field_name: str) -> tuple[str, ...]:
@@ -203,7 +246,6 @@ def _collect(rows: Iterable[tuple[int, Any]], make, *, source: str, benchmark: s
     return result
 
 
-
 def _need_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
@@ -225,8 +267,14 @@ def load_flashrag_jsonl(path: str | Path, benchmark: str | None = None) -> LoadR
     def make(raw: Any, row_no: int) -> EvalQuestion:
         if not isinstance(raw, dict):
             raise RowError(f"row is {type(raw).__name__}, expected an object")
-        return EvalQuestion(name, _qid(raw, "id", "_id"), _question_text(raw.get("question")),
-                            _answers(raw.get("golden_answers"), "golden_answers"), str(path), row_no)
+        return EvalQuestion(
+            name,
+            _qid(raw, "id", "_id"),
+            _question_text(raw.get("question")),
+            _answers(raw.get("golden_answers"), "golden_answers"),
+            str(path),
+            row_no,
+        )
 
     return _collect(_iter_jsonl(path), make, source=str(path), benchmark=name, unit="line")
 
@@ -266,8 +314,14 @@ def _autocoa_row(path: Path):
             raise RowError("missing field 'prompt[0].content'")
         reward = raw.get("reward_model")
         truth = reward.get("ground_truth") if isinstance(reward, dict) else None
-        return EvalQuestion(bench, _qid(raw, "id", "_id"), question_from_autocoa_prompt(content),
-                            _answers(truth, "reward_model.ground_truth"), str(path), row_no)
+        return EvalQuestion(
+            bench,
+            _qid(raw, "id", "_id"),
+            question_from_autocoa_prompt(content),
+            _answers(truth, "reward_model.ground_truth"),
+            str(path),
+            row_no,
+        )
 
     return make
 
@@ -313,8 +367,14 @@ def load_hotpotqa(path: str | Path, *, split: str | None = None, layout: str = "
             items.append((item["source_row"], item))
 
     def make(row: dict, row_no: int) -> EvalQuestion:
-        return EvalQuestion("hotpotqa", row["id"], _question_text(row["question"]), _answers(row["answers"], "answer"),
-                            str(path), row_no)
+        return EvalQuestion(
+            "hotpotqa",
+            row["id"],
+            _question_text(row["question"]),
+            _answers(row["answers"], "answer"),
+            str(path),
+            row_no,
+        )
 
     return _collect(items, make, source=str(path), benchmark="hotpotqa")
 
@@ -332,15 +392,22 @@ def load_records(records: Iterable[Mapping[str, Any]], *, benchmark: str, source
         if not isinstance(raw, Mapping):
             raise RowError(f"row is {type(raw).__name__}, expected a mapping")
         key = next((k for k in ("golden_answers", "answers", "answer") if raw.get(k) is not None), "golden_answers")
-        return EvalQuestion(benchmark, _qid(dict(raw), "id", "_id", "question_id"), _question_text(raw.get("question")),
-                            _answers(raw.get(key), key), label, row_no)
+        return EvalQuestion(
+            benchmark,
+            _qid(dict(raw), "id", "_id", "question_id"),
+            _question_text(raw.get("question")),
+            _answers(raw.get(key), key),
+            label,
+            row_no,
+        )
 
     return _collect(enumerate(records), make, source=label, benchmark=benchmark)
 
 
 # -- sampling and leakage -----------------------------------------------------------------------------
-def sample_per_benchmark(questions: Sequence[EvalQuestion], n: int | Mapping[str, int] | None,
-                         seed: int = 0) -> list[EvalQuestion]:
+def sample_per_benchmark(
+    questions: Sequence[EvalQuestion], n: int | Mapping[str, int] | None, seed: int = 0
+) -> list[EvalQuestion]:
     """A seeded sample of ``n`` questions per benchmark (all of a benchmark smaller than ``n``).
 
     Deterministic whatever the input order (each benchmark is sorted by id, then shuffled by a
@@ -367,8 +434,9 @@ def sample_per_benchmark(questions: Sequence[EvalQuestion], n: int | Mapping[str
     return out
 
 
-def find_leakage(questions: Iterable[EvalQuestion], training_questions: Iterable[str],
-                 training_ids: Iterable[str] = ()) -> dict[tuple[str, str], str]:
+def find_leakage(
+    questions: Iterable[EvalQuestion], training_questions: Iterable[str], training_ids: Iterable[str] = ()
+) -> dict[tuple[str, str], str]:
     """Evaluation questions also seen in training: ``{(benchmark, question_id): reason}``.
 
     Questions match on ``qadata.text.normalise_question`` (the key training-side sampling uses to

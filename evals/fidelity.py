@@ -3,7 +3,7 @@
 For one query we have the text the policy wrote as its own search result (the internal world model,
 used in RL stage 1) and the text the real search engine returns for the same query. We measure:
 
-* ``token_f1`` — bag-of-tokens F1 between the two texts, tokens from ``grading.normalize_answer``
+* ``token_f1`` — bag-of-tokens F1 between the two texts, tokens from ``qadata.answers.normalize_answer``
   (the SQuAD/HotpotQA normalisation: lower-case, no punctuation, no articles);
 * ``rouge_l`` — ROUGE-L F1 (longest common token subsequence; P = LCS/|simulated|,
   R = LCS/|real|, F = 2PR/(P+R), as the ``rouge-score`` package computes it), same tokens;
@@ -31,10 +31,10 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
-from agent.engines import GenRequest
+from agent.engine_api import GenRequest
 from agent.protocol import ACTION_CLOSE, ACTION_OPEN, OBS_CLOSE, OBS_OPEN
 from agent.rollout import close_simulated_block
-from evals.grading import normalize_answer
+from qadata.answers import normalize_answer
 
 _UNCHECKABLE = ("", "yes", "no", "noanswer")
 
@@ -46,7 +46,7 @@ def tokens(text: str) -> list[str]:
 def token_f1(candidate: str, reference: str) -> float:
     """Bag-of-tokens F1 (1.0 when both texts are empty, 0.0 when only one is).
 
-    Not ``grading.f1``: that one zeroes any pair where one side is yes/no, right for short answers
+    Not ``qadata.answers.f1``: that one zeroes any pair where one side is yes/no, right for short answers
     and wrong for passages.
     """
     cand, ref = tokens(candidate), tokens(reference)
@@ -119,8 +119,9 @@ class ObservationFidelity:
         return {**asdict(self), "hallucination": self.hallucination}
 
 
-def compare_observation(simulated: str, real: str, golden_answers: Sequence[str],
-                        prediction: str | None = None) -> ObservationFidelity:
+def compare_observation(
+    simulated: str, real: str, golden_answers: Sequence[str], prediction: str | None = None
+) -> ObservationFidelity:
     """Fidelity of one simulated search result against the real result for the same query.
 
     Args:
@@ -130,9 +131,15 @@ def compare_observation(simulated: str, real: str, golden_answers: Sequence[str]
     sim_gold, real_gold = contains_answer(simulated, golden_answers), contains_answer(real, golden_answers)
     sim_pred, real_pred = contains_answer(simulated, [prediction]), contains_answer(real, [prediction])
     return ObservationFidelity(
-        token_f1=token_f1(simulated, real), rouge_l=rouge_l(simulated, real),
-        sim_has_gold=sim_gold, real_has_gold=real_gold, sim_has_prediction=sim_pred, real_has_prediction=real_pred,
-        unsupported_gold=sim_gold and not real_gold, unsupported_prediction=sim_pred and not real_pred)
+        token_f1=token_f1(simulated, real),
+        rouge_l=rouge_l(simulated, real),
+        sim_has_gold=sim_gold,
+        real_has_gold=real_gold,
+        sim_has_prediction=sim_pred,
+        real_has_prediction=real_pred,
+        unsupported_gold=sim_gold and not real_gold,
+        unsupported_prediction=sim_pred and not real_pred,
+    )
 
 
 def simulated_observations(trajectory) -> list[tuple[str, str]]:
@@ -155,8 +162,15 @@ def probe_suffix(query: str) -> str:
     return f" {ACTION_OPEN} {query} {ACTION_CLOSE}\n{OBS_OPEN}\n"
 
 
-def probe_simulated_results(engine, prompts: Sequence[list[int]], queries: Sequence[str], *, max_tokens: int = 128,
-                            temperature: float = 0.0, seed: int | None = 0) -> list[str]:
+def probe_simulated_results(
+    engine,
+    prompts: Sequence[list[int]],
+    queries: Sequence[str],
+    *,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    seed: int | None = 0,
+) -> list[str]:
     """The policy's own search result for each given query, in one batched ``generate`` call.
 
     Each prompt (the policy's template, ``<think>`` prefilled) is followed by :func:`probe_suffix`, and the
@@ -166,8 +180,17 @@ def probe_simulated_results(engine, prompts: Sequence[list[int]], queries: Seque
     if len(prompts) != len(queries):
         raise ValueError(f"{len(prompts)} prompts for {len(queries)} queries")
     tok = engine.tokenizer
-    reqs = [GenRequest(list(ids) + tok.encode(probe_suffix(q), add_special_tokens=False), max_tokens, (OBS_CLOSE,),
-                       temperature, 1.0, seed) for ids, q in zip(prompts, queries)]
+    reqs = [
+        GenRequest(
+            list(ids) + tok.encode(probe_suffix(q), add_special_tokens=False),
+            max_tokens,
+            (OBS_CLOSE,),
+            temperature,
+            1.0,
+            seed,
+        )
+        for ids, q in zip(prompts, queries)
+    ]
     results = engine.generate(reqs) if reqs else []
     if len(results) != len(reqs):
         raise RuntimeError(f"engine returned {len(results)} results for {len(reqs)} probes")
@@ -181,11 +204,20 @@ def probe_simulated_results(engine, prompts: Sequence[list[int]], queries: Seque
     return texts
 
 
-FIDELITY_COLUMNS = ("token_f1", "rouge_l", "sim_has_gold", "real_has_gold", "hallucination",
-                    "unsupported_gold", "unsupported_prediction")
+FIDELITY_COLUMNS = (
+    "token_f1",
+    "rouge_l",
+    "sim_has_gold",
+    "real_has_gold",
+    "hallucination",
+    "unsupported_gold",
+    "unsupported_prediction",
+)
 
 
-def aggregate_fidelity(rows: Iterable[Mapping | ObservationFidelity], by: str | Sequence[str] = "checkpoint") -> pd.DataFrame:
+def aggregate_fidelity(
+    rows: Iterable[Mapping | ObservationFidelity], by: str | Sequence[str] = "checkpoint"
+) -> pd.DataFrame:
     """Mean of every fidelity measure per group (e.g. per checkpoint), with the number of queries.
 
     Boolean measures become rates (``hallucination`` -> share of queries whose simulated result

@@ -1,7 +1,7 @@
 """LLM-as-judge: does a prediction mean the same as any gold answer? (Table 1's "LLM" columns.)
 
 EM misses paraphrases ("JFK" for "John F. Kennedy"), so the paper also reports a judged accuracy.
-The judge runs through any :class:`agent.engines.Engine`, all items in one ``generate`` call, and
+The judge runs through any :class:`agent.engine_api.Engine`, all items in one ``generate`` call, and
 every verdict keeps the raw judge text and the prompt id: a judge that answers neither yes nor no
 is *unparsable* (``verdict=None``, with a reason), never silently counted as either.
 
@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.engines import Engine, GenRequest
+from agent.engine_api import Engine, GenRequest
 
 _FIRST_WORD = re.compile(r"[a-z]+")
 
@@ -35,20 +35,23 @@ class JudgePrompt:
         return self.template.format(question=question, golds=golds, prediction=prediction)
 
 
-JUDGE_PROMPTS: dict[str, JudgePrompt] = {p.id: p for p in [
-    JudgePrompt(
-        "judge-match-v1",
-        "You are grading answers to a question. Decide whether the predicted answer refers to the same "
-        "thing as at least one of the gold answers. Ignore differences of case, punctuation, articles, "
-        "word order and formatting, and accept aliases and equivalent forms (\"JFK\" for \"John F. "
-        "Kennedy\", \"1 March 1990\" for \"March 1, 1990\"). A prediction that is vaguer than the gold "
-        "answer, adds a conflicting detail, or lists several candidates is incorrect.\n\n"
-        "Question: {question}\n"
-        "Gold answers:\n{golds}\n"
-        "Predicted answer: {prediction}\n\n"
-        "Is the predicted answer correct? Reply with one word: yes or no.",
-    ),
-]}
+JUDGE_PROMPTS: dict[str, JudgePrompt] = {
+    p.id: p
+    for p in [
+        JudgePrompt(
+            "judge-match-v1",
+            "You are grading answers to a question. Decide whether the predicted answer refers to the same "
+            "thing as at least one of the gold answers. Ignore differences of case, punctuation, articles, "
+            'word order and formatting, and accept aliases and equivalent forms ("JFK" for "John F. '
+            'Kennedy", "1 March 1990" for "March 1, 1990"). A prediction that is vaguer than the gold '
+            "answer, adds a conflicting detail, or lists several candidates is incorrect.\n\n"
+            "Question: {question}\n"
+            "Gold answers:\n{golds}\n"
+            "Predicted answer: {prediction}\n\n"
+            "Is the predicted answer correct? Reply with one word: yes or no.",
+        ),
+    ]
+}
 DEFAULT_JUDGE_PROMPT = "judge-match-v1"
 
 
@@ -76,8 +79,13 @@ class Verdict:
         return self.verdict is True
 
     def as_row(self) -> dict:
-        return {"judge": self.verdict, "judge_raw": self.raw, "judge_reason": self.reason,
-                "judge_prompt_id": self.prompt_id, "judge_model": self.judge_model}
+        return {
+            "judge": self.verdict,
+            "judge_raw": self.raw,
+            "judge_reason": self.reason,
+            "judge_prompt_id": self.prompt_id,
+            "judge_model": self.judge_model,
+        }
 
 
 def parse_verdict(text: str) -> tuple[bool | None, str]:
@@ -91,7 +99,10 @@ def parse_verdict(text: str) -> tuple[bool | None, str]:
         return None, "unparsable: the judge did not finish its reasoning (no </think>)"
     match = _FIRST_WORD.search(tail.lower())
     if match is None:
-        return None, "unparsable: empty verdict" if not tail.strip() else f"unparsable: no word in {tail.strip()[:60]!r}"
+        return (
+            None,
+            "unparsable: empty verdict" if not tail.strip() else f"unparsable: no word in {tail.strip()[:60]!r}",
+        )
     word = match.group(0)
     if word == "yes":
         return True, "parsed: yes"
@@ -121,13 +132,21 @@ def verdict_token_ids(tokenizer) -> tuple[int, ...]:
 def _prompt_ids(tokenizer, text: str) -> list[int]:
     """Chat-format the judge prompt when the tokenizer has a chat template (instruct models), else raw."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def judge(engine: Engine, items: Sequence[JudgeItem], *, prompt_id: str = DEFAULT_JUDGE_PROMPT,
-          max_new_tokens: int = 8, seed: int = 0, constrained: bool = True) -> list[Verdict]:
+def judge(
+    engine: Engine,
+    items: Sequence[JudgeItem],
+    *,
+    prompt_id: str = DEFAULT_JUDGE_PROMPT,
+    max_new_tokens: int = 8,
+    seed: int = 0,
+    constrained: bool = True,
+) -> list[Verdict]:
     """Judge every item in one batched ``engine.generate`` call; verdicts come back in item order.
 
     An item without a prediction is judged False without calling the model (a missing answer is
@@ -149,13 +168,23 @@ def judge(engine: Engine, items: Sequence[JudgeItem], *, prompt_id: str = DEFAUL
     budget = 1 if constrained else max_new_tokens
     for i, item in enumerate(items):
         if item.prediction is None or not item.prediction.strip():
-            out[i] = Verdict(False, None, "skipped: no prediction (no boxed answer), judged incorrect", prompt.id, model)
+            out[i] = Verdict(
+                False, None, "skipped: no prediction (no boxed answer), judged incorrect", prompt.id, model
+            )
         elif not item.golden_answers:
             out[i] = Verdict(None, None, "skipped: no gold answers to compare with", prompt.id, model)
         else:
             text = prompt.render(item.question, item.prediction.strip(), item.golden_answers)
-            requests.append(GenRequest(_prompt_ids(engine.tokenizer, text), budget, temperature=0.0,
-                                       top_p=1.0, seed=seed, allowed_token_ids=allowed))
+            requests.append(
+                GenRequest(
+                    _prompt_ids(engine.tokenizer, text),
+                    budget,
+                    temperature=0.0,
+                    top_p=1.0,
+                    seed=seed,
+                    allowed_token_ids=allowed,
+                )
+            )
             to_ask.append(i)
     if requests:
         results = engine.generate(requests)

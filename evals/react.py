@@ -36,27 +36,31 @@ def _result(title: str, text: str) -> str:
 # Worked examples about invented facts (no entity of the generated world or of any benchmark), so
 # they leak no answer. Observations are byte-identical to what the rollout appends.
 _REACT_SHOTS = (
-    ("Which river flows through the birthplace of the painter of \"Harbour at Dusk\"?",
-     "<think>Thought 1: I need the painter of \"Harbour at Dusk\", then their birthplace, then its river.\n"
-     "Action 1: <begin_search> Harbour at Dusk painter </end_search>"
-     + _result("Harbour at Dusk", "Harbour at Dusk is an 1884 oil painting by Mirela Osk.")
-     + "Thought 2: The painter is Mirela Osk. Now I need her birthplace.\n"
-     "Action 2: <begin_search> Mirela Osk birthplace </end_search>"
-     + _result("Mirela Osk", "Mirela Osk (1851-1920) was a painter born in Tarnow-on-Vell.")
-     + "Thought 3: She was born in Tarnow-on-Vell. Now I need the river through it.\n"
-     "Action 3: <begin_search> Tarnow-on-Vell river </end_search>"
-     + _result("Tarnow-on-Vell", "Tarnow-on-Vell is a market town on the river Vell.")
-     + "Thought 4: The river Vell flows through Tarnow-on-Vell. I can answer.\n"
-     "Action 4: finish</think>\n\nThe answer is \\boxed{Vell}."),
-    ("Were the Brannock Lighthouse and the Corvel Mill built in the same century?",
-     "<think>Thought 1: I need the construction dates of both.\n"
-     "Action 1: <begin_search> Brannock Lighthouse built </end_search>"
-     + _result("Brannock Lighthouse", "The Brannock Lighthouse was first lit in 1823.")
-     + "Thought 2: The lighthouse is from 1823, the 19th century. Now the mill.\n"
-     "Action 2: <begin_search> Corvel Mill built </end_search>"
-     + _result("Corvel Mill", "Corvel Mill is a watermill built in 1768.")
-     + "Thought 3: 1768 is the 18th century and 1823 the 19th, so not the same century.\n"
-     "Action 3: finish</think>\n\nThe answer is \\boxed{no}."),
+    (
+        'Which river flows through the birthplace of the painter of "Harbour at Dusk"?',
+        '<think>Thought 1: I need the painter of "Harbour at Dusk", then their birthplace, then its river.\n'
+        "Action 1: <begin_search> Harbour at Dusk painter </end_search>"
+        + _result("Harbour at Dusk", "Harbour at Dusk is an 1884 oil painting by Mirela Osk.")
+        + "Thought 2: The painter is Mirela Osk. Now I need her birthplace.\n"
+        "Action 2: <begin_search> Mirela Osk birthplace </end_search>"
+        + _result("Mirela Osk", "Mirela Osk (1851-1920) was a painter born in Tarnow-on-Vell.")
+        + "Thought 3: She was born in Tarnow-on-Vell. Now I need the river through it.\n"
+        "Action 3: <begin_search> Tarnow-on-Vell river </end_search>"
+        + _result("Tarnow-on-Vell", "Tarnow-on-Vell is a market town on the river Vell.")
+        + "Thought 4: The river Vell flows through Tarnow-on-Vell. I can answer.\n"
+        "Action 4: finish</think>\n\nThe answer is \\boxed{Vell}.",
+    ),
+    (
+        "Were the Brannock Lighthouse and the Corvel Mill built in the same century?",
+        "<think>Thought 1: I need the construction dates of both.\n"
+        "Action 1: <begin_search> Brannock Lighthouse built </end_search>"
+        + _result("Brannock Lighthouse", "The Brannock Lighthouse was first lit in 1823.")
+        + "Thought 2: The lighthouse is from 1823, the 19th century. Now the mill.\n"
+        "Action 2: <begin_search> Corvel Mill built </end_search>"
+        + _result("Corvel Mill", "Corvel Mill is a watermill built in 1768.")
+        + "Thought 3: 1768 is the 18th century and 1823 the 19th, so not the same century.\n"
+        "Action 3: finish</think>\n\nThe answer is \\boxed{no}.",
+    ),
 )
 
 
@@ -87,12 +91,15 @@ class ReActTemplate(PromptTemplate):
 
 
 # mode "coa": ReAct searches, so it runs wherever a tool-using template is accepted.
-REACT_TEMPLATES: dict[str, ReActTemplate] = {t.id: t for t in [
-    ReActTemplate("react-r1-v1", "coa", "r1", REACT_INSTRUCTIONS, _REACT_SHOTS, prefill="<think>\n"),
-    ReActTemplate("react-smollm2-fewshot-v1", "coa", "smollm2", REACT_INSTRUCTIONS, _REACT_SHOTS),
-    # a pretrained (base) model, e.g. the paper's Qwen-7B-Base: plain-text prompt, no chat template
-    ReActTemplate("react-base-v1", "coa", "base", REACT_INSTRUCTIONS, _REACT_SHOTS),
-]}
+REACT_TEMPLATES: dict[str, ReActTemplate] = {
+    t.id: t
+    for t in [
+        ReActTemplate("react-r1-v1", "coa", "r1", REACT_INSTRUCTIONS, _REACT_SHOTS, prefill="<think>\n"),
+        ReActTemplate("react-smollm2-fewshot-v1", "coa", "smollm2", REACT_INSTRUCTIONS, _REACT_SHOTS),
+        # a pretrained (base) model, e.g. the paper's Qwen-7B-Base: plain-text prompt, no chat template
+        ReActTemplate("react-base-v1", "coa", "base", REACT_INSTRUCTIONS, _REACT_SHOTS),
+    ]
+}
 
 
 def is_base_model(model_name: str) -> bool:

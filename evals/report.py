@@ -25,23 +25,51 @@ from evals.fidelity import aggregate_fidelity
 
 AVG = "avg"
 METRIC_LABELS = {"em": "EM", "judge": "LLM", "f1": "F1", "cover_em": "CEM"}
-BENCHMARK_LABELS = {"nq": "NQ", "triviaqa": "TriviaQA", "popqa": "PopQA", "hotpotqa": "HotpotQA",
-                    "2wikimultihopqa": "2Wiki", "musique": "MuSiQue", "bamboogle": "Bamboogle",
-                    "fanout": "Fanout", "embedded": "Embedded", AVG: "Avg"}
+BENCHMARK_LABELS = {
+    "nq": "NQ",
+    "triviaqa": "TriviaQA",
+    "popqa": "PopQA",
+    "hotpotqa": "HotpotQA",
+    "2wikimultihopqa": "2Wiki",
+    "musique": "MuSiQue",
+    "bamboogle": "Bamboogle",
+    "fanout": "Fanout",
+    "embedded": "Embedded",
+    AVG: "Avg",
+}
 TABLE1_BENCHMARKS = ("nq", "triviaqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle", "fanout")
 # the paper's Average is over these six; an average over other benchmarks is not compared with it
 PAPER_AVERAGE_BENCHMARKS = ("nq", "triviaqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
 # our Table 1 rows (assets/evals.py evaluates them): three baselines, then one per checkpoint
-TABLE1_METHODS = ("base_cot", "react_base", "react_reasoning", "sft_stage1", "sft_stage2", "sft_stage3",
-                  "sft_stage2_only", "rl_stage2_only", "sft123_rl1", "sft123_rl12", "sft12_rl2")
+TABLE1_METHODS = (
+    "base_cot",
+    "react_base",
+    "react_reasoning",
+    "sft_stage1",
+    "sft_stage2",
+    "sft_stage3",
+    "sft_stage2_only",
+    "rl_stage2_only",
+    "sft123_rl1",
+    "sft123_rl12",
+    "sft12_rl2",
+)
 REFERENCE_METHOD = "react_reasoning"
-PREDECESSOR = {"sft_stage1": "base_cot", "sft_stage2": "sft_stage1", "sft_stage3": "sft_stage2",
-               "sft_stage2_only": "base_cot", "rl_stage2_only": "base_cot", "sft123_rl1": "sft_stage3",
-               "sft123_rl12": "sft123_rl1", "sft12_rl2": "sft_stage2"}
+PREDECESSOR = {
+    "sft_stage1": "base_cot",
+    "sft_stage2": "sft_stage1",
+    "sft_stage3": "sft_stage2",
+    "sft_stage2_only": "base_cot",
+    "rl_stage2_only": "base_cot",
+    "sft123_rl1": "sft_stage3",
+    "sft123_rl12": "sft123_rl1",
+    "sft12_rl2": "sft_stage2",
+}
 
 
-def compared_with(method: str, reference: str = REFERENCE_METHOD,
-                  predecessor: Mapping[str, str] = PREDECESSOR) -> dict[str, str | None]:
+def compared_with(
+    method: str, reference: str = REFERENCE_METHOD, predecessor: Mapping[str, str] = PREDECESSOR
+) -> dict[str, str | None]:
     """The two methods a Table 1 row is tested against: ``{"reference": ..., "predecessor": ...}`` (None: none).
 
     The reference is ReAct on the reasoning model (``react_reasoning``): the untrained agentic
@@ -71,8 +99,13 @@ def _metric_value(value) -> float:
 
 
 # -- Table 1 ---------------------------------------------------------------------------------------
-def table1(predictions: pd.DataFrame | Iterable[Mapping], *, metrics: Sequence[str] = ("em", "judge"),
-           benchmarks: Sequence[str] | None = None, methods: Sequence[str] | None = None) -> pd.DataFrame:
+def table1(
+    predictions: pd.DataFrame | Iterable[Mapping],
+    *,
+    metrics: Sequence[str] = ("em", "judge"),
+    benchmarks: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+) -> pd.DataFrame:
     """Methods x (benchmark, metric) in percent, with an ``avg`` block.
 
     ``avg`` is the unweighted mean of the benchmark columns (the paper's macro average, so
@@ -104,8 +137,9 @@ def table1(predictions: pd.DataFrame | Iterable[Mapping], *, metrics: Sequence[s
     return table
 
 
-def recompute_averages(predictions: Iterable[Mapping], metrics: Sequence[str] = ("em", "judge"),
-                       benchmarks: Sequence[str] | None = None) -> dict[tuple[str, str], float]:
+def recompute_averages(
+    predictions: Iterable[Mapping], metrics: Sequence[str] = ("em", "judge"), benchmarks: Sequence[str] | None = None
+) -> dict[tuple[str, str], float]:
     """``{(method, metric): average}`` straight from the rows, in plain Python (no pandas), so a
     check can compare it with :func:`table1`'s ``avg`` block by an independent route."""
     records = predictions.to_dict("records") if isinstance(predictions, pd.DataFrame) else list(predictions)
@@ -122,8 +156,9 @@ def recompute_averages(predictions: Iterable[Mapping], metrics: Sequence[str] = 
     for method in dict.fromkeys(r["method"] for r in records):
         for m in metrics:
             cells = [sums.get((method, b, m)) for b in benches]
-            out[(method, m)] = (float("nan") if any(c is None for c in cells)
-                                else sum(100.0 * s / n for s, n in cells) / len(cells))
+            out[(method, m)] = (
+                float("nan") if any(c is None for c in cells) else sum(100.0 * s / n for s, n in cells) / len(cells)
+            )
     return out
 
 
@@ -149,18 +184,27 @@ def _header(columns: Sequence[tuple[str, str]]) -> str:
     return " | ".join(f"{BENCHMARK_LABELS.get(b, b)} {METRIC_LABELS.get(m, m)}" for b, m in columns)
 
 
-def table1_markdown(table: pd.DataFrame, *, digits: int = 1, caption: str | None = None,
-                    intervals: pd.DataFrame | None = None) -> str:
+def table1_markdown(
+    table: pd.DataFrame, *, digits: int = 1, caption: str | None = None, intervals: pd.DataFrame | None = None
+) -> str:
     """Table 1 as a Markdown table (``—`` for a missing cell); with ``intervals`` (:func:`table1_power`'s
     rows) each cell it covers reads ``score [low, high]``."""
     cols = list(table.columns)
-    bounds = {} if intervals is None else {
-        (r["method"], r["benchmark"], r["metric"]): (r["ci_low"], r["ci_high"]) for r in intervals.to_dict("records")}
+    bounds = (
+        {}
+        if intervals is None
+        else {
+            (r["method"], r["benchmark"], r["metric"]): (r["ci_low"], r["ci_high"])
+            for r in intervals.to_dict("records")
+        }
+    )
 
     def cell(method, c, value) -> str:
         low_high = bounds.get((method, *c))
         text = _fmt(value, digits)
-        return text if low_high is None or text == "—" else f"{text} [{low_high[0]:.{digits}f}, {low_high[1]:.{digits}f}]"
+        return (
+            text if low_high is None or text == "—" else f"{text} [{low_high[0]:.{digits}f}, {low_high[1]:.{digits}f}]"
+        )
 
     lines = [f"| Method | {_header(cols)} |", "|" + "---|" * (len(cols) + 1)]
     for method, row in table.iterrows():
@@ -173,31 +217,40 @@ def flatten_table1(table: pd.DataFrame, questions: dict[str, int]) -> pa.Table:
     """Table 1 with one column per (benchmark, metric), named ``<metric>_<benchmark>`` (``em_nq``, ``judge_avg``)."""
     cols = [f"{m}_{b}" for b, m in table.columns]
     schema = pa.schema([("method", pa.string()), ("questions", pa.int64()), *[(c, pa.float64()) for c in cols]])
-    rows = [{"method": method, "questions": int(questions.get(method, 0)),
-             **{f"{m}_{b}": None if math.isnan(v) else float(v) for (b, m), v in row.items()}}
-            for method, row in table.iterrows()]
+    rows = [
+        {
+            "method": method,
+            "questions": int(questions.get(method, 0)),
+            **{f"{m}_{b}": None if math.isnan(v) else float(v) for (b, m), v in row.items()},
+        }
+        for method, row in table.iterrows()
+    ]
     return pa.Table.from_pylist(rows, schema=schema)
 
 
 def unflatten_table1(table: pa.Table) -> pd.DataFrame:
     """The inverse of :func:`flatten_table1`: :func:`evals.report.table1`'s layout (NaN for null)."""
     df = table.to_pandas().set_index("method").drop(columns=["questions"])
-    df.columns = pd.MultiIndex.from_tuples([tuple(reversed(c.split("_", 1))) for c in df.columns],
-                                           names=["benchmark", "metric"])
+    df.columns = pd.MultiIndex.from_tuples(
+        [tuple(reversed(c.split("_", 1))) for c in df.columns], names=["benchmark", "metric"]
+    )
     return df.astype(float)
 
 
 # -- the paper's numbers --------------------------------------------------------------------------------
-PAPER_TABLE1_SOURCE = ("Zhang et al. 2025, 'Agent models: Internalizing Chain-of-Action Generation into "
-                       "Reasoning models', arXiv:2503.06580, Table 1")
+PAPER_TABLE1_SOURCE = (
+    "Zhang et al. 2025, 'Agent models: Internalizing Chain-of-Action Generation into "
+    "Reasoning models', arXiv:2503.06580, Table 1"
+)
 # The paper's numbers live in a CSV transcribed cell by cell from the PDF (arXiv:2503.06580), validated line by
 # line on every read: a number that is not the paper's must never be labelled as the paper's.
 PAPER_TABLE1_FILE = Path(__file__).resolve().parents[1] / "configs" / "paper_table1.csv"
 PAPER_TABLE1_COLUMNS = ("paper_row", "method", "benchmark", "metric", "value")
 
 
-def _read_paper_rows(path: Path, metrics: Sequence[str],
-                     methods: Collection[str] | None = TABLE1_METHODS) -> tuple[list[dict], list[str]]:
+def _read_paper_rows(
+    path: Path, metrics: Sequence[str], methods: Collection[str] | None = TABLE1_METHODS
+) -> tuple[list[dict], list[str]]:
     """The CSV's data rows (``#`` lines are comments) and every problem found, each naming file and line.
 
     ``method`` must be empty (a paper row with no counterpart of ours, e.g. Deepseek-R1*) or one of
@@ -241,19 +294,27 @@ def _read_paper_rows(path: Path, metrics: Sequence[str],
             problems.append(f"{where}: {key} repeats line {seen[key]}")
         seen.setdefault(key, lineno)
         if row_methods.setdefault(row["paper_row"], row["method"]) != row["method"]:
-            problems.append(f"{where}: paper_row {row['paper_row']!r} maps to method {row['method']!r} here "
-                            f"but to {row_methods[row['paper_row']]!r} earlier")
+            problems.append(
+                f"{where}: paper_row {row['paper_row']!r} maps to method {row['method']!r} here "
+                f"but to {row_methods[row['paper_row']]!r} earlier"
+            )
         elif row["method"] and methods is not None and row["method"] not in methods:
             problems.append(f"{where}: unknown method {row['method']!r} (one of {', '.join(methods)}, or empty)")
         elif row["method"] and method_rows.setdefault(row["method"], row["paper_row"]) != row["paper_row"]:
-            problems.append(f"{where}: method {row['method']!r} is mapped from paper_row {row['paper_row']!r} here "
-                            f"but from {method_rows[row['method']]!r} earlier")
+            problems.append(
+                f"{where}: method {row['method']!r} is mapped from paper_row {row['paper_row']!r} here "
+                f"but from {method_rows[row['method']]!r} earlier"
+            )
         rows.append({**row, "value": value})
     return rows, problems
 
 
-def paper_table1(metrics: Sequence[str] = ("em", "judge"), path: str | Path | None = None, *,
-                 methods: Collection[str] | None = TABLE1_METHODS) -> pd.DataFrame:
+def paper_table1(
+    metrics: Sequence[str] = ("em", "judge"),
+    path: str | Path | None = None,
+    *,
+    methods: Collection[str] | None = TABLE1_METHODS,
+) -> pd.DataFrame:
     """The paper's Table 1 (percent) in :func:`table1`'s layout, read from ``path`` (default
     ``configs/paper_table1.csv``: columns ``paper_row, method, benchmark, metric, value``).
 
@@ -280,9 +341,12 @@ def paper_table1(metrics: Sequence[str] = ("em", "judge"), path: str | Path | No
     table = pd.DataFrame(index=pd.Index(order, name="method"), columns=columns, dtype=float)
     for r in rows:
         table.loc[r["paper_row"], (r["benchmark"], r["metric"])] = r["value"]
-    table.attrs.update(source=PAPER_TABLE1_SOURCE, path=str(path),
-                       method_map={r["method"]: r["paper_row"] for r in rows if r["method"]},
-                       average_flags=paper_average_flags(table))
+    table.attrs.update(
+        source=PAPER_TABLE1_SOURCE,
+        path=str(path),
+        method_map={r["method"]: r["paper_row"] for r in rows if r["method"]},
+        average_flags=paper_average_flags(table),
+    )
     return table
 
 
@@ -302,13 +366,20 @@ def paper_average_flags(paper: pd.DataFrame, tol: float = 0.1) -> list[str]:
                 continue
             mean = sum(six) / len(six)
             if abs(printed - mean) > tol + 1e-9:
-                flags.append(f"{row} {METRIC_LABELS.get(m, m)}: printed Average {printed:.1f}, "
-                             f"mean of the six benchmarks {mean:.2f}")
+                flags.append(
+                    f"{row} {METRIC_LABELS.get(m, m)}: printed Average {printed:.1f}, "
+                    f"mean of the six benchmarks {mean:.2f}"
+                )
     return flags
 
 
-def ours_vs_paper_markdown(ours: pd.DataFrame, paper: pd.DataFrame | None = None, *,
-                           method_map: Mapping[str, str] | None = None, digits: int = 1) -> str:
+def ours_vs_paper_markdown(
+    ours: pd.DataFrame,
+    paper: pd.DataFrame | None = None,
+    *,
+    method_map: Mapping[str, str] | None = None,
+    digits: int = 1,
+) -> str:
     """Our Table 1 beside the paper's: per our method, a row of ours, the paper's and the difference.
 
     Columns: our benchmarks, then the paper's benchmarks we lack, then the averages. The difference is
@@ -324,8 +395,11 @@ def ours_vs_paper_markdown(ours: pd.DataFrame, paper: pd.DataFrame | None = None
     method_map = paper.attrs.get("method_map", {}) if method_map is None else method_map
     metrics = list(dict.fromkeys(m for _, m in ours.columns))
     ours_benches = [b for b in dict.fromkeys(b for b, _ in ours.columns) if b != AVG]
-    theirs_benches = [b for b in dict.fromkeys(b for b, _ in paper.columns) if b not in (AVG, *ours_benches)
-                      and paper[[c for c in paper.columns if c[0] == b]].notna().any().any()]
+    theirs_benches = [
+        b
+        for b in dict.fromkeys(b for b, _ in paper.columns)
+        if b not in (AVG, *ours_benches) and paper[[c for c in paper.columns if c[0] == b]].notna().any().any()
+    ]
     cols = [(b, m) for b in (*ours_benches, *theirs_benches, AVG) for m in metrics]
     same_average = sorted(ours_benches) == sorted(PAPER_AVERAGE_BENCHMARKS)
 
@@ -339,28 +413,39 @@ def ours_vs_paper_markdown(ours: pd.DataFrame, paper: pd.DataFrame | None = None
         if theirs is not None and theirs in paper.index:
             pvals = [cell(paper, theirs, c) for c in cols]
             lines.append(f"| paper: {theirs} | " + " | ".join(_fmt(v, digits) for v in pvals) + " |")
-            diffs = [cell(ours, method, c) - v if c[0] != AVG or same_average else float("nan")
-                     for c, v in zip(cols, pvals)]
+            diffs = [
+                cell(ours, method, c) - v if c[0] != AVG or same_average else float("nan") for c, v in zip(cols, pvals)
+            ]
             lines.append("| Δ (ours − paper) | " + " | ".join(_fmt(d, digits) for d in diffs) + " |")
     where = paper.attrs.get("path", str(PAPER_TABLE1_FILE))
     if not len(paper.index):
-        return "\n".join(lines) + (f"\n\nThe paper's Table 1 numbers are not filled in yet ({where} holds no rows); "
-                                   "only our numbers are shown.\n")
-    notes = [f"Paper numbers: {PAPER_TABLE1_SOURCE} (copied into {where}); paper rows without a counterpart "
-             f"of ours are in the paper's table only."]
+        return "\n".join(lines) + (
+            f"\n\nThe paper's Table 1 numbers are not filled in yet ({where} holds no rows); "
+            "only our numbers are shown.\n"
+        )
+    notes = [
+        f"Paper numbers: {PAPER_TABLE1_SOURCE} (copied into {where}); paper rows without a counterpart "
+        f"of ours are in the paper's table only."
+    ]
     if not same_average:
-        notes.append(f"Our Avg is over {', '.join(BENCHMARK_LABELS.get(b, b) for b in ours_benches) or 'no benchmark'}, "
-                     "the paper's over its six benchmarks: no Δ on the averages.")
+        notes.append(
+            f"Our Avg is over {', '.join(BENCHMARK_LABELS.get(b, b) for b in ours_benches) or 'no benchmark'}, "
+            "the paper's over its six benchmarks: no Δ on the averages."
+        )
     flags = paper.attrs.get("average_flags", [])
     if flags:
-        notes.append("Printed Averages that are not the mean of the paper's six benchmarks (kept as printed): "
-                     + "; ".join(flags) + ".")
+        notes.append(
+            "Printed Averages that are not the mean of the paper's six benchmarks (kept as printed): "
+            + "; ".join(flags)
+            + "."
+        )
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
 
 
 # -- Figure 3: action analysis -------------------------------------------------------------------------
-def action_analysis(predictions: pd.DataFrame | Iterable[Mapping], *, correct: str = "em",
-                    cap: int = 5) -> pd.DataFrame:
+def action_analysis(
+    predictions: pd.DataFrame | Iterable[Mapping], *, correct: str = "em", cap: int = 5
+) -> pd.DataFrame:
     """Per method and number of actions: how many answers, how many correct, and the two Figure 3 panels.
 
     ``share_of_correct`` (panel a) is the fraction of a method's correct answers that took that many
@@ -371,9 +456,13 @@ def action_analysis(predictions: pd.DataFrame | Iterable[Mapping], *, correct: s
     df = _frame(predictions)
     if "n_actions" not in df.columns or correct not in df.columns:
         raise ValueError(f"action analysis needs columns 'n_actions' and {correct!r}")
-    work = pd.DataFrame({"method": df["method"],
-                         "n_actions": df["n_actions"].astype(int).clip(lower=0, upper=cap),
-                         "correct": df[correct].map(_metric_value) > 0.5})
+    work = pd.DataFrame(
+        {
+            "method": df["method"],
+            "n_actions": df["n_actions"].astype(int).clip(lower=0, upper=cap),
+            "correct": df[correct].map(_metric_value) > 0.5,
+        }
+    )
     rows = []
     for method in dict.fromkeys(work["method"]):
         sub = work[work["method"] == method]
@@ -381,15 +470,23 @@ def action_analysis(predictions: pd.DataFrame | Iterable[Mapping], *, correct: s
         for k in range(cap + 1):
             bucket = sub[sub["n_actions"] == k]
             n, n_ok = len(bucket), int(bucket["correct"].sum())
-            rows.append({"method": method, "n_actions": k, "label": f"{k}+" if k == cap else str(k), "n": n,
-                         "n_correct": n_ok,
-                         "share_of_correct": n_ok / total_correct if total_correct else float("nan"),
-                         "success_rate": n_ok / n if n else float("nan")})
+            rows.append(
+                {
+                    "method": method,
+                    "n_actions": k,
+                    "label": f"{k}+" if k == cap else str(k),
+                    "n": n,
+                    "n_correct": n_ok,
+                    "share_of_correct": n_ok / total_correct if total_correct else float("nan"),
+                    "success_rate": n_ok / n if n else float("nan"),
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def plot_action_analysis(analysis: pd.DataFrame, path: str | Path | None = None, *,
-                         title: str = "Action analysis") -> bytes:
+def plot_action_analysis(
+    analysis: pd.DataFrame, path: str | Path | None = None, *, title: str = "Action analysis"
+) -> bytes:
     """Figure 3 as a PNG: (a) share of correct answers and (b) success rate, by number of actions.
 
     Uses matplotlib's Agg canvas directly (no pyplot, so no global state or display is touched).
@@ -403,8 +500,9 @@ def plot_action_analysis(analysis: pd.DataFrame, path: str | Path | None = None,
     fig = Figure(figsize=(11, 4), dpi=100)
     FigureCanvasAgg(fig)
     width = 0.8 / max(len(methods), 1)
-    for ax, column, name in zip(fig.subplots(1, 2), ("share_of_correct", "success_rate"),
-                                ("(a) share of correct answers", "(b) success rate")):
+    for ax, column, name in zip(
+        fig.subplots(1, 2), ("share_of_correct", "success_rate"), ("(a) share of correct answers", "(b) success rate")
+    ):
         for i, method in enumerate(methods):
             sub = analysis[analysis["method"] == method].set_index("label").reindex(labels)
             xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(labels))]
@@ -449,10 +547,18 @@ def _scores(df: pd.DataFrame, metric: str) -> dict[tuple[str, str], dict[str, fl
     return out
 
 
-def table1_power(predictions: pd.DataFrame | Iterable[Mapping], *, metrics: Sequence[str] = ("em", "judge"),
-                 methods: Sequence[str] | None = None, reference: str = REFERENCE_METHOD,
-                 predecessor: Mapping[str, str] = PREDECESSOR, resamples: int = stats.DEFAULT_RESAMPLES,
-                 seed: int = 0, confidence: float = 0.95, paired: bool = True) -> pd.DataFrame:
+def table1_power(
+    predictions: pd.DataFrame | Iterable[Mapping],
+    *,
+    metrics: Sequence[str] = ("em", "judge"),
+    methods: Sequence[str] | None = None,
+    reference: str = REFERENCE_METHOD,
+    predecessor: Mapping[str, str] = PREDECESSOR,
+    resamples: int = stats.DEFAULT_RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+    paired: bool = True,
+) -> pd.DataFrame:
     """One row per Table 1 cell (method, benchmark, metric): its questions, score and Wilson interval,
     and the paired comparison with the reference and with the predecessor (:func:`compared_with`).
 
@@ -469,8 +575,11 @@ def table1_power(predictions: pd.DataFrame | Iterable[Mapping], *, metrics: Sequ
     if missing:
         raise ValueError(f"prediction rows lack metric columns {sorted(missing)}")
     present = list(dict.fromkeys(df["method"]))
-    order = list(methods) if methods is not None else (
-        [m for m in TABLE1_METHODS if m in present] + [m for m in present if m not in TABLE1_METHODS])
+    order = (
+        list(methods)
+        if methods is not None
+        else ([m for m in TABLE1_METHODS if m in present] + [m for m in present if m not in TABLE1_METHODS])
+    )
     benches = sorted(df["benchmark"].unique(), key=benchmark_sort_key)
     rows = []
     for metric in metrics:
@@ -482,38 +591,82 @@ def table1_power(predictions: pd.DataFrame | Iterable[Mapping], *, metrics: Sequ
                     continue
                 k, n = int(sum(v > 0.5 for v in mine.values())), len(mine)
                 low, high = stats.wilson_interval(k, n, confidence)
-                row = {"method": method, "benchmark": bench, "metric": metric, "n": n, "correct": k,
-                       "score": 100.0 * sum(mine.values()) / n, "ci_low": 100.0 * low, "ci_high": 100.0 * high}
+                row = {
+                    "method": method,
+                    "benchmark": bench,
+                    "metric": metric,
+                    "n": n,
+                    "correct": k,
+                    "score": 100.0 * sum(mine.values()) / n,
+                    "ci_low": 100.0 * low,
+                    "ci_high": 100.0 * high,
+                }
                 for rel, other in compared_with(method, reference, predecessor).items():
                     theirs = scores.get((other, bench)) if other and paired else None
-                    cmp = stats.compare_paired(mine, theirs, resamples=resamples, seed=seed, confidence=confidence,
-                                               names=(f"{method}/{bench}", f"{other}/{bench}")) if theirs else None
-                    row.update({rel: other if cmp else None,
-                                f"{rel}_score": 100.0 * cmp.score_b if cmp else None,
-                                f"{rel}_diff": 100.0 * cmp.diff if cmp else None,
-                                f"{rel}_diff_low": 100.0 * cmp.diff_low if cmp else None,
-                                f"{rel}_diff_high": 100.0 * cmp.diff_high if cmp else None,
-                                f"{rel}_only_method": cmp.only_a if cmp else None,
-                                f"{rel}_only_other": cmp.only_b if cmp else None,
-                                f"{rel}_p": cmp.p_value if cmp else None})
+                    cmp = (
+                        stats.compare_paired(
+                            mine,
+                            theirs,
+                            resamples=resamples,
+                            seed=seed,
+                            confidence=confidence,
+                            names=(f"{method}/{bench}", f"{other}/{bench}"),
+                        )
+                        if theirs
+                        else None
+                    )
+                    row.update(
+                        {
+                            rel: other if cmp else None,
+                            f"{rel}_score": 100.0 * cmp.score_b if cmp else None,
+                            f"{rel}_diff": 100.0 * cmp.diff if cmp else None,
+                            f"{rel}_diff_low": 100.0 * cmp.diff_low if cmp else None,
+                            f"{rel}_diff_high": 100.0 * cmp.diff_high if cmp else None,
+                            f"{rel}_only_method": cmp.only_a if cmp else None,
+                            f"{rel}_only_other": cmp.only_b if cmp else None,
+                            f"{rel}_p": cmp.p_value if cmp else None,
+                        }
+                    )
                 rows.append({**row, "resamples": resamples, "seed": seed, "confidence": confidence})
     return pd.DataFrame(rows, columns=list(POWER_COLUMNS))
 
 
-POWER_COLUMNS = {"method": pa.string(), "benchmark": pa.string(), "metric": pa.string(), "n": pa.int64(),
-                 "correct": pa.int64(), "score": pa.float64(), "ci_low": pa.float64(), "ci_high": pa.float64(),
-                 **{k: t for r in POWER_RELATIONS for k, t in (
-                     (r, pa.string()), (f"{r}_score", pa.float64()), (f"{r}_diff", pa.float64()),
-                     (f"{r}_diff_low", pa.float64()), (f"{r}_diff_high", pa.float64()),
-                     (f"{r}_only_method", pa.int64()), (f"{r}_only_other", pa.int64()), (f"{r}_p", pa.float64()))},
-                 "resamples": pa.int64(), "seed": pa.int64(), "confidence": pa.float64()}
+POWER_COLUMNS = {
+    "method": pa.string(),
+    "benchmark": pa.string(),
+    "metric": pa.string(),
+    "n": pa.int64(),
+    "correct": pa.int64(),
+    "score": pa.float64(),
+    "ci_low": pa.float64(),
+    "ci_high": pa.float64(),
+    **{
+        k: t
+        for r in POWER_RELATIONS
+        for k, t in (
+            (r, pa.string()),
+            (f"{r}_score", pa.float64()),
+            (f"{r}_diff", pa.float64()),
+            (f"{r}_diff_low", pa.float64()),
+            (f"{r}_diff_high", pa.float64()),
+            (f"{r}_only_method", pa.int64()),
+            (f"{r}_only_other", pa.int64()),
+            (f"{r}_p", pa.float64()),
+        )
+    },
+    "resamples": pa.int64(),
+    "seed": pa.int64(),
+    "confidence": pa.float64(),
+}
 POWER_SCHEMA = pa.schema(list(POWER_COLUMNS.items()))
 
 
 def power_table(power: pd.DataFrame) -> pa.Table:
     """:func:`table1_power`'s rows as an Arrow table with a fixed schema (nulls where no comparison)."""
-    records = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-               for r in power.to_dict("records")]
+    records = [
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+        for r in power.to_dict("records")
+    ]
     return pa.Table.from_pylist(records, schema=POWER_SCHEMA)
 
 
@@ -527,8 +680,10 @@ def _vs(r: Mapping, rel: str, digits: int) -> str:
     other = r.get(rel)
     if other is None or (isinstance(other, float) and math.isnan(other)):
         return "—"
-    return (f"{r[f'{rel}_diff']:+.{digits}f} [{r[f'{rel}_diff_low']:+.{digits}f}, {r[f'{rel}_diff_high']:+.{digits}f}] "
-            f"vs {other}, p={_p(r[f'{rel}_p'])} ({int(r[f'{rel}_only_method'])}:{int(r[f'{rel}_only_other'])})")
+    return (
+        f"{r[f'{rel}_diff']:+.{digits}f} [{r[f'{rel}_diff_low']:+.{digits}f}, {r[f'{rel}_diff_high']:+.{digits}f}] "
+        f"vs {other}, p={_p(r[f'{rel}_p'])} ({int(r[f'{rel}_only_method'])}:{int(r[f'{rel}_only_other'])})"
+    )
 
 
 def power_markdown(power: pd.DataFrame, *, metric: str = "em", digits: int = 1) -> str:
@@ -539,25 +694,35 @@ def power_markdown(power: pd.DataFrame, *, metric: str = "em", digits: int = 1) 
     metrics = list(dict.fromkeys(power["metric"]))
     labels = [METRIC_LABELS.get(m, m) for m in metrics]
     name = METRIC_LABELS.get(metric, metric)
-    lines = ["| Method | Benchmark | n | " + " | ".join(f"{m} [95% CI]" for m in labels)
-             + f" | Δ{name} vs ReAct (reasoning) [95% CI], McNemar p (only ours:only theirs) | Δ{name} vs predecessor |",
-             "|" + "---|" * (len(metrics) + 5)]
+    lines = [
+        "| Method | Benchmark | n | "
+        + " | ".join(f"{m} [95% CI]" for m in labels)
+        + f" | Δ{name} vs ReAct (reasoning) [95% CI], McNemar p (only ours:only theirs) | Δ{name} vs predecessor |",
+        "|" + "---|" * (len(metrics) + 5),
+    ]
     cells = {(r["method"], r["benchmark"], r["metric"]): r for r in power.to_dict("records")}
     for method, bench in dict.fromkeys(zip(power["method"], power["benchmark"])):
         ivs = [cells.get((method, bench, m)) for m in metrics]
         main = cells.get((method, bench, metric), {})
-        lines.append(f"| {method} | {BENCHMARK_LABELS.get(bench, bench)} | {ivs[0]['n']} | "
-                     + " | ".join(f"{c['score']:.{digits}f} [{c['ci_low']:.{digits}f}, {c['ci_high']:.{digits}f}]"
-                                  if c else "—" for c in ivs)
-                     + f" | {_vs(main, 'reference', digits) if main else '—'} | {_vs(main, 'predecessor', digits) if main else '—'} |")
+        lines.append(
+            f"| {method} | {BENCHMARK_LABELS.get(bench, bench)} | {ivs[0]['n']} | "
+            + " | ".join(
+                f"{c['score']:.{digits}f} [{c['ci_low']:.{digits}f}, {c['ci_high']:.{digits}f}]" if c else "—"
+                for c in ivs
+            )
+            + f" | {_vs(main, 'reference', digits) if main else '—'} | {_vs(main, 'predecessor', digits) if main else '—'} |"
+        )
     r0 = power.iloc[0]
-    return ("\n".join(lines) + f"\n\nPercent. Intervals: Wilson score, {r0['confidence']:.0%}. Δ: paired percentile "
-            f"bootstrap ({int(r0['resamples'])} resamples, seed {int(r0['seed'])}) of the difference on the same "
-            "questions; p: exact McNemar test (two-sided binomial on the discordant questions).\n")
+    return (
+        "\n".join(lines) + f"\n\nPercent. Intervals: Wilson score, {r0['confidence']:.0%}. Δ: paired percentile "
+        f"bootstrap ({int(r0['resamples'])} resamples, seed {int(r0['seed'])}) of the difference on the same "
+        "questions; p: exact McNemar test (two-sided binomial on the discordant questions).\n"
+    )
 
 
-def plot_intervals(power: pd.DataFrame, benchmark: str, path: str | Path | None = None, *, metric: str = "em",
-                   title: str | None = None) -> bytes:
+def plot_intervals(
+    power: pd.DataFrame, benchmark: str, path: str | Path | None = None, *, metric: str = "em", title: str | None = None
+) -> bytes:
     """Score per method on one benchmark with its 95% interval as error bars, as PNG bytes (Agg canvas);
     the reference method's interval is shaded across the plot. With ``path`` also written there."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -573,22 +738,37 @@ def plot_intervals(power: pd.DataFrame, benchmark: str, path: str | Path | None 
     ref = sub[sub["method"] == REFERENCE_METHOD]
     if len(ref):
         ax.axhspan(ref["ci_low"].iloc[0], ref["ci_high"].iloc[0], color="0.9", label=f"{REFERENCE_METHOD} 95% CI")
-    ax.errorbar(xs, sub["score"], yerr=[sub["score"] - sub["ci_low"], sub["ci_high"] - sub["score"]],
-                fmt="o", capsize=4, label=f"{METRIC_LABELS.get(metric, metric)} (95% Wilson CI)")
-    ax.set_xticks(list(xs), [f"{m}\nn={n}" for m, n in zip(sub["method"], sub["n"])], rotation=30, ha="right",
-                  fontsize=8)
+    ax.errorbar(
+        xs,
+        sub["score"],
+        yerr=[sub["score"] - sub["ci_low"], sub["ci_high"] - sub["score"]],
+        fmt="o",
+        capsize=4,
+        label=f"{METRIC_LABELS.get(metric, metric)} (95% Wilson CI)",
+    )
+    ax.set_xticks(
+        list(xs), [f"{m}\nn={n}" for m, n in zip(sub["method"], sub["n"])], rotation=30, ha="right", fontsize=8
+    )
     ax.set_ylabel("percent")
     ax.set_ylim(0, max(5.0, float(sub["ci_high"].max()) * 1.15))
     ax.legend(fontsize="small")
-    ax.set_title(title or f"{METRIC_LABELS.get(metric, metric)} per method on {BENCHMARK_LABELS.get(benchmark, benchmark)}")
+    ax.set_title(
+        title or f"{METRIC_LABELS.get(metric, metric)} per method on {BENCHMARK_LABELS.get(benchmark, benchmark)}"
+    )
     fig.tight_layout()
     return _png(fig, path)
 
 
 # -- the whole report ----------------------------------------------------------------------------------
-def evaluation_report(ours: pd.DataFrame, paper: pd.DataFrame, *, analysis: pd.DataFrame | None = None,
-                      fidelity: pd.DataFrame | None = None, power: pd.DataFrame | None = None,
-                      judge_note: str = "") -> str:
+def evaluation_report(
+    ours: pd.DataFrame,
+    paper: pd.DataFrame,
+    *,
+    analysis: pd.DataFrame | None = None,
+    fidelity: pd.DataFrame | None = None,
+    power: pd.DataFrame | None = None,
+    judge_note: str = "",
+) -> str:
     """One Markdown report: our Table 1, its intervals and paired tests, ours beside the paper's, Figure 3's
     numbers and world-model fidelity.
 
@@ -597,11 +777,20 @@ def evaluation_report(ours: pd.DataFrame, paper: pd.DataFrame, *, analysis: pd.D
             rows. fidelity: ``world_model_fidelity`` rows (``method, source`` and the measures).
             power: :func:`table1_power`'s rows (the ``eval_comparisons`` table).
     """
-    parts = ["# Evaluation report", "",
-             table1_markdown(ours, intervals=power, caption=(
-                 "## Table 1 (ours)\n\nPercent" + ("; [95% Wilson interval]" if power is not None else "")
-                 + "; Avg = unweighted mean over the benchmarks; — = the method lacks that benchmark."
-                 + (f" {judge_note}" if judge_note else "")))]
+    parts = [
+        "# Evaluation report",
+        "",
+        table1_markdown(
+            ours,
+            intervals=power,
+            caption=(
+                "## Table 1 (ours)\n\nPercent"
+                + ("; [95% Wilson interval]" if power is not None else "")
+                + "; Avg = unweighted mean over the benchmarks; — = the method lacks that benchmark."
+                + (f" {judge_note}" if judge_note else "")
+            ),
+        ),
+    ]
     if power is not None:
         parts += ["## Table 1 with intervals and paired tests", "", power_markdown(power)]
     parts += ["## Ours beside the paper", "", ours_vs_paper_markdown(ours, paper)]
@@ -610,8 +799,12 @@ def evaluation_report(ours: pd.DataFrame, paper: pd.DataFrame, *, analysis: pd.D
         parts += ["## Figure 3: answers by number of actions", "", _markdown_rows(analysis[cols]), ""]
     if fidelity is not None:
         agg = aggregate_fidelity(fidelity.to_dict("records"), by=["method", "source"]) if len(fidelity) else None
-        parts += ["## World-model fidelity (simulated vs real search results)", "",
-                  _markdown_rows(agg) if agg is not None else "_(no SFT-3 or RL checkpoint simulated a search)_", ""]
+        parts += [
+            "## World-model fidelity (simulated vs real search results)",
+            "",
+            _markdown_rows(agg) if agg is not None else "_(no SFT-3 or RL checkpoint simulated a search)_",
+            "",
+        ]
     return "\n".join(parts)
 
 

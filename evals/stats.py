@@ -57,8 +57,9 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail / 2**n)
 
 
-def paired_bootstrap(a, b, *, resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
-                     confidence: float = 0.95) -> tuple[float, float]:
+def paired_bootstrap(
+    a, b, *, resamples: int = DEFAULT_RESAMPLES, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap interval of ``mean(a) - mean(b)`` over paired observations (same order).
 
     Resampling n questions with replacement and averaging their differences is drawing multinomial
@@ -112,8 +113,15 @@ def _binary(scores: Mapping[str, float], name: str) -> dict[str, int]:
     return out
 
 
-def compare_paired(a: Mapping[str, float], b: Mapping[str, float], *, resamples: int = DEFAULT_RESAMPLES,
-                   seed: int = 0, confidence: float = 0.95, names: tuple[str, str] = ("a", "b")) -> PairedComparison:
+def compare_paired(
+    a: Mapping[str, float],
+    b: Mapping[str, float],
+    *,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+    names: tuple[str, str] = ("a", "b"),
+) -> PairedComparison:
     """Compare two methods' 0/1 scores keyed by question id: McNemar and a paired bootstrap interval.
 
     Raises ``ValueError`` when the two methods were not graded on the same question ids (a paired test
@@ -122,8 +130,10 @@ def compare_paired(a: Mapping[str, float], b: Mapping[str, float], *, resamples:
     sa, sb = _binary(a, names[0]), _binary(b, names[1])
     if sa.keys() != sb.keys():
         only_a, only_b = sorted(sa.keys() - sb.keys()), sorted(sb.keys() - sa.keys())
-        raise ValueError(f"{names[0]} and {names[1]} were not graded on the same questions: {len(only_a)} only in "
-                         f"{names[0]} (e.g. {only_a[:3]}), {len(only_b)} only in {names[1]} (e.g. {only_b[:3]})")
+        raise ValueError(
+            f"{names[0]} and {names[1]} were not graded on the same questions: {len(only_a)} only in "
+            f"{names[0]} (e.g. {only_a[:3]}), {len(only_b)} only in {names[1]} (e.g. {only_b[:3]})"
+        )
     if not sa:
         raise ValueError(f"{names[0]} and {names[1]}: no questions to compare")
     ids = sorted(sa)
@@ -131,7 +141,18 @@ def compare_paired(a: Mapping[str, float], b: Mapping[str, float], *, resamples:
     both, only_a = int(np.sum(xa & xb)), int(np.sum(xa & (1 - xb)))
     only_b, n = int(np.sum((1 - xa) & xb)), len(ids)
     low, high = paired_bootstrap(xa, xb, resamples=resamples, seed=seed, confidence=confidence)
-    return PairedComparison(n=n, score_a=float(xa.mean()), score_b=float(xb.mean()), diff=float(xa.mean() - xb.mean()),
-                            diff_low=low, diff_high=high, both=both, only_a=only_a, only_b=only_b,
-                            neither=n - both - only_a - only_b, p_value=mcnemar_exact(only_a, only_b),
-                            resamples=resamples, seed=seed)
+    return PairedComparison(
+        n=n,
+        score_a=float(xa.mean()),
+        score_b=float(xb.mean()),
+        diff=float(xa.mean() - xb.mean()),
+        diff_low=low,
+        diff_high=high,
+        both=both,
+        only_a=only_a,
+        only_b=only_b,
+        neither=n - both - only_a - only_b,
+        p_value=mcnemar_exact(only_a, only_b),
+        resamples=resamples,
+        seed=seed,
+    )

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines.paths import REPO_ROOT, default_home
+from qadata.paths import REPO_ROOT, default_home
 
 LIBRARY_LOGGERS = ["qadata", "retrieval", "agent", "training", "evals"]
 DAGSTER_YAML = """# written by autocoa: library logs go to Dagster's run log
@@ -48,18 +48,30 @@ def _check_rows(result) -> list[dict]:
     partition = result.dagster_run.tags.get("dagster/partition", "")
     rows = []
     for ev in result.get_asset_check_evaluations():
-        rows.append({"asset": ev.asset_key.to_user_string(), "partition": partition, "check": ev.check_name,
-                     "result": ("skipped (not materialised)" if "skipped" in ev.metadata else "passed") if ev.passed
-                     else f"FAILED ({ev.severity.value})",
-                     "severity": ev.severity.value, "passed": ev.passed})
+        rows.append(
+            {
+                "asset": ev.asset_key.to_user_string(),
+                "partition": partition,
+                "check": ev.check_name,
+                "result": ("skipped (not materialised)" if "skipped" in ev.metadata else "passed")
+                if ev.passed
+                else f"FAILED ({ev.severity.value})",
+                "severity": ev.severity.value,
+                "passed": ev.passed,
+            }
+        )
     return rows
 
 
 def _print_checks(rows: list[dict]) -> None:
     from tabulate import tabulate
 
-    print(tabulate([[r["asset"], r["partition"], r["check"], r["result"]] for r in rows],
-                   headers=["asset", "partition", "check", "result"]))
+    print(
+        tabulate(
+            [[r["asset"], r["partition"], r["check"], r["result"]] for r in rows],
+            headers=["asset", "partition", "check", "result"],
+        )
+    )
 
 
 def _failed_steps(result) -> list[str]:
@@ -98,13 +110,16 @@ def run_synthesis(instance, defs, home: Path, *, profile: str, round_key: str, e
     import dagster as dg
 
     from pipelines.definitions import SYNTHESIS_JOB, SYNTHESIS_OPS
-    from pipelines.paths import table_path
+    from qadata.paths import table_path
 
     job = defs.resolve_job_def(f"{SYNTHESIS_JOB}_paper" if profile == "paper" else SYNTHESIS_JOB)
     if not instance.has_dynamic_partition("synthesis_rounds", round_key):
         instance.add_dynamic_partitions("synthesis_rounds", [round_key])
-    run_config = _run_config(profile, SYNTHESIS_OPS, extra) if profile != "paper" else _deep_merge(
-        _run_config("embedded", SYNTHESIS_OPS, extra), {})
+    run_config = (
+        _run_config(profile, SYNTHESIS_OPS, extra)
+        if profile != "paper"
+        else _deep_merge(_run_config("embedded", SYNTHESIS_OPS, extra), {})
+    )
     done = {op: instance.get_materialized_partitions(dg.AssetKey(op)) for op in SYNTHESIS_OPS}
     shards = job.partitions_def.get_partitions_def_for_dimension("shard").get_partition_keys()
     outcomes = []
@@ -116,35 +131,40 @@ def run_synthesis(instance, defs, home: Path, *, profile: str, round_key: str, e
             outcomes.append((shard, "skipped", None))
             continue
         print(f"synthesis {key}: running ({i + 1}/{len(shards)}) ...", flush=True)
-        result = job.execute_in_process(instance=instance, partition_key=str(key), run_config=run_config,
-                                        raise_on_error=False)
+        result = job.execute_in_process(
+            instance=instance, partition_key=str(key), run_config=run_config, raise_on_error=False
+        )
         outcomes.append((shard, "ok" if result.success else "FAILED", result))
     return outcomes
 
 
-def run_evaluation(instance, defs, *, profile: str, extra: dict, methods: list[str] | None = None,
-                   benchmarks: list[str] | None = None) -> list:
+def run_evaluation(
+    instance, defs, *, profile: str, extra: dict, methods: list[str] | None = None, benchmarks: list[str] | None = None
+) -> list:
     """Evaluation in one process: the questions of each benchmark, then every (method, benchmark)
     prediction partition grouped by method (each policy loads once), then the reports. Methods whose
     checkpoint is not materialised are left out (their evaluation is simply not in the table)."""
     from assets import evals
     from pipelines.definitions import EVAL_PREDICTIONS_JOB, EVAL_QUESTIONS_JOB, EVAL_REPORTS_JOB
-    from pipelines.paths import table_path
+    from qadata.paths import table_path
 
     home = Path(defs.resources["storage"].home)
     suffix = "_paper" if profile == "paper" else ""
     base_profile = "embedded" if profile == "paper" else profile
     benchmarks = benchmarks or list(evals.BENCHMARKS)
     if methods is None:
-        methods = [m for m in evals.METHODS if m in evals.BASELINES
-                   or table_path(home, [f"{m}_checkpoint"]).is_file()]
+        methods = [m for m in evals.METHODS if m in evals.BASELINES or table_path(home, [f"{m}_checkpoint"]).is_file()]
     results = []
 
     def run(job_name: str, ops: set[str], partition: str | None, label: str):
         job = defs.resolve_job_def(job_name + suffix)
         print(f"evaluation {label} ...", flush=True)
-        res = job.execute_in_process(instance=instance, partition_key=partition,
-                                     run_config=_run_config(base_profile, ops, extra), raise_on_error=False)
+        res = job.execute_in_process(
+            instance=instance,
+            partition_key=partition,
+            run_config=_run_config(base_profile, ops, extra),
+            raise_on_error=False,
+        )
         results.append(res)
         return res
 
@@ -182,8 +202,14 @@ STAGES = {  # asset step -> stage of the summary
     "pairs": ("contrastive_pairs",),
     "sft": ("sft_stage1_checkpoint", "sft_stage2_checkpoint", "sft_stage3_checkpoint", "sft_stage2_only_checkpoint"),
     "rl": ("rl_stage2_only_checkpoint", "sft123_rl1_checkpoint", "sft123_rl12_checkpoint", "sft12_rl2_checkpoint"),
-    "evaluation": ("eval_questions", "eval_predictions", "eval_table", "eval_comparisons", "action_analysis",
-                   "world_model_fidelity"),
+    "evaluation": (
+        "eval_questions",
+        "eval_predictions",
+        "eval_table",
+        "eval_comparisons",
+        "action_analysis",
+        "world_model_fidelity",
+    ),
 }
 
 
@@ -192,7 +218,7 @@ def run_summary(home: Path, seconds: dict[str, float], wall: float) -> str:
     interval and paired p-value), searches per question per method, and the wall time of each stage."""
     from tabulate import tabulate
 
-    from pipelines.sql import connect
+    from qadata.sql import connect
 
     lines = []
     try:
@@ -207,9 +233,15 @@ def run_summary(home: Path, seconds: dict[str, float], wall: float) -> str:
             from eval_predictions p join embedded_world w on p.question_id = w.id
             where p.benchmark = 'embedded' group by p.method order by p.method""").fetchall()
         lines.append("embedded held-out questions (greedy, the same questions for every method):")
-        lines.append(tabulate([[m, n, f"{em:.1f}", f"{s:.2f}", f"{snc:.2f}" if snc is not None else "-", f"{e:.1f}"]
-                               for m, n, em, s, snc, e in rows],
-                              headers=["method", "n", "EM %", "searches/q", "searches/q (non-comparison)", "errors %"]))
+        lines.append(
+            tabulate(
+                [
+                    [m, n, f"{em:.1f}", f"{s:.2f}", f"{snc:.2f}" if snc is not None else "-", f"{e:.1f}"]
+                    for m, n, em, s, snc, e in rows
+                ],
+                headers=["method", "n", "EM %", "searches/q", "searches/q (non-comparison)", "errors %"],
+            )
+        )
     if "eval_comparisons" in tables:
         cmp = con.execute("""
             select method, n, score, ci_low, ci_high, reference, reference_score, reference_diff,
@@ -220,9 +252,14 @@ def run_summary(home: Path, seconds: dict[str, float], wall: float) -> str:
         if cmp:
             m, n, sc, lo, hi, ref, rsc, d, dlo, dhi, p = cmp[0]
             lines.append("")
-            lines.append(f"headline: best agent model {m}: EM {sc:.1f}% [{lo:.1f}, {hi:.1f}] (n={n}) vs {ref}: "
-                         + (f"{rsc:.1f}%; difference {d:+.1f} points [{dlo:+.1f}, {dhi:+.1f}], exact McNemar p={p:.2g}"
-                            if ref else "no reference predictions"))
+            lines.append(
+                f"headline: best agent model {m}: EM {sc:.1f}% [{lo:.1f}, {hi:.1f}] (n={n}) vs {ref}: "
+                + (
+                    f"{rsc:.1f}%; difference {d:+.1f} points [{dlo:+.1f}, {dhi:+.1f}], exact McNemar p={p:.2g}"
+                    if ref
+                    else "no reference predictions"
+                )
+            )
     stage_rows = [[stage, f"{sum(seconds.get(s, 0.0) for s in steps) / 60:.1f}"] for stage, steps in STAGES.items()]
     other = wall - sum(sum(seconds.get(s, 0.0) for s in steps) for steps in STAGES.values())
     stage_rows.append(["everything else (data, index, checks, loading)", f"{max(other, 0.0) / 60:.1f}"])
@@ -238,7 +275,7 @@ def cmd_run(args) -> int:
     from tabulate import tabulate
 
     from pipelines.definitions import build_definitions
-    from pipelines.paths import discover_tables
+    from qadata.paths import discover_tables
 
     run_started = time.perf_counter()
     home = Path(args.home)
@@ -251,43 +288,62 @@ def cmd_run(args) -> int:
         extra = yaml.safe_load(Path(args.config).read_text()) or {}
     job = defs.resolve_job_def("autocoa_paper" if args.profile == "paper" else "autocoa_embedded")
     base_ops = {n.name for n in job.graph.node_defs}
-    run_config = _deep_merge(_run_config("embedded", base_ops, extra), {}) if args.profile == "paper" else \
-        _run_config(args.profile, base_ops, extra)
+    run_config = (
+        _deep_merge(_run_config("embedded", base_ops, extra), {})
+        if args.profile == "paper"
+        else _run_config(args.profile, base_ops, extra)
+    )
     print(f"materialising the unpartitioned assets ({args.profile} profile) into {home} ...", flush=True)
     result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
     results = [result]
     synthesis = []
     if result.success and not args.skip_synthesis:
         print(f"\nsynthesising trajectories, round {args.round} ...", flush=True)
-        synthesis = run_synthesis(instance, defs, home, profile=args.profile, round_key=args.round, extra=extra,
-                                  force=args.force)
+        synthesis = run_synthesis(
+            instance, defs, home, profile=args.profile, round_key=args.round, extra=extra, force=args.force
+        )
         results += [r for _, _, r in synthesis if r is not None]
         if all(st != "FAILED" for _, st, _ in synthesis):
             from pipelines.definitions import AFTER_JOB
 
             after = defs.resolve_job_def(f"{AFTER_JOB}_paper" if args.profile == "paper" else AFTER_JOB)
             after_ops = {n.name for n in after.graph.node_defs}
-            after_config = _run_config("embedded", after_ops, extra) if args.profile == "paper" else \
-                _run_config(args.profile, after_ops, extra)
+            after_config = (
+                _run_config("embedded", after_ops, extra)
+                if args.profile == "paper"
+                else _run_config(args.profile, after_ops, extra)
+            )
             # the stages that read a round read the one just synthesised
             for op in ("contrastive_pairs", "sft_stage23_data"):
                 if op in after_ops:
                     after_config = _deep_merge({"ops": {op: {"config": {"round": args.round}}}}, after_config)
             selection = None
             if args.no_train:  # --no-train: the data stages only (checkpoints take minutes of CPU each)
-                selection = [k for k in after.asset_layer.executable_asset_keys
-                             if not k.to_user_string().endswith("_checkpoint")]
-                after_config = {**after_config, "ops": {k: v for k, v in after_config.get("ops", {}).items()
-                                                        if not k.endswith("_checkpoint")}}
-            print(f"\nmaterialising what follows synthesis (round {args.round}"
-                  f"{', checkpoints excluded' if args.no_train else ', checkpoints included'}) ...", flush=True)
-            after_result = after.execute_in_process(instance=instance, run_config=after_config, raise_on_error=False,
-                                                    asset_selection=selection)
+                selection = [
+                    k for k in after.asset_layer.executable_asset_keys if not k.to_user_string().endswith("_checkpoint")
+                ]
+                after_config = {
+                    **after_config,
+                    "ops": {k: v for k, v in after_config.get("ops", {}).items() if not k.endswith("_checkpoint")},
+                }
+            print(
+                f"\nmaterialising what follows synthesis (round {args.round}"
+                f"{', checkpoints excluded' if args.no_train else ', checkpoints included'}) ...",
+                flush=True,
+            )
+            after_result = after.execute_in_process(
+                instance=instance, run_config=after_config, raise_on_error=False, asset_selection=selection
+            )
             results.append(after_result)
             if not args.no_eval:
                 print("\nevaluating (Table 1, Figure 3, world-model fidelity) ...", flush=True)
-                results += run_evaluation(instance, defs, profile=args.profile, extra=extra,
-                                          benchmarks=args.eval_benchmarks.split(",") if args.eval_benchmarks else None)
+                results += run_evaluation(
+                    instance,
+                    defs,
+                    profile=args.profile,
+                    extra=extra,
+                    benchmarks=args.eval_benchmarks.split(",") if args.eval_benchmarks else None,
+                )
     tables = discover_tables(home)
     import glob as globlib
 
@@ -310,7 +366,7 @@ def cmd_run(args) -> int:
 next:
   query   : autocoa sql "select pool, count(*) from question_sample group by pool"
   checks  : autocoa check
-  UI      : autocoa ui        (= DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000)
+  UI      : autocoa ui        (= DAGSTER_HOME={os.environ["DAGSTER_HOME"]} dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000)
             then open http://127.0.0.1:3000
   search  : autocoa serve-search   (HTTP batch search on 127.0.0.1:8099)""")
     print("\nsummary:")
@@ -330,8 +386,9 @@ def cmd_check(args) -> int:
     home = Path(args.home)
     instance = _instance(home)
     defs = build_definitions(home)
-    result = defs.resolve_job_def("data_checks").execute_in_process(instance=instance, run_config=CONSOLE_INFO,
-                                                                    raise_on_error=False)
+    result = defs.resolve_job_def("data_checks").execute_in_process(
+        instance=instance, run_config=CONSOLE_INFO, raise_on_error=False
+    )
     rows = _check_rows(result)
     _print_checks(rows)
     failures = _failed_steps(result)
@@ -339,13 +396,15 @@ def cmd_check(args) -> int:
     warns = [r for r in rows if not r["passed"] and r["severity"] == "WARN"]
     for f in failures:
         print(f"check could not run: {f}", file=sys.stderr)
-    print(f"\n{len(rows)} checks: {len(rows) - len(errors) - len(warns)} passed, {len(errors)} failed, "
-          f"{len(warns)} warnings" + (f", {len(failures)} could not run" if failures else ""))
+    print(
+        f"\n{len(rows)} checks: {len(rows) - len(errors) - len(warns)} passed, {len(errors)} failed, "
+        f"{len(warns)} warnings" + (f", {len(failures)} could not run" if failures else "")
+    )
     return 1 if errors or failures or not rows else 0
 
 
 def cmd_sql(args) -> int:
-    from pipelines.sql import ReadOnlyViolation, run_query
+    from qadata.sql import ReadOnlyViolation, run_query
 
     try:
         rel = run_query(args.home, args.query)
@@ -369,7 +428,7 @@ def cmd_sql(args) -> int:
 
 
 def cmd_tables(args) -> int:
-    from pipelines.paths import discover_tables
+    from qadata.paths import discover_tables
 
     tables = discover_tables(args.home)
     if not tables:
@@ -384,14 +443,16 @@ def cmd_report(args) -> int:
     import pyarrow.parquet as pq
 
     from evals import report
-    from pipelines.paths import table_path
-    from pipelines.sql import run_query
+    from qadata.paths import table_path
+    from qadata.sql import run_query
 
     home = Path(args.home)
     path = table_path(home, ["eval_table"])
     if not path.is_file():
-        print(f"error: {path} not found; materialise the evaluation first (`autocoa run`, or the "
-              "evaluation_reports job)", file=sys.stderr)
+        print(
+            f"error: {path} not found; materialise the evaluation first (`autocoa run`, or the evaluation_reports job)",
+            file=sys.stderr,
+        )
         return 1
     try:
         paper = report.paper_table1(("em", "judge"), args.paper_table1)
@@ -402,12 +463,20 @@ def cmd_report(args) -> int:
     for name in ("eval_comparisons", "action_analysis", "world_model_fidelity"):
         p = table_path(home, [name])
         optional[name] = pq.read_table(p).to_pandas() if p.is_file() else None
-    judges = [r[0] for r in run_query(home, "select distinct judge_model from eval_predictions "
-                                            "where judge_model is not null order by 1").fetchall()]
+    judges = [
+        r[0]
+        for r in run_query(
+            home, "select distinct judge_model from eval_predictions where judge_model is not null order by 1"
+        ).fetchall()
+    ]
     text = report.evaluation_report(
-        report.unflatten_table1(pq.read_table(path)), paper, analysis=optional["action_analysis"],
-        fidelity=optional["world_model_fidelity"], power=optional["eval_comparisons"],
-        judge_note=f"LLM = judged by {', '.join(judges)}." if judges else "")
+        report.unflatten_table1(pq.read_table(path)),
+        paper,
+        analysis=optional["action_analysis"],
+        fidelity=optional["world_model_fidelity"],
+        power=optional["eval_comparisons"],
+        judge_note=f"LLM = judged by {', '.join(judges)}." if judges else "",
+    )
     if args.out:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")
@@ -421,11 +490,14 @@ def cmd_serve_search(args) -> int:
 
     index_dir = args.index_dir or str(Path(args.home) / "artifacts" / "search_index")
     if not (Path(index_dir) / "params.index.json").is_file():
-        print(f"error: no search index at {index_dir}; materialise `search_index` first (autocoa run)",
-              file=sys.stderr)
+        print(f"error: no search index at {index_dir}; materialise `search_index` first (autocoa run)", file=sys.stderr)
         return 1
-    serve(index_dir, host=args.host, port=args.port,
-          limits=ServerLimits(max_batch=args.max_batch, max_query_chars=args.max_query_chars, max_k=args.max_k))
+    serve(
+        index_dir,
+        host=args.host,
+        port=args.port,
+        limits=ServerLimits(max_batch=args.max_batch, max_query_chars=args.max_query_chars, max_k=args.max_k),
+    )
     return 0
 
 
@@ -442,20 +514,31 @@ def cmd_ui(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autocoa", description=__doc__)
-    p.add_argument("--home", type=Path, default=default_home(),
-                   help="data root with tables/ and artifacts/ (default: $AUTOCOA_HOME or <repo>/var)")
+    p.add_argument(
+        "--home",
+        type=Path,
+        default=default_home(),
+        help="data root with tables/ and artifacts/ (default: $AUTOCOA_HOME or <repo>/var)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="materialise every asset and print where the outputs are")
     r.add_argument("--profile", default="embedded", help="embedded (default, CPU), shared (../shared/data), paper")
-    r.add_argument("--config", help="YAML run config merged over the profile (e.g. ops: {coa_trajectories: {config: ...}})")
-    r.add_argument("--round", default="r000", help="synthesis round to fill (default r000); a new name = a new partition")
+    r.add_argument(
+        "--config", help="YAML run config merged over the profile (e.g. ops: {coa_trajectories: {config: ...}})"
+    )
+    r.add_argument(
+        "--round", default="r000", help="synthesis round to fill (default r000); a new name = a new partition"
+    )
     r.add_argument("--force", action="store_true", help="re-synthesise shards that are already materialised")
     r.add_argument("--skip-synthesis", action="store_true", help="only the unpartitioned assets")
     r.add_argument("--no-train", action="store_true", help="skip the checkpoint assets (training) after synthesis")
     r.add_argument("--no-eval", action="store_true", help="skip the evaluation (Table 1, Figure 3, fidelity)")
-    r.add_argument("--eval-benchmarks", help="comma-separated benchmarks to evaluate (default: all: embedded + the "
-                                             "six shared ones, empty when ../shared/data is absent)")
+    r.add_argument(
+        "--eval-benchmarks",
+        help="comma-separated benchmarks to evaluate (default: all: embedded + the "
+        "six shared ones, empty when ../shared/data is absent)",
+    )
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("check", help="run every data-quality check on the materialised data; non-zero exit on failure")
@@ -474,8 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tables", help="list the views `autocoa sql` offers")
     t.set_defaults(func=cmd_tables)
 
-    e = sub.add_parser("report", help="the evaluation as Markdown: Table 1 with intervals and paired tests, "
-                                      "beside the paper's, Figure 3, fidelity")
+    e = sub.add_parser(
+        "report",
+        help="the evaluation as Markdown: Table 1 with intervals and paired tests, "
+        "beside the paper's, Figure 3, fidelity",
+    )
     e.add_argument("--paper-table1", help="CSV of the paper's Table 1 (default: configs/paper_table1.csv)")
     e.add_argument("--out", help="write the report to this file instead of printing it")
     e.set_defaults(func=cmd_report)

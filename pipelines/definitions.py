@@ -9,10 +9,10 @@ import dagster as dg
 import yaml
 
 from assets import data, evals, pairs, retrieval, rl, sft, sft_data, trajectories
-from pipelines.paths import REPO_ROOT, default_home
-from pipelines.resources import SearchEngineResource
+from assets.resources import SearchEngineResource
+from assets.storage import ParquetIOManager, StorageResource
 from pipelines.sensors import build_incoming_sensor
-from pipelines.storage import ParquetIOManager, StorageResource
+from qadata.paths import REPO_ROOT, default_home
 
 ASSET_MODULES = [data, retrieval, pairs, sft_data, sft, rl]
 PROFILES_DIR = REPO_ROOT / "configs"
@@ -39,7 +39,11 @@ def profile_config(name: str, ops: set[str] | None = None) -> dict:
 
 SYNTHESIS_JOB = "trajectory_synthesis"
 AFTER_JOB = "autocoa_after_synthesis"
-EVAL_QUESTIONS_JOB, EVAL_PREDICTIONS_JOB, EVAL_REPORTS_JOB = "evaluation_questions", "evaluation_predictions", "evaluation_reports"
+EVAL_QUESTIONS_JOB, EVAL_PREDICTIONS_JOB, EVAL_REPORTS_JOB = (
+    "evaluation_questions",
+    "evaluation_predictions",
+    "evaluation_reports",
+)
 SYNTHESIS_OPS = {f"{p}_trajectories" for p in trajectories.POOLS}
 
 
@@ -60,61 +64,105 @@ def build_definitions(home: str | Path | None = None, shards: int | None = None)
     before = synthesis.upstream().required_multi_asset_neighbors()
     unpartitioned = before - synthesis
     after = dg.AssetSelection.all() - before - evaluation  # a job runs one partitions definition
+
     def ops_of(selection: dg.AssetSelection) -> set[str]:
         """Op names of a selection: a job's baked config may name only its own ops."""
         keys = selection.resolve(assets)
         return {a.op.name for a in assets if set(a.keys) & keys}
 
     embedded_job = dg.define_asset_job(
-        "autocoa_embedded", selection=unpartitioned,
+        "autocoa_embedded",
+        selection=unpartitioned,
         description="Materialise every unpartitioned asset on the embedded default (CPU, generated data, SmolLM2); "
-                    "then run trajectory_synthesis for each shard (`autocoa run` does both).")
+        "then run trajectory_synthesis for each shard (`autocoa run` does both).",
+    )
     paper_job = dg.define_asset_job(
-        "autocoa_paper", selection=unpartitioned, config=profile_config("paper", ops_of(unpartitioned)),
-        description="Materialise every unpartitioned asset with the paper profile (paper sizes and models; needs a GPU box).")
+        "autocoa_paper",
+        selection=unpartitioned,
+        config=profile_config("paper", ops_of(unpartitioned)),
+        description="Materialise every unpartitioned asset with the paper profile (paper sizes and models; needs a GPU box).",
+    )
     synthesis_job = dg.define_asset_job(
-        SYNTHESIS_JOB, selection=synthesis, partitions_def=traj_partitions,
+        SYNTHESIS_JOB,
+        selection=synthesis,
+        partitions_def=traj_partitions,
         description="CoT and CoA trajectories for one (round, shard) partition, embedded defaults. "
-                    "Backfill every shard of a round to synthesise it; a failed shard reruns alone.")
+        "Backfill every shard of a round to synthesise it; a failed shard reruns alone.",
+    )
     synthesis_paper_job = dg.define_asset_job(
-        f"{SYNTHESIS_JOB}_paper", selection=synthesis, partitions_def=traj_partitions,
+        f"{SYNTHESIS_JOB}_paper",
+        selection=synthesis,
+        partitions_def=traj_partitions,
         config=profile_config("paper", SYNTHESIS_OPS),
-        description="Trajectory synthesis with the paper profile's teacher (vLLM, DeepSeek-R1-Distill-Qwen-32B).")
+        description="Trajectory synthesis with the paper profile's teacher (vLLM, DeepSeek-R1-Distill-Qwen-32B).",
+    )
     after_job = dg.define_asset_job(
-        AFTER_JOB, selection=after,
-        description="Everything downstream of synthesis (contrastive pairs, SFT data, SFT and RL checkpoints), embedded defaults.")
+        AFTER_JOB,
+        selection=after,
+        description="Everything downstream of synthesis (contrastive pairs, SFT data, SFT and RL checkpoints), embedded defaults.",
+    )
     after_paper_job = dg.define_asset_job(
-        f"{AFTER_JOB}_paper", selection=after, config=profile_config("paper", ops_of(after)),
-        description="Everything downstream of synthesis with the paper profile.")
+        f"{AFTER_JOB}_paper",
+        selection=after,
+        config=profile_config("paper", ops_of(after)),
+        description="Everything downstream of synthesis with the paper profile.",
+    )
     eval_jobs = []
     for name, selection, desc in (
-            (EVAL_QUESTIONS_JOB, dg.AssetSelection.assets("eval_questions", "eval_questions_rejected"),
-             "Held-out evaluation questions of one benchmark partition (embedded world, NQ, TriviaQA, ...)."),
-            (EVAL_PREDICTIONS_JOB, dg.AssetSelection.assets("eval_predictions"),
-             "One method x benchmark partition of the evaluation: rollouts, EM/F1/cover-EM, LLM-judge verdicts."),
-            (EVAL_REPORTS_JOB, dg.AssetSelection.assets("eval_table", "eval_comparisons", "action_analysis",
-                                                        "world_model_fidelity"),
-             "Table 1 with its intervals and paired tests, Figure 3 and the world-model fidelity table from every "
-             "materialised prediction partition.")):
+        (
+            EVAL_QUESTIONS_JOB,
+            dg.AssetSelection.assets("eval_questions", "eval_questions_rejected"),
+            "Held-out evaluation questions of one benchmark partition (embedded world, NQ, TriviaQA, ...).",
+        ),
+        (
+            EVAL_PREDICTIONS_JOB,
+            dg.AssetSelection.assets("eval_predictions"),
+            "One method x benchmark partition of the evaluation: rollouts, EM/F1/cover-EM, LLM-judge verdicts.",
+        ),
+        (
+            EVAL_REPORTS_JOB,
+            dg.AssetSelection.assets("eval_table", "eval_comparisons", "action_analysis", "world_model_fidelity"),
+            "Table 1 with its intervals and paired tests, Figure 3 and the world-model fidelity table from every "
+            "materialised prediction partition.",
+        ),
+    ):
         eval_jobs.append(dg.define_asset_job(name, selection=selection, description=desc + " Embedded defaults."))
-        eval_jobs.append(dg.define_asset_job(f"{name}_paper", selection=selection,
-                                             config=profile_config("paper", ops_of(selection)),
-                                             description=desc + " Paper profile."))
+        eval_jobs.append(
+            dg.define_asset_job(
+                f"{name}_paper",
+                selection=selection,
+                config=profile_config("paper", ops_of(selection)),
+                description=desc + " Paper profile.",
+            )
+        )
     profile = os.environ.get("AUTOCOA_PROFILE", "embedded")
     resynthesis = trajectories.build_resynthesis_schedule(
-        synthesis_paper_job if profile == "paper" else synthesis_job,
-        running=profile == "paper")
+        synthesis_paper_job if profile == "paper" else synthesis_job, running=profile == "paper"
+    )
     checks_job = dg.define_asset_job(
-        "data_checks", selection=dg.AssetSelection.all_asset_checks(),
-        description="Run every data-quality check on the materialised data (what `autocoa check` runs).")
+        "data_checks",
+        selection=dg.AssetSelection.all_asset_checks(),
+        description="Run every data-quality check on the materialised data (what `autocoa check` runs).",
+    )
     nightly_checks = dg.ScheduleDefinition(
-        name="nightly_data_checks", job=checks_job, cron_schedule="0 3 * * *",
-        default_status=dg.DefaultScheduleStatus.STOPPED)
+        name="nightly_data_checks",
+        job=checks_job,
+        cron_schedule="0 3 * * *",
+        default_status=dg.DefaultScheduleStatus.STOPPED,
+    )
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
-        jobs=[embedded_job, paper_job, checks_job, synthesis_job, synthesis_paper_job, after_job, after_paper_job,
-              *eval_jobs],
+        jobs=[
+            embedded_job,
+            paper_job,
+            checks_job,
+            synthesis_job,
+            synthesis_paper_job,
+            after_job,
+            after_paper_job,
+            *eval_jobs,
+        ],
         schedules=[nightly_checks, resynthesis],
         sensors=[build_incoming_sensor(home, embedded_job)],
         resources={

@@ -13,14 +13,21 @@ SOURCE_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 def incoming_files(home: str | Path) -> list[Path]:
     folder = Path(home) / "incoming"
-    return sorted(f for f in folder.glob("*") if f.is_file() and f.suffix.lower() in SOURCE_SUFFIXES) \
-        if folder.is_dir() else []
+    return (
+        sorted(f for f in folder.glob("*") if f.is_file() and f.suffix.lower() in SOURCE_SUFFIXES)
+        if folder.is_dir()
+        else []
+    )
 
 
 def build_incoming_sensor(home: str, job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
-    @dg.sensor(name="incoming_sources_sensor", job=job, minimum_interval_seconds=60,
-               default_status=dg.DefaultSensorStatus.STOPPED,
-               description="When HotpotQA-style files appear or change in <home>/incoming, re-run the graph with them as extra sources.")
+    @dg.sensor(
+        name="incoming_sources_sensor",
+        job=job,
+        minimum_interval_seconds=60,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        description="When HotpotQA-style files appear or change in <home>/incoming, re-run the graph with them as extra sources.",
+    )
     def incoming_sources_sensor(context: dg.SensorEvaluationContext):
         files = incoming_files(home)
         if not files:
@@ -31,8 +38,7 @@ def build_incoming_sensor(home: str, job: dg.UnresolvedAssetJobDefinition) -> dg
         context.update_cursor(stamp)
         return dg.RunRequest(
             run_key=hashlib.sha256(stamp.encode()).hexdigest()[:16],
-            run_config={"ops": {"hotpotqa_raw": {"config": {"use_embedded": True,
-                                                             "files": [str(f) for f in files]}}}},
+            run_config={"ops": {"hotpotqa_raw": {"config": {"use_embedded": True, "files": [str(f) for f in files]}}}},
             tags={"autocoa/trigger": "incoming_sources"},
         )
 

@@ -19,8 +19,11 @@ def answer_in_gold(rec: dict, *, sentences_only: bool = False) -> bool | None:
     paras = {p["title"]: list(p["sentences"]) for p in rec["context"]}
     gold_titles = {f["title"] for f in rec["supporting_facts"]}
     if sentences_only:
-        sents = [paras[f["title"]][f["sent_id"]] for f in rec["supporting_facts"]
-                 if f["title"] in paras and 0 <= f["sent_id"] < len(paras[f["title"]])]
+        sents = [
+            paras[f["title"]][f["sent_id"]]
+            for f in rec["supporting_facts"]
+            if f["title"] in paras and 0 <= f["sent_id"] < len(paras[f["title"]])
+        ]
         return answer in " ".join(sents) or answer in gold_titles
     text = " ".join(" ".join(paras[t]) + " " + t for t in gold_titles if t in paras)
     return answer.lower() in text.lower()

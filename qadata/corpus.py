@@ -35,8 +35,9 @@ def corpus_from_questions(rows: Iterable[dict]) -> tuple[list[dict], int]:
             if key in seen:
                 continue
             seen[key] = len(passages)
-            passages.append({"id": str(len(passages)), "title": title, "text": text,
-                             "contents": make_contents(title, text)})
+            passages.append(
+                {"id": str(len(passages)), "title": title, "text": text, "contents": make_contents(title, text)}
+            )
     return passages, total
 
 
@@ -51,9 +52,16 @@ def read_flashrag_corpus(path: str | Path) -> Iterator[dict | Rejected]:
             if not line.strip():
                 continue
 
-            def reject(reason: str, raw: str) -> Rejected:
-                return Rejected(source="flashrag", split="corpus", source_file=str(path),
-                                source_row=lineno, reason=f"line {lineno}: {reason}", raw=raw)  # noqa: B023 - called in this iteration
+            def reject(reason: str, raw: str, lineno: int = lineno) -> Rejected:
+                return Rejected(
+                    source="flashrag",
+                    split="corpus",
+                    source_file=str(path),
+                    source_row=lineno,
+                    reason=f"line {lineno}: {reason}",
+                    raw=raw,
+                )
+
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as exc:

@@ -41,8 +41,11 @@ class SourceSpec:
         parts = text.split("::")
         if len(parts) > 3 or not parts[0]:
             raise ValueError(f"bad source spec {text!r}: expected 'path[::split[::layout]]'")
-        return cls(path=parts[0], split=parts[1] if len(parts) > 1 and parts[1] else None,
-                   layout=parts[2] if len(parts) > 2 else "auto")
+        return cls(
+            path=parts[0],
+            split=parts[1] if len(parts) > 1 and parts[1] else None,
+            layout=parts[2] if len(parts) > 2 else "auto",
+        )
 
 
 def _preview(raw: Any) -> str:
@@ -252,8 +255,12 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield lineno, _Unreadable(f"line {lineno}: not valid UTF-8 (byte {exc.start})",
-                                          line.decode("utf-8", errors="replace"))
+                yield (
+                    lineno,
+                    _Unreadable(
+                        f"line {lineno}: not valid UTF-8 (byte {exc.start})", line.decode("utf-8", errors="replace")
+                    ),
+                )
                 continue
             try:
                 yield lineno, json.loads(text)
@@ -318,10 +325,16 @@ def load_sources(specs: list[SourceSpec], extra_rows: list[LoadedRow] = ()) -> t
             return
         first = seen.get(item["id"])
         if first is not None:
-            rejected.append(Rejected(source=item["source"], split=item["split"], source_file=item["source_file"],
-                                     source_row=item["source_row"],
-                                     reason=f"duplicate id {item['id']!r} (first loaded from {first})",
-                                     raw=_preview(item["question"])))
+            rejected.append(
+                Rejected(
+                    source=item["source"],
+                    split=item["split"],
+                    source_file=item["source_file"],
+                    source_row=item["source_row"],
+                    reason=f"duplicate id {item['id']!r} (first loaded from {first})",
+                    raw=_preview(item["question"]),
+                )
+            )
             return
         seen[item["id"]] = item["source_file"]
         rows.append(item)

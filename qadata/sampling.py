@@ -46,8 +46,15 @@ def stratum_of(row: dict) -> str:
     return f"{row.get('level') or 'unknown'}/{row.get('type') or 'unknown'}"
 
 
-def sample_questions(rows: Iterable[dict], *, total: int, cot_fraction: float = 0.5, seed: int = 0,
-                     splits: Sequence[str] = ("train",), eval_questions: Iterable[str] = ()) -> SampleResult:
+def sample_questions(
+    rows: Iterable[dict],
+    *,
+    total: int,
+    cot_fraction: float = 0.5,
+    seed: int = 0,
+    splits: Sequence[str] = ("train",),
+    eval_questions: Iterable[str] = (),
+) -> SampleResult:
     """Draw ``total`` questions stratified by (level, type) and split them into CoT / CoA pools.
 
     Questions whose normalised text appears in ``eval_questions`` are excluded (leakage) and

@@ -18,30 +18,134 @@ from dataclasses import dataclass, field
 
 from qadata.sampling import largest_remainder
 
-_ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s", "st",
-           "t", "th", "v", "w", "z", "sh", "tr", "vel", "cor", "mar"]
+_ONSETS = [
+    "b",
+    "br",
+    "c",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "h",
+    "k",
+    "kr",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "st",
+    "t",
+    "th",
+    "v",
+    "w",
+    "z",
+    "sh",
+    "tr",
+    "vel",
+    "cor",
+    "mar",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "io", "ou", "y"]
 _CODAS = ["", "n", "r", "s", "th", "l", "x", "nd", "rk", "m", "sk", "v"]
 
-OCCUPATIONS = ["novelist", "film director", "composer", "painter", "architect", "physicist", "poet",
-               "sculptor", "chemist", "playwright"]
-WORK_KIND = {"novelist": "novel", "film director": "film", "composer": "symphony", "painter": "painting",
-             "architect": "building", "physicist": "treatise", "poet": "poetry collection",
-             "sculptor": "sculpture", "chemist": "monograph", "playwright": "play"}
-CREATOR_VERB = {"novel": "written by", "film": "directed by", "symphony": "composed by", "painting": "painted by",
-                "building": "designed by", "treatise": "written by", "poetry collection": "written by",
-                "sculpture": "made by", "monograph": "written by", "play": "written by"}
-_ACTIVE_VERB = {"written by": "wrote", "directed by": "directed", "composed by": "composed",
-                "painted by": "painted", "designed by": "designed", "made by": "made"}
+OCCUPATIONS = [
+    "novelist",
+    "film director",
+    "composer",
+    "painter",
+    "architect",
+    "physicist",
+    "poet",
+    "sculptor",
+    "chemist",
+    "playwright",
+]
+WORK_KIND = {
+    "novelist": "novel",
+    "film director": "film",
+    "composer": "symphony",
+    "painter": "painting",
+    "architect": "building",
+    "physicist": "treatise",
+    "poet": "poetry collection",
+    "sculptor": "sculpture",
+    "chemist": "monograph",
+    "playwright": "play",
+}
+CREATOR_VERB = {
+    "novel": "written by",
+    "film": "directed by",
+    "symphony": "composed by",
+    "painting": "painted by",
+    "building": "designed by",
+    "treatise": "written by",
+    "poetry collection": "written by",
+    "sculpture": "made by",
+    "monograph": "written by",
+    "play": "written by",
+}
+_ACTIVE_VERB = {
+    "written by": "wrote",
+    "directed by": "directed",
+    "composed by": "composed",
+    "painted by": "painted",
+    "designed by": "designed",
+    "made by": "made",
+}
 _BLOCKED_NAMES = {"Sex", "Nazi", "Rape", "Kill", "Dick"}
-ORG_KINDS = ["publishing house", "film studio", "university", "shipping company", "research institute",
-             "orchestra", "bank", "newspaper"]
-_WORK_WORDS = ["Glass", "Orchard", "River", "Lantern", "Winter", "Silent", "Harbour", "Copper", "Garden",
-               "Empty", "Crown", "Hollow", "Ember", "Salt", "Tide", "Mirror", "Iron", "Violet", "Paper",
-               "Thread", "Meadow", "Ash", "Northern", "Quiet", "Falling", "Seventh", "Amber", "Stone"]
-_ORG_SUFFIX = {"publishing house": "Press", "film studio": "Pictures", "university": "University",
-               "shipping company": "Lines", "research institute": "Institute", "orchestra": "Philharmonic",
-               "bank": "Bank", "newspaper": "Gazette"}
+ORG_KINDS = [
+    "publishing house",
+    "film studio",
+    "university",
+    "shipping company",
+    "research institute",
+    "orchestra",
+    "bank",
+    "newspaper",
+]
+_WORK_WORDS = [
+    "Glass",
+    "Orchard",
+    "River",
+    "Lantern",
+    "Winter",
+    "Silent",
+    "Harbour",
+    "Copper",
+    "Garden",
+    "Empty",
+    "Crown",
+    "Hollow",
+    "Ember",
+    "Salt",
+    "Tide",
+    "Mirror",
+    "Iron",
+    "Violet",
+    "Paper",
+    "Thread",
+    "Meadow",
+    "Ash",
+    "Northern",
+    "Quiet",
+    "Falling",
+    "Seventh",
+    "Amber",
+    "Stone",
+]
+_ORG_SUFFIX = {
+    "publishing house": "Press",
+    "film studio": "Pictures",
+    "university": "University",
+    "shipping company": "Lines",
+    "research institute": "Institute",
+    "orchestra": "Philharmonic",
+    "bank": "Bank",
+    "newspaper": "Gazette",
+}
 
 
 @dataclass
@@ -128,13 +232,32 @@ def build_world(spec: WorldSpec) -> World:
     r, n = w.rng, w.names
     for _ in range(spec.countries):
         name = n.unique(lambda: n.word(r.randint(2, 3)))
-        w.add(Entity("country", name, {"demonym": name + ("n" if name[-1] in "aeiou" else "ian"),
-                                           "capital": None, "founded": r.randint(1200, 1900)}))
+        w.add(
+            Entity(
+                "country",
+                name,
+                {
+                    "demonym": name + ("n" if name[-1] in "aeiou" else "ian"),
+                    "capital": None,
+                    "founded": r.randint(1200, 1900),
+                },
+            )
+        )
     for _ in range(spec.places):
         name = n.unique(lambda: n.word(r.randint(2, 3)))
         country = r.choice(w.by_kind["country"])
-        e = w.add(Entity("place", name, {"country": country.name, "population": r.randint(8, 2400) * 1000,
-                                         "founded": r.randint(900, 1850), "river": n.word(2)}))
+        e = w.add(
+            Entity(
+                "place",
+                name,
+                {
+                    "country": country.name,
+                    "population": r.randint(8, 2400) * 1000,
+                    "founded": r.randint(900, 1850),
+                    "river": n.word(2),
+                },
+            )
+        )
         if country.attrs["capital"] is None:
             country.attrs["capital"] = name
             e.attrs["capital_of"] = country.name
@@ -142,16 +265,35 @@ def build_world(spec: WorldSpec) -> World:
         name = n.unique(lambda: f"{n.word(r.randint(1, 2))} {n.word(r.randint(2, 3))}")
         occ = r.choice(OCCUPATIONS)
         city = r.choice(w.by_kind["place"])
-        w.add(Entity("person", name, {"gender": r.choice("fm"), "occupation": occ, "birth_city": city.name,
-                                      "birth_year": r.randint(1820, 1995),
-                                      "nationality": w.entities[city.attrs["country"]].attrs["demonym"]}))
+        w.add(
+            Entity(
+                "person",
+                name,
+                {
+                    "gender": r.choice("fm"),
+                    "occupation": occ,
+                    "birth_city": city.name,
+                    "birth_year": r.randint(1820, 1995),
+                    "nationality": w.entities[city.attrs["country"]].attrs["demonym"],
+                },
+            )
+        )
     people = w.by_kind["person"]
     for _ in range(spec.orgs):
         kind = r.choice(ORG_KINDS)
         name = n.unique(lambda: f"{n.word(2)} {_ORG_SUFFIX[kind]}")  # noqa: B023 - called at once
-        w.add(Entity("org", name, {"kind": kind, "founded": r.randint(1700, 1990),
-                                   "headquarters": r.choice(w.by_kind["place"]).name,
-                                   "founder": r.choice(people).name}))
+        w.add(
+            Entity(
+                "org",
+                name,
+                {
+                    "kind": kind,
+                    "founded": r.randint(1700, 1990),
+                    "headquarters": r.choice(w.by_kind["place"]).name,
+                    "founder": r.choice(people).name,
+                },
+            )
+        )
     orgs = w.by_kind["org"]
     for p in people:
         p.attrs["employer"] = r.choice(orgs).name
@@ -160,8 +302,11 @@ def build_world(spec: WorldSpec) -> World:
         kind = WORK_KIND[creator.attrs["occupation"]]
         name = n.unique(lambda: "The " + " ".join(r.sample(_WORK_WORDS, 2)) + r.choice(["", " of " + n.word(2)]))
         year = creator.attrs["birth_year"] + r.randint(20, 60)
-        w.add(Entity("work", name, {"kind": kind, "creator": creator.name, "year": year,
-                                    "publisher": r.choice(orgs).name}))
+        w.add(
+            Entity(
+                "work", name, {"kind": kind, "creator": creator.name, "year": year, "publisher": r.choice(orgs).name}
+            )
+        )
         creator.attrs.setdefault("works", []).append(name)
     _render(w)
     return w
@@ -206,6 +351,7 @@ def _render(w: World) -> None:
 
 # -- questions ----------------------------------------------------------------------------------
 # Each template returns (question, answer, [(title, attr)...] supporting facts, level) or None.
+
 
 def _bridge_work_creator_city(w: World, r: random.Random):
     work = r.choice(w.by_kind["work"])
@@ -284,10 +430,20 @@ def _compare_same_occupation(w: World, r: random.Random):
     return q, "yes" if same else "no", [(a.name, "occupation"), (b.name, "occupation")], "easy"
 
 
-BRIDGE = [_bridge_work_creator_city, _bridge_work_creator_year, _bridge_person_employer_hq,
-          _bridge_birthplace_country, _bridge_founder_occupation]
-COMPARISON = [_compare_born_first, _compare_org_older, _compare_bigger_city, _compare_same_nationality,
-              _compare_same_occupation]
+BRIDGE = [
+    _bridge_work_creator_city,
+    _bridge_work_creator_year,
+    _bridge_person_employer_hq,
+    _bridge_birthplace_country,
+    _bridge_founder_occupation,
+]
+COMPARISON = [
+    _compare_born_first,
+    _compare_org_older,
+    _compare_bigger_city,
+    _compare_same_nationality,
+    _compare_same_occupation,
+]
 
 
 # -- one-hop lookups and three- and four-hop composed bridges -----------------------------------------
@@ -303,8 +459,12 @@ def _single_org_founded(w: World, r: random.Random):
 
 def _single_work_publisher(w: World, r: random.Random):
     work = r.choice(w.by_kind["work"])
-    return (f"Which organisation first presented {work.name} to the public?", work.attrs["publisher"],
-            [(work.name, "publisher")], "easy")
+    return (
+        f"Which organisation first presented {work.name} to the public?",
+        work.attrs["publisher"],
+        [(work.name, "publisher")],
+        "easy",
+    )
 
 
 def _hop3_work_creator_country(w: World, r: random.Random):
@@ -330,8 +490,12 @@ def _hop3_publisher_founder_year(w: World, r: random.Random):
     org = w.entities[work.attrs["publisher"]]
     founder = w.entities[org.attrs["founder"]]
     q = f"In what year was the founder of the organisation that first presented {work.name} born?"
-    return (q, str(founder.attrs["birth_year"]), [(work.name, "publisher"), (org.name, "founder"),
-                                                   (founder.name, "occupation")], "hard")
+    return (
+        q,
+        str(founder.attrs["birth_year"]),
+        [(work.name, "publisher"), (org.name, "founder"), (founder.name, "occupation")],
+        "hard",
+    )
 
 
 def _hop3_founder_country(w: World, r: random.Random):
@@ -351,8 +515,12 @@ def _hop4_creator_country_capital(w: World, r: random.Random):
     if not country.attrs["capital"]:
         return None
     q = f"What is the capital of the country in which the creator of {work.name} was born?"
-    return q, country.attrs["capital"], [(work.name, "creator"), (creator.name, "birth_city"), (city.name, "country"),
-                                         (country.name, "capital")], "hard"
+    return (
+        q,
+        country.attrs["capital"],
+        [(work.name, "creator"), (creator.name, "birth_city"), (city.name, "country"), (country.name, "capital")],
+        "hard",
+    )
 
 
 def _hop4_creator_employer_country(w: World, r: random.Random):
@@ -360,10 +528,16 @@ def _hop4_creator_employer_country(w: World, r: random.Random):
     creator = w.entities[work.attrs["creator"]]
     org = w.entities[creator.attrs["employer"]]
     city = w.entities[org.attrs["headquarters"]]
-    q = (f"In which country are the headquarters of the organisation that the creator of {work.name} "
-         f"has been associated with?")
-    return q, city.attrs["country"], [(work.name, "creator"), (creator.name, "employer"), (org.name, "headquarters"),
-                                      (city.name, "country")], "hard"
+    q = (
+        f"In which country are the headquarters of the organisation that the creator of {work.name} "
+        f"has been associated with?"
+    )
+    return (
+        q,
+        city.attrs["country"],
+        [(work.name, "creator"), (creator.name, "employer"), (org.name, "headquarters"), (city.name, "country")],
+        "hard",
+    )
 
 
 def _hop4_publisher_founder_country(w: World, r: random.Random):
@@ -372,8 +546,12 @@ def _hop4_publisher_founder_country(w: World, r: random.Random):
     founder = w.entities[org.attrs["founder"]]
     city = w.entities[founder.attrs["birth_city"]]
     q = f"In which country was the founder of the organisation that first presented {work.name} born?"
-    return q, city.attrs["country"], [(work.name, "publisher"), (org.name, "founder"), (founder.name, "birth_city"),
-                                      (city.name, "country")], "hard"
+    return (
+        q,
+        city.attrs["country"],
+        [(work.name, "publisher"), (org.name, "founder"), (founder.name, "birth_city"), (city.name, "country")],
+        "hard",
+    )
 
 
 SINGLE = [_single_birth_city, _single_org_founded, _single_work_publisher]
@@ -434,18 +612,24 @@ def _stream(w: World, hops: int, n: int, r: random.Random, seen: set[str]) -> li
         titles = gold + distractors
         r.shuffle(titles)
         paragraphs = [w.paragraph(t) for t in titles]
-        rows.append({
-            "id": f"emb-{spec.seed}-{len(rows):05d}" if hops == 2 else f"emb-{spec.seed}-h{hops}-{len(rows):05d}",
-            "question": question,
-            "answer": answer,
-            "type": qtype,
-            "level": level,
-            "hops": len(gold),
-            "supporting_facts": {"title": [t for t, _ in facts],
-                                 "sent_id": [w.entities[t].fact_sentence[a] for t, a in facts]},
-            "context": {"title": [p["title"] for p in paragraphs],
-                        "sentences": [p["sentences"] for p in paragraphs]},
-        })
+        rows.append(
+            {
+                "id": f"emb-{spec.seed}-{len(rows):05d}" if hops == 2 else f"emb-{spec.seed}-h{hops}-{len(rows):05d}",
+                "question": question,
+                "answer": answer,
+                "type": qtype,
+                "level": level,
+                "hops": len(gold),
+                "supporting_facts": {
+                    "title": [t for t, _ in facts],
+                    "sent_id": [w.entities[t].fact_sentence[a] for t, a in facts],
+                },
+                "context": {
+                    "title": [p["title"] for p in paragraphs],
+                    "sentences": [p["sentences"] for p in paragraphs],
+                },
+            }
+        )
     n_dev = int(round(len(rows) * spec.dev_fraction))
     for i, row in enumerate(rows):
         row["split"] = "dev" if i >= len(rows) - n_dev else "train"

@@ -72,8 +72,15 @@ class BM25Index:
 
     # -- building -------------------------------------------------------------------------
     @classmethod
-    def build(cls, corpus: Sequence[dict], *, k1: float = 0.9, b: float = 0.4, method: str = "lucene",
-              show_progress: bool = True) -> BM25Index:
+    def build(
+        cls,
+        corpus: Sequence[dict],
+        *,
+        k1: float = 0.9,
+        b: float = 0.4,
+        method: str = "lucene",
+        show_progress: bool = True,
+    ) -> BM25Index:
         """Index FlashRAG corpus rows (``{"id", "contents"}``).
 
         Defaults ``k1=0.9, b=0.4`` are Pyserini's BM25 defaults, which FlashRAG's wiki-18 runs use.
@@ -86,11 +93,17 @@ class BM25Index:
         tokens = bm25s.tokenize(texts, stopwords=STOPWORDS, stemmer=stemmer, show_progress=show_progress)
         retriever = bm25s.BM25(k1=k1, b=b, method=method)
         retriever.index(tokens, show_progress=show_progress)
-        params = {"k1": k1, "b": b, "method": method, "stopwords": STOPWORDS, "stemmer": STEMMER_LANGUAGE,
-                  "num_docs": len(corpus), "vocab_size": len(retriever.vocab_dict),
-                  "build_seconds": round(time.perf_counter() - start, 3)}
-        log.info("indexed %d passages (%d terms) in %.1fs", len(corpus), params["vocab_size"],
-                 params["build_seconds"])
+        params = {
+            "k1": k1,
+            "b": b,
+            "method": method,
+            "stopwords": STOPWORDS,
+            "stemmer": STEMMER_LANGUAGE,
+            "num_docs": len(corpus),
+            "vocab_size": len(retriever.vocab_dict),
+            "build_seconds": round(time.perf_counter() - start, 3),
+        }
+        log.info("indexed %d passages (%d terms) in %.1fs", len(corpus), params["vocab_size"], params["build_seconds"])
         return cls(retriever, list(corpus), params)
 
     def save(self, index_dir: str | Path) -> Path:
@@ -123,8 +136,9 @@ class BM25Index:
     def tokenize(self, queries: Sequence[str]) -> list[list[str]]:
         """Tokenise as the index was built and keep only indexed terms (unknown terms score 0)."""
         with self._tokenize_lock:
-            toks = bm25s.tokenize(list(queries), stopwords=STOPWORDS, stemmer=self._stemmer,
-                                  return_ids=False, show_progress=False)
+            toks = bm25s.tokenize(
+                list(queries), stopwords=STOPWORDS, stemmer=self._stemmer, return_ids=False, show_progress=False
+            )
         return [[t for t in q if t in self._vocab] for q in toks]
 
     def search_ids(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -84,12 +84,14 @@ class HttpSearchEngine:
                 time.sleep(0.2 * 2**attempt)
         if resp.status_code != 200:
             raise SearchServerError(f"search server at {self.url} answered {resp.status_code}: {resp.text[:500]}")
-        return [[Passage(p["id"], p["title"], p["text"], p["score"], p["rank"]) for p in hits]
-                for hits in orjson.loads(resp.content)["results"]]
+        return [
+            [Passage(p["id"], p["title"], p["text"], p["score"], p["rank"]) for p in hits]
+            for hits in orjson.loads(resp.content)["results"]
+        ]
 
     def search(self, queries: Sequence[str], k: int = 3) -> list[list[Passage]]:
         queries = list(queries)
         out: list[list[Passage]] = []
         for i in range(0, len(queries), self.max_batch):
-            out.extend(self._post(queries[i:i + self.max_batch], k))
+            out.extend(self._post(queries[i : i + self.max_batch], k))
         return out

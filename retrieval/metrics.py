@@ -20,5 +20,7 @@ def recall_at_k(engine: SearchEngine, rows: Sequence[dict], ks: Sequence[int] = 
         return {k: float("nan") for k in ks}
     hits = engine.search([r["question"] for r in rows], max(ks))
     golds = [{f["title"] for f in r["supporting_facts"]} for r in rows]
-    return {k: round(float(np.mean([len(g & {p.title for p in h[:k]}) / len(g) for g, h in zip(golds, hits)])), 4)
-            for k in ks}
+    return {
+        k: round(float(np.mean([len(g & {p.title for p in h[:k]}) / len(g) for g, h in zip(golds, hits)])), 4)
+        for k in ks
+    }

@@ -114,7 +114,7 @@ class MicroBatcher:
             if error is not None:
                 j.loop.call_soon_threadsafe(_set_exception, j.future, error)
                 continue
-            part = [h[: j.k] for h in hits[pos: pos + len(j.queries)]]
+            part = [h[: j.k] for h in hits[pos : pos + len(j.queries)]]
             pos += len(j.queries)
             j.loop.call_soon_threadsafe(_set_result, j.future, part)
 
@@ -151,9 +151,14 @@ def create_app(index: BM25Index, limits: ServerLimits = ServerLimits()) -> FastA
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "num_docs": index.num_docs, "vocab_size": index.vocab_size,
-                "params": index.params, "limits": limits.__dict__,
-                "batcher": {"calls": batcher.calls, "queries": batcher.queries}}
+        return {
+            "status": "ok",
+            "num_docs": index.num_docs,
+            "vocab_size": index.vocab_size,
+            "params": index.params,
+            "limits": limits.__dict__,
+            "batcher": {"calls": batcher.calls, "queries": batcher.queries},
+        }
 
     @app.post("/search")
     async def search(req: SearchRequest) -> Response:
@@ -172,15 +177,19 @@ def create_app(index: BM25Index, limits: ServerLimits = ServerLimits()) -> FastA
         result = []
         for h in hits:
             docs = [{"id": p.id, "contents": f'"{p.title}"\n{p.text}'} for p in h]
-            result.append([{"document": d, "score": p.score} for d, p in zip(docs, h)]
-                          if req.return_scores else docs)
+            result.append([{"document": d, "score": p.score} for d, p in zip(docs, h)] if req.return_scores else docs)
         return _json({"result": result})
 
     return app
 
 
-def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8099, limits: ServerLimits = ServerLimits(),
-          log_level: str = "info") -> None:
+def serve(
+    index_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8099,
+    limits: ServerLimits = ServerLimits(),
+    log_level: str = "info",
+) -> None:
     import uvicorn
 
     index = BM25Index.load(index_dir)

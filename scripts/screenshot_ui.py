@@ -32,9 +32,17 @@ from urllib.parse import quote
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1600,1000"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1600,1000",
+]
 DEFAULT_ASSETS = "embedded_world,hotpotqa_raw,question_sample,corpus,search_index,cot_trajectories,coa_trajectories"
 MIN_PNG_BYTES = 50_000  # the loading-spinner page is ~37 kB, the drawn graph ~150 kB
 STATUS_QUERY = """{ workspaceOrError { __typename ... on Workspace { locationEntries {
@@ -65,16 +73,24 @@ def start_dagster(port: int, log_path: Path) -> subprocess.Popen[bytes]:
     if not env.get("DAGSTER_HOME"):
         sys.path.insert(0, str(REPO_ROOT))
         from pipelines.cli import ensure_dagster_home
-        from pipelines.paths import default_home
+        from qadata.paths import default_home
+
         env["DAGSTER_HOME"] = str(ensure_dagster_home(default_home()))
     exe = Path(sys.executable).parent / "dagster"
     cmd = [str(exe), "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)]
     print(f"starting {' '.join(cmd)} (DAGSTER_HOME={env['DAGSTER_HOME']}, log {log_path})")
     with open(log_path, "wb") as log:
-        return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                # a shell's background job inherits SIGINT ignored; stop_dagster needs it
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        return subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            # a shell's background job inherits SIGINT ignored; stop_dagster needs it
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
 
 
 def stop_dagster(proc: subprocess.Popen[bytes]) -> None:
@@ -143,8 +159,9 @@ def screenshot(base: str, groups: list[str], assets: list[str], out: Path, timeo
         from playwright.sync_api import Error as PlaywrightError
         from playwright.sync_api import sync_playwright
     except ImportError:
-        raise UIError("needs Playwright: pip install playwright (no `playwright install`: it drives "
-                      f"{CHROMIUM})") from None
+        raise UIError(
+            f"needs Playwright: pip install playwright (no `playwright install`: it drives {CHROMIUM})"
+        ) from None
     if not Path(CHROMIUM).is_file():
         raise UIError(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (or set $CHROMIUM)")
     # group ids as the graph names them (global, and per code location behind a feature flag)
@@ -153,8 +170,13 @@ def screenshot(base: str, groups: list[str], assets: list[str], out: Path, timeo
     print(f"opening {url}")
     try:
         with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile, sync_playwright() as pw:
-            ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
-                                                        args=CHROMIUM_FLAGS, viewport={"width": 1600, "height": 1000})
+            ctx = pw.chromium.launch_persistent_context(
+                profile,
+                executable_path=CHROMIUM,
+                headless=True,
+                args=CHROMIUM_FLAGS,
+                viewport={"width": 1600, "height": 1000},
+            )
             # skip the "Join the Dagster community" dialog (the UI reads this key from localStorage)
             ctx.add_init_script("window.localStorage.setItem('communityNux', JSON.stringify('1'));")
             page = ctx.new_page()
@@ -202,11 +224,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", help="base URL of a running Dagster UI (default: start `dagster dev`)")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "screenshots" / "asset_graph.png")
-    ap.add_argument("--check-assets", default=DEFAULT_ASSETS,
-                    help=f"comma-separated asset names that must be drawn (default: {DEFAULT_ASSETS})")
+    ap.add_argument(
+        "--check-assets",
+        default=DEFAULT_ASSETS,
+        help=f"comma-separated asset names that must be drawn (default: {DEFAULT_ASSETS})",
+    )
     ap.add_argument("--timeout", type=float, default=180, help="seconds to wait for the UI and the graph")
-    ap.add_argument("--materialize", metavar="JOB", help="first launch JOB from the UI (e.g. autocoa_embedded) and "
-                    "require it to succeed, so the screenshot shows materialised assets")
+    ap.add_argument(
+        "--materialize",
+        metavar="JOB",
+        help="first launch JOB from the UI (e.g. autocoa_embedded) and "
+        "require it to succeed, so the screenshot shows materialised assets",
+    )
     args = ap.parse_args(argv)
     assets = [a.strip() for a in args.check_assets.split(",") if a.strip()]
     out: Path = args.out.resolve()

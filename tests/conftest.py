@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.paths import SHARED_DATA
+from qadata.paths import SHARED_DATA
 
 
 @pytest.fixture(scope="session")
@@ -21,10 +21,16 @@ def shared_data() -> Path:
 def hotpot_row() -> dict:
     """A well-formed question in the Hugging Face layout."""
     return {
-        "id": "q1", "question": "Which city is Alpha born in?", "answer": "Beta", "type": "bridge", "level": "easy",
+        "id": "q1",
+        "question": "Which city is Alpha born in?",
+        "answer": "Beta",
+        "type": "bridge",
+        "level": "easy",
         "supporting_facts": {"title": ["Alpha", "Beta"], "sent_id": [1, 0]},
-        "context": {"title": ["Alpha", "Beta"],
-                    "sentences": [["Alpha is a poet.", " Alpha was born in Beta."], ["Beta is a city."]]},
+        "context": {
+            "title": ["Alpha", "Beta"],
+            "sentences": [["Alpha is a poet.", " Alpha was born in Beta."], ["Beta is a city."]],
+        },
     }
 
 
@@ -58,9 +64,17 @@ def tiny_model(embedded_tokenizer, tmp_path_factory):
 
     torch.manual_seed(0)
     tok = embedded_tokenizer
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
-                      pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=tok.pad_token_id or tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     path = tmp_path_factory.mktemp("tiny")
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)

@@ -8,8 +8,10 @@ from benchmarks.rollout import _write_section
 
 def test_write_section_replaces_only_its_own_section(tmp_path):
     path = tmp_path / "RESULTS.md"
-    path.write_text("# Benchmarks\n\n<!-- rollout:begin -->\nrollout numbers\n<!-- rollout:end -->\n\n"
-                    "<!-- sft:begin -->\nold sft\n<!-- sft:end -->\n")
+    path.write_text(
+        "# Benchmarks\n\n<!-- rollout:begin -->\nrollout numbers\n<!-- rollout:end -->\n\n"
+        "<!-- sft:begin -->\nold sft\n<!-- sft:end -->\n"
+    )
     _write_section(path, "<!-- sft:begin -->\nnew sft\n<!-- sft:end -->")
     _write_section(path, "<!-- evaluation:begin -->\neval numbers\n<!-- evaluation:end -->")
     _write_section(path, "<!-- sft:begin -->\nnewer sft\n<!-- sft:end -->")

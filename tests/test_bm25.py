@@ -24,8 +24,13 @@ CORPUS = [{"id": f"d{i}", "contents": c} for i, c in enumerate(DOCS)]
 
 def brute_force(query: str, k1=0.9, b=0.4) -> list[tuple[int, float]]:
     stem = Stemmer.Stemmer("english")
-    tok = lambda texts: bm25s.tokenize(texts, stopwords="english", stemmer=stem, return_ids=False,  # noqa: E731
-                                       show_progress=False)
+    tok = lambda texts: bm25s.tokenize(
+        texts,
+        stopwords="english",
+        stemmer=stem,
+        return_ids=False,  # noqa: E731
+        show_progress=False,
+    )
     docs = tok(DOCS)
     q = tok([query])[0]
     n, avgdl = len(docs), sum(map(len, docs)) / len(docs)
@@ -48,8 +53,10 @@ def index():
     return BM25Index.build(CORPUS, show_progress=False)
 
 
-@pytest.mark.parametrize("query", ["Velora Kastrin novel", "Orvantis harbour", "rivers", "research institute city",
-                                   "glass orchard 1994 novelist"])
+@pytest.mark.parametrize(
+    "query",
+    ["Velora Kastrin novel", "Orvantis harbour", "rivers", "research institute city", "glass orchard 1994 novelist"],
+)
 def test_scores_equal_brute_force(index, query):
     want = brute_force(query)
     docs, scores = index.search_ids([query], k=len(DOCS))
@@ -70,17 +77,26 @@ def test_unknown_terms_give_no_results_and_k_is_clamped(index):
 
 def test_save_load_roundtrip_and_flashrag_layout(index, tmp_path):
     path = index.save(tmp_path / "idx")
-    for name in ("params.index.json", "vocab.index.json", "data.csc.index.npy", "indices.csc.index.npy",
-                 "indptr.csc.index.npy", "corpus.jsonl"):
+    for name in (
+        "params.index.json",
+        "vocab.index.json",
+        "data.csc.index.npy",
+        "indices.csc.index.npy",
+        "indptr.csc.index.npy",
+        "corpus.jsonl",
+    ):
         assert (path / name).is_file(), name
     assert not list(path.glob("*.pkl"))
     loaded = BM25Index.load(path)
     queries = ["Velora Kastrin novel", "harbour ships"]
-    assert [[p.id for p in h] for h in loaded.search(queries, 3)] == [[p.id for p in h] for h in index.search(queries, 3)]
+    assert [[p.id for p in h] for h in loaded.search(queries, 3)] == [
+        [p.id for p in h] for h in index.search(queries, 3)
+    ]
     # what FlashRAG's bm25s retriever does with the same directory
     raw = bm25s.BM25.load(str(path), mmap=True, load_corpus=False)
-    ids, _ = raw.retrieve(bm25s.tokenize(queries, stemmer=Stemmer.Stemmer("english"), show_progress=False), k=1,
-                          show_progress=False)
+    ids, _ = raw.retrieve(
+        bm25s.tokenize(queries, stemmer=Stemmer.Stemmer("english"), show_progress=False), k=1, show_progress=False
+    )
     assert [CORPUS[i]["id"] for i in ids[:, 0]] == [h[0].id for h in index.search(queries, 1)]
 
 

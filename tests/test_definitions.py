@@ -3,10 +3,26 @@ import sys
 
 from pipelines.definitions import build_definitions, load_profile
 
-EXPECTED_ASSETS = {"embedded_world", "hotpotqa_raw", "hotpotqa_raw_rejected", "question_sample", "corpus",
-                   "corpus_rejected", "search_index", "contrastive_pairs", "sft_stage1_data", "sft_stage23_data",
-                   "sft_stage1_checkpoint", "sft_stage2_checkpoint", "sft_stage3_checkpoint", "sft_stage2_only_checkpoint",
-                   "rl_stage2_only_checkpoint", "sft123_rl1_checkpoint", "sft123_rl12_checkpoint", "sft12_rl2_checkpoint"}
+EXPECTED_ASSETS = {
+    "embedded_world",
+    "hotpotqa_raw",
+    "hotpotqa_raw_rejected",
+    "question_sample",
+    "corpus",
+    "corpus_rejected",
+    "search_index",
+    "contrastive_pairs",
+    "sft_stage1_data",
+    "sft_stage23_data",
+    "sft_stage1_checkpoint",
+    "sft_stage2_checkpoint",
+    "sft_stage3_checkpoint",
+    "sft_stage2_only_checkpoint",
+    "rl_stage2_only_checkpoint",
+    "sft123_rl1_checkpoint",
+    "sft123_rl12_checkpoint",
+    "sft12_rl2_checkpoint",
+}
 
 
 def test_definitions_name_the_expected_assets(tmp_path):
@@ -54,17 +70,26 @@ def test_every_job_and_its_baked_config_resolve():
     defs = build_definitions("/tmp/unused-autocoa-home")
     jobs = defs.get_repository_def().get_all_jobs()
     names = {j.name for j in jobs}
-    assert {"autocoa_embedded", "autocoa_paper", "trajectory_synthesis", "trajectory_synthesis_paper",
-            "autocoa_after_synthesis", "autocoa_after_synthesis_paper", "data_checks"} <= names
+    assert {
+        "autocoa_embedded",
+        "autocoa_paper",
+        "trajectory_synthesis",
+        "trajectory_synthesis_paper",
+        "autocoa_after_synthesis",
+        "autocoa_after_synthesis_paper",
+        "data_checks",
+    } <= names
 
 
 def test_libraries_import_no_dagster():
-    code = ("import sys; import qadata.loaders, qadata.world, qadata.sampling, qadata.corpus, retrieval.bm25, "
-            "retrieval.engine, retrieval.server, retrieval.metrics, agent, agent.synthesis, agent.validate, "
-            "agent.vllm_engine, agent.http_engine, agent.engines, training, training.pairs, training.sft, "
-            "training.sft_data, training.launch, training.grpo, training.rewards, evals, evals.benchmarks, "
-            "evals.judge, evals.report, evals.fidelity, evals.react; "
-            "print('dagster' in sys.modules)")
+    code = (
+        "import sys; import qadata.loaders, qadata.world, qadata.sampling, qadata.corpus, retrieval.bm25, "
+        "retrieval.engine, retrieval.server, retrieval.metrics, agent, agent.synthesis, agent.validate, "
+        "agent.vllm_engine, agent.http_engine, agent.engines, training, training.pairs, training.sft, "
+        "training.sft_data, training.launch, training.grpo, training.rewards, evals, evals.benchmarks, "
+        "evals.judge, evals.report, evals.fidelity, evals.react; "
+        "print('dagster' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from agent.engines import GenRequest
+from agent.engine_api import GenRequest
 from agent.http_engine import EngineHTTPError, OpenAIEngine
 from agent.prompts import TEMPLATES
 from agent.rollout import Rollout, RolloutConfig, render_observation
@@ -70,12 +70,12 @@ def test_rollout_on_vllm_is_token_exact(vllm_engine):
     for t in trajs:
         assert len(t.token_ids) == len(t.policy_mask) and sum(t.policy_mask) == t.generated_tokens
         for s in t.spans:
-            seg = t.token_ids[s.start: s.end]
+            seg = t.token_ids[s.start : s.end]
             if s.kind == "observation":
                 assert tok.decode(seg) == render_observation(s.text)
-                assert not any(t.policy_mask[s.start: s.end])
+                assert not any(t.policy_mask[s.start : s.end])
             if s.kind == "action":
-                assert all(t.policy_mask[s.start: s.end])
+                assert all(t.policy_mask[s.start : s.end])
 
 
 @needs_vllm
@@ -96,9 +96,11 @@ def test_wrapping_an_existing_llm_returns_sampled_logprobs(vllm_engine):
     assert "logprobs" not in vllm_engine.generate([req])[0].meta  # off by default
 
 
-JUDGE_ITEMS = [("Who wrote Hamlet?", "Shakespeare", ("William Shakespeare",)),
-               ("What is the capital of Italy?", "Milan", ("Rome",)),
-               ("Who founded the Orlen Guild?", "Mara Vell", ("Mara Vell",))]
+JUDGE_ITEMS = [
+    ("Who wrote Hamlet?", "Shakespeare", ("William Shakespeare",)),
+    ("What is the capital of Italy?", "Milan", ("Rome",)),
+    ("Who founded the Orlen Guild?", "Mara Vell", ("Mara Vell",)),
+]
 
 
 def _judge_constrained(engine):
@@ -148,10 +150,29 @@ def vllm_server(embedded_checkpoint, tmp_path_factory):
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # the API server runs its engine core in a subprocess
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-                                 str(embedded_checkpoint), "--served-model-name", "smollm2", "--port", str(port),
-                                 "--host", "127.0.0.1", "--max-model-len", "2048", "--enforce-eager",
-                                 "--dtype", "bfloat16"], stdout=fh, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                str(embedded_checkpoint),
+                "--served-model-name",
+                "smollm2",
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--max-model-len",
+                "2048",
+                "--enforce-eager",
+                "--dtype",
+                "bfloat16",
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 300
@@ -183,7 +204,9 @@ def test_http_engine_returns_token_ids_from_a_real_server(vllm_server, embedded_
         assert res.meta["token_exact"] is True
         assert res.finish_reason in {"stop", "eos", "length"}
         if res.finish_reason == "stop":
-            assert res.stop_str == "</end_search>" and "</end_search>" not in embedded_tokenizer.decode(res.token_ids[:-1])
+            assert res.stop_str == "</end_search>" and "</end_search>" not in embedded_tokenizer.decode(
+                res.token_ids[:-1]
+            )
     assert results[0].token_ids == results[1].token_ids  # greedy: same prompt, same ids
     assert sorted(engine.calls.values()) == [1, 1]  # two base URLs: the fleet shares the load
 
@@ -196,7 +219,7 @@ def test_rollout_through_a_real_server(vllm_server, embedded_tokenizer):
         assert sum(t.policy_mask) == t.generated_tokens > 0
         for s in t.spans:
             if s.kind == "observation":
-                assert embedded_tokenizer.decode(t.token_ids[s.start: s.end]) == render_observation(s.text)
+                assert embedded_tokenizer.decode(t.token_ids[s.start : s.end]) == render_observation(s.text)
 
 
 def test_constrained_judge_through_a_real_server(vllm_server, embedded_tokenizer):
@@ -212,8 +235,12 @@ def test_http_engine_retries_and_falls_back_to_text(embedded_tokenizer):
         calls.append(request)
         if len(calls) == 1:
             return httpx.Response(503, text="busy")
-        return httpx.Response(200, json={"choices": [{"text": " hello </end_search>", "finish_reason": "stop",
-                                                      "stop_reason": "</end_search>"}]})
+        return httpx.Response(
+            200,
+            json={
+                "choices": [{"text": " hello </end_search>", "finish_reason": "stop", "stop_reason": "</end_search>"}]
+            },
+        )
 
     engine = OpenAIEngine("http://fake", "m", embedded_tokenizer, transport=httpx.MockTransport(handler), retries=2)
     (res,) = engine.generate([GenRequest([1, 2, 3], 10, ("</end_search>",))])
@@ -223,7 +250,12 @@ def test_http_engine_retries_and_falls_back_to_text(embedded_tokenizer):
 
 
 def test_http_engine_reports_a_clear_error(embedded_tokenizer):
-    engine = OpenAIEngine("http://fake", "m", embedded_tokenizer, retries=1,
-                          transport=httpx.MockTransport(lambda r: httpx.Response(400, text="model not found")))
+    engine = OpenAIEngine(
+        "http://fake",
+        "m",
+        embedded_tokenizer,
+        retries=1,
+        transport=httpx.MockTransport(lambda r: httpx.Response(400, text="model not found")),
+    )
     with pytest.raises(EngineHTTPError, match="HTTP 400: model not found"):
         engine.generate([GenRequest([1], 4)])

@@ -11,23 +11,47 @@ import pyarrow.parquet as pq
 import pytest
 
 from agent import engines
-from agent.engines import EngineSpec
+from agent.engine_api import EngineSpec
 from assets import eval_reports, evals
+from assets.storage import StorageResource
 from evals import report
 from pipelines.definitions import build_definitions
-from pipelines.paths import SHARED_DATA, table_path
-from pipelines.sql import run_query
-from pipelines.storage import StorageResource
+from qadata.paths import SHARED_DATA, table_path
+from qadata.sql import run_query
 
 AUTOCOA_TEST = SHARED_DATA / "autocoa" / "test.parquet"
 TF = {"kind": "transformers"}
-BASE = {"embedded_world": {"config": {"people": 300, "works": 300, "orgs": 60, "places": 80, "questions": 200}},
-        "question_sample": {"config": {"total": 12}}}
+BASE = {
+    "embedded_world": {"config": {"people": 300, "works": 300, "orgs": 60, "places": 80, "questions": 200}},
+    "question_sample": {"config": {"total": 12}},
+}
 QUESTIONS = {"eval_questions": {"config": {"n": 2, "embedded_n": 2}}}
-PREDICT = {"eval_predictions": {"config": {"engine": TF, "base_engine": TF, "judge": TF, "max_actions": 1, "max_context": 1000,
-                                           "max_turn_tokens": 32, "cot_max_tokens": 40, "answer_tokens": 10}}}
-REPORTS = {"world_model_fidelity": {"config": {"engine": TF, "n": 2, "max_actions": 1, "max_context": 900,
-                                               "max_turn_tokens": 32, "answer_tokens": 12}}}
+PREDICT = {
+    "eval_predictions": {
+        "config": {
+            "engine": TF,
+            "base_engine": TF,
+            "judge": TF,
+            "max_actions": 1,
+            "max_context": 1000,
+            "max_turn_tokens": 32,
+            "cot_max_tokens": 40,
+            "answer_tokens": 10,
+        }
+    }
+}
+REPORTS = {
+    "world_model_fidelity": {
+        "config": {
+            "engine": TF,
+            "n": 2,
+            "max_actions": 1,
+            "max_context": 900,
+            "max_turn_tokens": 32,
+            "answer_tokens": 12,
+        }
+    }
+}
 EVALUATED = ("base_cot", "react_base", "react_reasoning", "sft_stage3")
 
 
@@ -38,17 +62,27 @@ def _defs(home) -> dg.Definitions:
     if "eval_predictions" in existing:  # already wired into the project's Definitions
         return base
     assets, checks = evals.build(existing)
-    jobs = [dg.define_asset_job("evaluation_questions", selection=dg.AssetSelection.assets(
-                "eval_questions", "eval_questions_rejected")),
-            dg.define_asset_job("evaluation_predictions", selection=dg.AssetSelection.assets("eval_predictions")),
-            dg.define_asset_job("evaluation_reports", selection=dg.AssetSelection.assets(
-                "eval_table", "eval_comparisons", "action_analysis", "world_model_fidelity"))]
+    jobs = [
+        dg.define_asset_job(
+            "evaluation_questions", selection=dg.AssetSelection.assets("eval_questions", "eval_questions_rejected")
+        ),
+        dg.define_asset_job("evaluation_predictions", selection=dg.AssetSelection.assets("eval_predictions")),
+        dg.define_asset_job(
+            "evaluation_reports",
+            selection=dg.AssetSelection.assets(
+                "eval_table", "eval_comparisons", "action_analysis", "world_model_fidelity"
+            ),
+        ),
+    ]
     return dg.Definitions.merge(base, dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs))
 
 
 def _errors(result) -> list:
-    return [(e.asset_key.to_user_string(), e.check_name, dict(e.metadata)) for e in result.get_asset_check_evaluations()
-            if not e.passed and e.severity == dg.AssetCheckSeverity.ERROR]
+    return [
+        (e.asset_key.to_user_string(), e.check_name, dict(e.metadata))
+        for e in result.get_asset_check_evaluations()
+        if not e.passed and e.severity == dg.AssetCheckSeverity.ERROR
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -85,18 +119,24 @@ def one_thread():
 def run(home, one_thread):
     instance = dg.DagsterInstance.ephemeral()
     defs = _defs(home)
-    assert defs.resolve_job_def("autocoa_embedded").execute_in_process(instance=instance, run_config={"ops": BASE}).success
+    assert (
+        defs.resolve_job_def("autocoa_embedded").execute_in_process(instance=instance, run_config={"ops": BASE}).success
+    )
     results = {}
 
     def go(job: str, ops: dict, partition: str | None = None):
-        result = defs.resolve_job_def(job).execute_in_process(instance=instance, run_config={"ops": ops},
-                                                              partition_key=partition, raise_on_error=False)
+        result = defs.resolve_job_def(job).execute_in_process(
+            instance=instance, run_config={"ops": ops}, partition_key=partition, raise_on_error=False
+        )
         results[(job, partition)] = result
         return result
 
     go("evaluation_questions", QUESTIONS, "embedded")
-    go("evaluation_questions", {"eval_questions": {"config": {"autocoa_test_file": str(home / "absent.parquet")}}},
-       "bamboogle")
+    go(
+        "evaluation_questions",
+        {"eval_questions": {"config": {"autocoa_test_file": str(home / "absent.parquet")}}},
+        "bamboogle",
+    )
     if AUTOCOA_TEST.is_file():
         go("evaluation_questions", QUESTIONS, "nq")
     for key in evals.prediction_partitions_by_method((*EVALUATED, "sft_stage1"), ["embedded"]):
@@ -111,7 +151,10 @@ def test_eval_questions_embedded_are_held_out_and_reconcile(run, home):
     result = results[("evaluation_questions", "embedded")]
     assert result.success and not _errors(result)
     assert {e.check_name for e in result.get_asset_check_evaluations()} == {
-        "eval_questions_ids_unique", "eval_questions_no_training_leakage", "eval_questions_counts_reconcile"}
+        "eval_questions_ids_unique",
+        "eval_questions_no_training_leakage",
+        "eval_questions_counts_reconcile",
+    }
     table = pq.read_table(table_path(home, ["eval_questions"], "embedded"))
     sample = pq.read_table(table_path(home, ["question_sample"]))
     assert table.num_rows == 2 and set(table.column("benchmark").to_pylist()) == {"embedded"}
@@ -162,7 +205,9 @@ def test_predictions_per_method(run, home):
         assert {"accuracy_em", "accuracy_judge", "mean_actions", "preview", "elapsed_seconds"} <= set(md)
         assert "stand-in" in md["judge_model"].value and md["judge_decoding"].value == "constrained to one yes/no token"
         if method.startswith("react_"):  # one model configured: both ReAct rows say they share it
-            assert "same model" in md["note"].value and {r["template_id"] for r in table} == {"react-smollm2-fewshot-v1"}
+            assert "same model" in md["note"].value and {r["template_id"] for r in table} == {
+                "react-smollm2-fewshot-v1"
+            }
     # base policy and judge share one engine; the checkpoint adds one: never more than two held
     assert len(results["engines_after_predictions"]) <= 2
 
@@ -181,9 +226,14 @@ def test_eval_table_recomputes_from_predictions(run, home):
     result = results[("evaluation_reports", None)]
     assert result.success and not _errors(result), _errors(result)
     checks = {e.check_name for e in result.get_asset_check_evaluations()}
-    assert {"eval_table_coverage", "eval_table_recomputes", "eval_table_metrics_in_range",
-            "eval_table_judged_or_explained", "action_analysis_shares_sum_to_one",
-            "world_model_fidelity_consistent"} <= checks
+    assert {
+        "eval_table_coverage",
+        "eval_table_recomputes",
+        "eval_table_metrics_in_range",
+        "eval_table_judged_or_explained",
+        "action_analysis_shares_sum_to_one",
+        "world_model_fidelity_consistent",
+    } <= checks
     table = pq.read_table(table_path(home, ["eval_table"])).to_pylist()
     assert [r["method"] for r in table] == list(EVALUATED)  # the missing checkpoint is simply not in Table 1
     # an independent route: the DuckDB views the asset writes, recomputing each cell in SQL
@@ -220,11 +270,19 @@ def test_eval_comparisons_intervals_and_paired_tests(run, home):
     by = {(r["method"], r["metric"]): r for r in rows}
     for r in rows:
         assert r["n"] == 2 and r["benchmark"] == "embedded" and r["ci_low"] <= r["score"] <= r["ci_high"]
-    assert by[("base_cot", "em")]["reference"] == "react_reasoning" and by[("react_reasoning", "em")]["reference"] is None
-    assert by[("sft_stage3", "em")]["reference"] == "react_reasoning" and 0.0 < by[("sft_stage3", "em")]["reference_p"] <= 1.0
+    assert (
+        by[("base_cot", "em")]["reference"] == "react_reasoning" and by[("react_reasoning", "em")]["reference"] is None
+    )
+    assert (
+        by[("sft_stage3", "em")]["reference"] == "react_reasoning"
+        and 0.0 < by[("sft_stage3", "em")]["reference_p"] <= 1.0
+    )
     assert by[("sft_stage3", "em")]["predecessor"] is None  # sft_stage2 not evaluated: no predecessor test
     md = result.asset_materializations_for_node("eval_comparisons")[0].metadata
-    assert "| sft_stage3 | Embedded | 2 |" in md["table1_power"].value and "vs react_reasoning, p=" in md["table1_power"].value
+    assert (
+        "| sft_stage3 | Embedded | 2 |" in md["table1_power"].value
+        and "vs react_reasoning, p=" in md["table1_power"].value
+    )
     assert md["intervals_plot"].value.startswith("![EM with 95% CI](data:image/png;base64,")
     assert md["em_comparisons"].value == {"reference": 3, "predecessor": 0} and md["min_questions_per_cell"].value == 2
     assert (home / "artifacts" / "eval_comparisons" / "intervals_embedded.png").stat().st_size > 5000
@@ -237,23 +295,37 @@ def _write(home, asset, table, partition=None):
 
 
 def test_eval_comparisons_check_catches_pairs_on_different_questions(tmp_path):
-    rows = [{"method": m, "benchmark": "embedded", "question_id": q, "em": float(i % 2), "judge": bool(i % 2)}
-            for m in ("react_reasoning", "sft_stage1", "base_cot") for i, q in enumerate("abc")]
+    rows = [
+        {"method": m, "benchmark": "embedded", "question_id": q, "em": float(i % 2), "judge": bool(i % 2)}
+        for m in ("react_reasoning", "sft_stage1", "base_cot")
+        for i, q in enumerate("abc")
+    ]
     _write(tmp_path, "eval_comparisons", report.power_table(report.table1_power(rows, resamples=100)))
     storage = StorageResource(home=str(tmp_path))
 
     def predictions(rename: dict):
         for m in ("react_reasoning", "sft_stage1", "base_cot"):
-            sub = [{**r, "question_id": rename.get((m, r["question_id"]), r["question_id"])} for r in rows if r["method"] == m]
-            _write(tmp_path, "eval_predictions", pa.Table.from_pylist(
-                [{k: r.get(k) for k in evals.PREDICTION_SCHEMA.names} for r in sub], schema=evals.PREDICTION_SCHEMA),
-                f"embedded|{m}")
+            sub = [
+                {**r, "question_id": rename.get((m, r["question_id"]), r["question_id"])}
+                for r in rows
+                if r["method"] == m
+            ]
+            _write(
+                tmp_path,
+                "eval_predictions",
+                pa.Table.from_pylist(
+                    [{k: r.get(k) for k in evals.PREDICTION_SCHEMA.names} for r in sub], schema=evals.PREDICTION_SCHEMA
+                ),
+                f"embedded|{m}",
+            )
 
     predictions({})
     assert eval_reports.eval_comparisons_same_questions(storage=storage).passed
     predictions({("base_cot", "c"): "z"})  # base_cot re-graded on another question since the comparison
     res = eval_reports.eval_comparisons_same_questions(storage=storage)
-    assert not res.passed and res.metadata["problems"].value == 4  # vs react_reasoning, and sft_stage1 vs it; x2 metrics
+    assert (
+        not res.passed and res.metadata["problems"].value == 4
+    )  # vs react_reasoning, and sft_stage1 vs it; x2 metrics
     assert "base_cot/embedded em vs react_reasoning: 2 question ids differ" in res.metadata["examples"].value
 
 
@@ -263,7 +335,9 @@ def test_action_analysis_writes_figure3(run, home):
     png = home / "artifacts" / "action_analysis" / "figure3.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     table = pq.read_table(table_path(home, ["action_analysis"])).to_pandas()
-    assert set(table["method"]) == set(EVALUATED) and table.groupby("method")["n"].sum().to_dict() == dict.fromkeys(EVALUATED, 2)
+    assert set(table["method"]) == set(EVALUATED) and table.groupby("method")["n"].sum().to_dict() == dict.fromkeys(
+        EVALUATED, 2
+    )
     md = result.asset_materializations_for_node("action_analysis")[0].metadata
     assert md["figure3"].value.startswith("![Figure 3](data:image/png;base64,") and md["png_bytes"].value > 5000
 
@@ -271,7 +345,10 @@ def test_action_analysis_writes_figure3(run, home):
 def test_world_model_fidelity_on_the_checkpoint(run, home):
     _, results = run
     md = results[("evaluation_reports", None)].asset_materializations_for_node("world_model_fidelity")[0].metadata
-    assert md["checkpoints_evaluated"].value == ["sft_stage3"] and "sft123_rl1_checkpoint" in md["checkpoints_missing"].value
+    assert (
+        md["checkpoints_evaluated"].value == ["sft_stage3"]
+        and "sft123_rl1_checkpoint" in md["checkpoints_missing"].value
+    )
     rows = pq.read_table(table_path(home, ["world_model_fidelity"])).to_pylist()
     for r in rows:
         assert r["method"] == "sft_stage3" and r["real"] and 0.0 <= r["token_f1"] <= 1.0
@@ -288,13 +365,25 @@ def test_report_cli_prints_the_evaluation(run, home, tmp_path):
     out = tmp_path / "report.md"
     assert main(["--home", str(home), "report", "--out", str(out)]) == 0
     text = out.read_text()
-    for want in ("## Table 1 (ours)", "| react_reasoning | ", "judged by SmolLM2-135M-Instruct", "[95% Wilson interval]",
-                 "## Table 1 with intervals and paired tests", "vs react_reasoning, p=", "McNemar",
-                 "| paper: R1-Distill-Qwen-7B (ReAct) |", "printed Average 29.1", "## Figure 3", "| sft_stage3 | probe |"):
+    for want in (
+        "## Table 1 (ours)",
+        "| react_reasoning | ",
+        "judged by SmolLM2-135M-Instruct",
+        "[95% Wilson interval]",
+        "## Table 1 with intervals and paired tests",
+        "vs react_reasoning, p=",
+        "McNemar",
+        "| paper: R1-Distill-Qwen-7B (ReAct) |",
+        "printed Average 29.1",
+        "## Figure 3",
+        "| sft_stage3 | probe |",
+    ):
         assert want in text, want
     paper = tmp_path / "paper.csv"  # a test file, not the paper's numbers
     paper.write_text("paper_row,method,benchmark,metric,value\nCoT (test),base_cot,embedded,em,40\n")
-    assert main(["--home", str(home), "report", "--paper-table1", str(paper), "--out", str(out)]) == 2  # not a Table 1 benchmark
+    assert (
+        main(["--home", str(home), "report", "--paper-table1", str(paper), "--out", str(out)]) == 2
+    )  # not a Table 1 benchmark
     paper.write_text("paper_row,method,benchmark,metric,value\nCoT (test),base_cot,avg,em,40\n")
     assert main(["--home", str(home), "report", "--paper-table1", str(paper), "--out", str(out)]) == 0
     assert "| paper: CoT (test) |" in out.read_text()
@@ -315,8 +404,9 @@ def test_release_engines_closes_and_drops_all_but_kept(monkeypatch):
     assert engines.release_engines(keep={a}) == 1 and len(closed) == 1 and engines.loaded_engines() == [a]
     assert engines.release_engines() == 1 and engines.loaded_engines() == []
     # in-process vLLM engines share distributed state that a shutdown tears down: all go together
-    monkeypatch.setattr(engines, "_LOADED", {("vllm", a, "x"): Fake(), ("vllm", b, "x"): Fake(),
-                                             ("transformers", c, "x"): Fake()})
+    monkeypatch.setattr(
+        engines, "_LOADED", {("vllm", a, "x"): Fake(), ("vllm", b, "x"): Fake(), ("transformers", c, "x"): Fake()}
+    )
     assert engines.release_engines(keep={a, c}) == 2 and engines.loaded_engines() == [c]
 
 
@@ -335,7 +425,9 @@ def test_checkpoint_template_is_the_zero_shot_agent_prompt(tmp_path):
     assert t.id == "coa-smollm2-v1" and not t.shots
     meta.write_text(json.dumps({"root_model": "/models/SmolLM2-135M-Instruct"}))
     assert evals.checkpoint_template(str(tmp_path)).id == "coa-smollm2-v1"
-    meta.write_text(json.dumps({"root_model": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "template": "coa-r1-fewshot-v1"}))
+    meta.write_text(
+        json.dumps({"root_model": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "template": "coa-r1-fewshot-v1"})
+    )
     assert evals.checkpoint_template(str(tmp_path)).id == "coa-r1-v1"
     meta.unlink()
     with pytest.raises(dg.Failure, match="meta.json not found"):

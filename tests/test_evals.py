@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from agent.engines import GenResult, cut_at_stop
+from agent.engine_api import GenResult, cut_at_stop
 from agent.protocol import parse
 from agent.rollout import Rollout, RolloutConfig, Span, Trajectory, render_observation
 from evals import benchmarks as bm
@@ -89,14 +89,17 @@ def test_lcs_and_rouge_l_hand_checked():
     assert rouge_l("", "") == 1.0 and rouge_l("x", "") == 0.0
 
 
-@pytest.mark.parametrize("text,answers,want", [
-    ("He was born in Paris, France.", ["paris"], True),
-    ("He lives in the north.", ["no"], False),             # yes/no are never 'contained'
-    ("Built in the 1990s.", ["1990"], False),              # whole tokens only
-    ("Built in 1990.", ["1990"], True),
-    ("The Beatles formed in Liverpool", ["Beatles"], True),
-    ("anything", [None, ""], False),
-])
+@pytest.mark.parametrize(
+    "text,answers,want",
+    [
+        ("He was born in Paris, France.", ["paris"], True),
+        ("He lives in the north.", ["no"], False),  # yes/no are never 'contained'
+        ("Built in the 1990s.", ["1990"], False),  # whole tokens only
+        ("Built in 1990.", ["1990"], True),
+        ("The Beatles formed in Liverpool", ["Beatles"], True),
+        ("anything", [None, ""], False),
+    ],
+)
 def test_contains_answer(text, answers, want):
     assert contains_answer(text, answers) is want
 
@@ -119,9 +122,11 @@ def test_hallucination_definition():
 
 
 def test_aggregate_fidelity_per_checkpoint():
-    rows = [{"checkpoint": "rl1", **compare_observation("born in Vellby", "born in Tarnow", ["Vellby"]).as_row()},
-            {"checkpoint": "rl1", **compare_observation("born in Tarnow", "born in Tarnow", ["Tarnow"]).as_row()},
-            {"checkpoint": "sft", **compare_observation("x", "y", ["z"]).as_row()}]
+    rows = [
+        {"checkpoint": "rl1", **compare_observation("born in Vellby", "born in Tarnow", ["Vellby"]).as_row()},
+        {"checkpoint": "rl1", **compare_observation("born in Tarnow", "born in Tarnow", ["Tarnow"]).as_row()},
+        {"checkpoint": "sft", **compare_observation("x", "y", ["z"]).as_row()},
+    ]
     agg = aggregate_fidelity(rows).set_index("checkpoint")
     assert agg.loc["rl1", "n_queries"] == 2 and agg.loc["rl1", "hallucination"] == 0.5
     assert agg.loc["rl1", "token_f1"] == pytest.approx((2 / 3 + 1) / 2)
@@ -130,9 +135,18 @@ def test_aggregate_fidelity_per_checkpoint():
 
 
 def test_simulated_observations_pairs_actions_with_their_results():
-    t = Trajectory("t", 0, [], [], spans=[Span("action", 0, 1, text="q1"), Span("observation", 1, 2, True, "sim 1"),
-                                          Span("action", 2, 3, text="q2", refused=True),
-                                          Span("observation", 3, 4, text="limit")])
+    t = Trajectory(
+        "t",
+        0,
+        [],
+        [],
+        spans=[
+            Span("action", 0, 1, text="q1"),
+            Span("observation", 1, 2, True, "sim 1"),
+            Span("action", 2, 3, text="q2", refused=True),
+            Span("observation", 3, 4, text="limit"),
+        ],
+    )
     assert simulated_observations(t) == [("q1", "sim 1")]
 
 
@@ -158,10 +172,16 @@ def test_probe_continues_exactly_where_a_simulated_rollout_would():
     prompt = CharTokenizer().encode("<|user|>Who founded Alpha?<|end|><|assistant|><think>")
     query = "Alpha founder"
     # on-policy: the policy opens the search itself; the rollout then asks it for the result block
-    policy = RecordingPolicy([f" <begin_search> {query} </end_search>", "Alpha was founded by Mara.</search_result>",
-                              "</think> \\boxed{Mara}"])
-    Rollout(policy, None, RolloutConfig(max_actions=1, max_context=4000, temperature=0.0, simulated=True,
-                                        seed=0)).run([("t", list(prompt))])
+    policy = RecordingPolicy(
+        [
+            f" <begin_search> {query} </end_search>",
+            "Alpha was founded by Mara.</search_result>",
+            "</think> \\boxed{Mara}",
+        ]
+    )
+    Rollout(policy, None, RolloutConfig(max_actions=1, max_context=4000, temperature=0.0, simulated=True, seed=0)).run(
+        [("t", list(prompt))]
+    )
     on_policy_context = policy.requests[1].prompt_ids
     # the probe writes the same action into the context and asks for the same block
     probe = RecordingPolicy(["Alpha was founded by Mara.</search_result>", "cut off"])
@@ -175,12 +195,21 @@ def test_probe_continues_exactly_where_a_simulated_rollout_would():
 
 
 # -- loaders ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,want", [
-    ("NQ_dev.json", "nq"), ("TriviaQA_dev.json", "triviaqa"), ("HotpotQA_dev.json", "hotpotqa"),
-    ("2WIKI_dev.json", "2wikimultihopqa"), ("MuSiQue_dev.json", "musique"), ("Bamboogle_dev.json", "bamboogle"),
-    ("Fanout_dev.json", "fanout"), ("data/2wikimultihopqa/dev.jsonl", None), ("2wikimultihopqa", "2wikimultihopqa"),
-    ("mystery_dev.json", None),
-])
+@pytest.mark.parametrize(
+    "name,want",
+    [
+        ("NQ_dev.json", "nq"),
+        ("TriviaQA_dev.json", "triviaqa"),
+        ("HotpotQA_dev.json", "hotpotqa"),
+        ("2WIKI_dev.json", "2wikimultihopqa"),
+        ("MuSiQue_dev.json", "musique"),
+        ("Bamboogle_dev.json", "bamboogle"),
+        ("Fanout_dev.json", "fanout"),
+        ("data/2wikimultihopqa/dev.jsonl", None),
+        ("2wikimultihopqa", "2wikimultihopqa"),
+        ("mystery_dev.json", None),
+    ],
+)
 def test_benchmark_name(name, want):
     assert bm.benchmark_name(name) == want
 
@@ -189,14 +218,23 @@ def test_benchmark_name(name, want):
 def test_autocoa_parquet_real_file():
     res = bm.load_autocoa_parquet(AUTOCOA_TEST)
     assert res.rows_in == pq.ParquetFile(AUTOCOA_TEST).metadata.num_rows == 2936 and res.reconciles
-    assert res.counts() == {"nq": 500, "triviaqa": 500, "hotpotqa": 500, "2wikimultihopqa": 500, "musique": 500,
-                            "bamboogle": 125, "fanout": 310}
+    assert res.counts() == {
+        "nq": 500,
+        "triviaqa": 500,
+        "hotpotqa": 500,
+        "2wikimultihopqa": 500,
+        "musique": 500,
+        "bamboogle": 125,
+        "fanout": 310,
+    }
     # the file's last row repeats TriviaQA dev_2063: quarantined with a reason, not dropped
     [dup] = res.rejected
     assert dup.benchmark == "triviaqa" and dup.source_row == 2935 and "duplicate id 'dev_2063'" in dup.reason
     by_key = {q.key: q for q in res.questions}
-    assert by_key["2wikimultihopqa/dev_3872"].question == \
-        "Are Rovin' Tumbleweeds and Forbidden Love (1938 Film) from the same country?"
+    assert (
+        by_key["2wikimultihopqa/dev_3872"].question
+        == "Are Rovin' Tumbleweeds and Forbidden Love (1938 Film) from the same country?"
+    )
     assert by_key["2wikimultihopqa/dev_3872"].golden_answers == ("no",)
     # a question holding U+0085 (which str.splitlines treats as a line break) is read whole
     assert by_key["triviaqa/dev_6017"].question.startswith("Complete the name of the cigarette company")
@@ -218,29 +256,38 @@ def test_hotpotqa_shared_sample_and_no_train_test_leakage():
 def test_flashrag_jsonl_malformed_rows(tmp_path):
     folder = tmp_path / "bamboogle"
     folder.mkdir()
-    path = write_jsonl(folder / "test.jsonl", [
-        {"id": "a", "question": "Who wrote  Hamlet?", "golden_answers": ["Shakespeare", "William Shakespeare"]},
-        {"id": "b", "golden_answers": ["x"]},                      # missing question
-        {"id": "c", "question": "Q?", "golden_answers": []},        # empty golden answers
-        b"{not json\n",                                             # bad json line
-        b"\n",                                                      # blank: not a row
-        {"id": "d", "question": "Q2?", "golden_answers": "single"},  # a string is one answer
-        ["a", "list"],                                              # not an object
-        {"id": "a", "question": "Again?", "golden_answers": ["y"]},  # duplicate id
-        {"id": "e", "question": "   ", "golden_answers": ["y"]},     # empty question
-        {"question": "No id?", "golden_answers": ["y"]},            # missing id
-    ])
+    path = write_jsonl(
+        folder / "test.jsonl",
+        [
+            {"id": "a", "question": "Who wrote  Hamlet?", "golden_answers": ["Shakespeare", "William Shakespeare"]},
+            {"id": "b", "golden_answers": ["x"]},  # missing question
+            {"id": "c", "question": "Q?", "golden_answers": []},  # empty golden answers
+            b"{not json\n",  # bad json line
+            b"\n",  # blank: not a row
+            {"id": "d", "question": "Q2?", "golden_answers": "single"},  # a string is one answer
+            ["a", "list"],  # not an object
+            {"id": "a", "question": "Again?", "golden_answers": ["y"]},  # duplicate id
+            {"id": "e", "question": "   ", "golden_answers": ["y"]},  # empty question
+            {"question": "No id?", "golden_answers": ["y"]},  # missing id
+        ],
+    )
     res = bm.load_flashrag_jsonl(path)
     assert res.rows_in == 9 and res.reconciles
     assert [(q.question_id, q.question, q.golden_answers) for q in res.questions] == [
-        ("a", "Who wrote Hamlet?", ("Shakespeare", "William Shakespeare")), ("d", "Q2?", ("single",))]
+        ("a", "Who wrote Hamlet?", ("Shakespeare", "William Shakespeare")),
+        ("d", "Q2?", ("single",)),
+    ]
     assert all(q.benchmark == "bamboogle" for q in res.questions)  # from FlashRAG's folder name
     reasons = [r.reason for r in res.rejected]
-    assert reasons == ["line 2: missing field 'question'", "line 3: empty golden_answers",
-                       "line 4: malformed JSON (Expecting property name enclosed in double quotes)",
-                       "line 7: row is list, expected an object",
-                       f"duplicate id 'a' (first loaded from {path} row 1)",
-                       "line 9: empty question", "line 10: missing field 'id'"]
+    assert reasons == [
+        "line 2: missing field 'question'",
+        "line 3: empty golden_answers",
+        "line 4: malformed JSON (Expecting property name enclosed in double quotes)",
+        "line 7: row is list, expected an object",
+        f"duplicate id 'a' (first loaded from {path} row 1)",
+        "line 9: empty question",
+        "line 10: missing field 'id'",
+    ]
     assert all(r.benchmark == "bamboogle" and r.raw for r in res.rejected)
     with pytest.raises(SourceError, match="file not found"):
         bm.load_flashrag_jsonl(tmp_path / "nope.jsonl")
@@ -248,25 +295,39 @@ def test_flashrag_jsonl_malformed_rows(tmp_path):
 
 def _autocoa_row(qid, source_file, question="Who?", truth=("A",), prompt=True):
     content = f"Instructions...\n\nNow, please answer the user's question below: \n{question}\n\n"
-    return {"id": qid, "source_file": source_file, "data_source": "HotpotQA",
-            "prompt": [{"content": content, "role": "user"}] if prompt else [],
-            "ability": "QA", "reward_model": {"ground_truth": list(truth), "style": "rule"},
-            "extra_info": {"index": 0, "split": "test"}}
+    return {
+        "id": qid,
+        "source_file": source_file,
+        "data_source": "HotpotQA",
+        "prompt": [{"content": content, "role": "user"}] if prompt else [],
+        "ability": "QA",
+        "reward_model": {"ground_truth": list(truth), "style": "rule"},
+        "extra_info": {"index": 0, "split": "test"},
+    }
 
 
 def test_autocoa_parquet_malformed_rows(tmp_path):
-    rows = [_autocoa_row("1", "NQ_dev.json", "who sang it"), _autocoa_row("2", "Mystery_dev.json"),
-            _autocoa_row("3", "MuSiQue_dev.json", prompt=False), _autocoa_row("4", "Bamboogle_dev.json", truth=()),
-            _autocoa_row("5", "Bamboogle_dev.json", truth=(" ", "B ")), _autocoa_row("1", "HotpotQA_dev.json")]
+    rows = [
+        _autocoa_row("1", "NQ_dev.json", "who sang it"),
+        _autocoa_row("2", "Mystery_dev.json"),
+        _autocoa_row("3", "MuSiQue_dev.json", prompt=False),
+        _autocoa_row("4", "Bamboogle_dev.json", truth=()),
+        _autocoa_row("5", "Bamboogle_dev.json", truth=(" ", "B ")),
+        _autocoa_row("1", "HotpotQA_dev.json"),
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "test.parquet")
     res = bm.load_autocoa_parquet(tmp_path / "test.parquet")
     assert res.rows_in == 6 and res.reconciles
     assert [(q.key, q.golden_answers) for q in res.questions] == [
-        ("nq/1", ("A",)), ("bamboogle/5", ("B",)), ("hotpotqa/1", ("A",))]  # same id, other benchmark: kept
+        ("nq/1", ("A",)),
+        ("bamboogle/5", ("B",)),
+        ("hotpotqa/1", ("A",)),
+    ]  # same id, other benchmark: kept
     assert [(r.benchmark, r.reason.split(" (")[0]) for r in res.rejected] == [
         ("unknown", "row 1: unknown benchmark source_file 'Mystery_dev.json'"),
         ("musique", "row 2: missing field 'prompt[0].content'"),
-        ("bamboogle", "row 3: empty reward_model.ground_truth")]
+        ("bamboogle", "row 3: empty reward_model.ground_truth"),
+    ]
     pq.write_table(pa.table({"question": ["q"]}), tmp_path / "other.parquet")
     with pytest.raises(SourceError, match="missing columns"):
         bm.load_autocoa_parquet(tmp_path / "other.parquet")
@@ -281,20 +342,29 @@ def test_hotpotqa_loader_quarantines_bad_rows(tmp_path, hotpot_row):
 
 
 def test_records_loader_for_the_embedded_world():
-    world = [{"id": "emb-1", "question": "Where was Alpha born?", "answer": "Beta", "split": "dev"},
-             {"id": "emb-2", "question": "Q?", "answers": ["C", "c2"]},
-             {"id": "emb-3", "question": "No answer?"}]
+    world = [
+        {"id": "emb-1", "question": "Where was Alpha born?", "answer": "Beta", "split": "dev"},
+        {"id": "emb-2", "question": "Q?", "answers": ["C", "c2"]},
+        {"id": "emb-3", "question": "No answer?"},
+    ]
     res = bm.load_records(world, benchmark="embedded", source="world")
     assert [(q.question_id, q.golden_answers) for q in res.questions] == [("emb-1", ("Beta",)), ("emb-2", ("C", "c2"))]
     assert res.rejected[0].reason == "row 2: missing field 'golden_answers'" and res.reconciles
-    assert res.questions[0].as_task() == {"id": "embedded/emb-1", "question": "Where was Alpha born?",
-                                          "answer": "Beta", "answers": ["Beta"]}
+    assert res.questions[0].as_task() == {
+        "id": "embedded/emb-1",
+        "question": "Where was Alpha born?",
+        "answer": "Beta",
+        "answers": ["Beta"],
+    }
 
 
 def test_load_results_merge_and_quarantine_cross_file_duplicates():
     a = bm.load_records([{"id": "1", "question": "Q?", "answer": "A"}], benchmark="nq", source="a")
-    b = bm.load_records([{"id": "1", "question": "Q again?", "answer": "A"}, {"id": "2", "question": "R?", "answer": "B"}],
-                        benchmark="nq", source="b")
+    b = bm.load_records(
+        [{"id": "1", "question": "Q again?", "answer": "A"}, {"id": "2", "question": "R?", "answer": "B"}],
+        benchmark="nq",
+        source="b",
+    )
     merged = a.extend(b)
     assert [q.question_id for q in merged.questions] == ["1", "2"] and merged.rows_in == 3 and merged.reconciles
     assert merged.rejected[0].reason == "duplicate id '1' (first loaded from records:a row 0)"
@@ -321,9 +391,11 @@ def test_sample_per_benchmark_is_seeded_nested_and_order_free():
 
 
 def test_find_leakage():
-    qs = [bm.EvalQuestion("nq", "1", "Who wrote Hamlet?", ("x",), "m"),
-          bm.EvalQuestion("nq", "2", "Where is Rome?", ("x",), "m"),
-          bm.EvalQuestion("hotpotqa", "5a8", "Unrelated?", ("x",), "m")]
+    qs = [
+        bm.EvalQuestion("nq", "1", "Who wrote Hamlet?", ("x",), "m"),
+        bm.EvalQuestion("nq", "2", "Where is Rome?", ("x",), "m"),
+        bm.EvalQuestion("hotpotqa", "5a8", "Unrelated?", ("x",), "m"),
+    ]
     leaks = bm.find_leakage(qs, ["who  wrote HAMLET", "something else"], training_ids=["5a8"])
     assert leaks == {("nq", "1"): "question text appears in training", ("hotpotqa", "5a8"): "id appears in training"}
     assert bm.find_leakage(qs, []) == {}
@@ -331,17 +403,27 @@ def test_find_leakage():
 
 # -- Table 1 and Figure 3 ------------------------------------------------------------------------------
 def _pred(method, benchmark, qid, em, judge, n_actions, f1=None):
-    return {"method": method, "benchmark": benchmark, "question_id": qid, "em": em, "f1": em if f1 is None else f1,
-            "cover_em": em, "judge": judge, "n_actions": n_actions}
+    return {
+        "method": method,
+        "benchmark": benchmark,
+        "question_id": qid,
+        "em": em,
+        "f1": em if f1 is None else f1,
+        "cover_em": em,
+        "judge": judge,
+        "n_actions": n_actions,
+    }
 
 
 def _predictions():
     return [
         # react: nq 1/2 EM, judge 1/2; bamboogle 0/1 EM, judge None (unparsable -> counts 0)
-        _pred("react", "nq", "1", 1.0, True, 1), _pred("react", "nq", "2", 0.0, False, 0, f1=0.5),
+        _pred("react", "nq", "1", 1.0, True, 1),
+        _pred("react", "nq", "2", 0.0, False, 0, f1=0.5),
         _pred("react", "bamboogle", "1", 0.0, None, 7),
         # autocoa: nq 2/2, bamboogle 1/1 EM; judge all True
-        _pred("autocoa", "nq", "1", 1.0, True, 2), _pred("autocoa", "nq", "2", 1.0, True, 2),
+        _pred("autocoa", "nq", "1", 1.0, True, 2),
+        _pred("autocoa", "nq", "2", 1.0, True, 2),
         _pred("autocoa", "bamboogle", "1", 1.0, True, 2),
     ]
 
@@ -354,15 +436,22 @@ def test_table1_values_and_averages_recompute():
     assert t.loc["react", ("nq", "em")] == 50.0 and t.loc["react", ("bamboogle", "judge")] == 0.0
     assert t.loc["react", (AVG, "em")] == 25.0 and t.loc["react", (AVG, "judge")] == 25.0  # macro average
     assert t.loc["autocoa", (AVG, "em")] == 100.0
-    assert recompute_averages(rows) == {("react", "em"): 25.0, ("react", "judge"): 25.0,
-                                        ("autocoa", "em"): 100.0, ("autocoa", "judge"): 100.0}
+    assert recompute_averages(rows) == {
+        ("react", "em"): 25.0,
+        ("react", "judge"): 25.0,
+        ("autocoa", "em"): 100.0,
+        ("autocoa", "judge"): 100.0,
+    }
     assert average_mismatches(t, rows) == []
     t.loc["react", (AVG, "em")] = 30.0
     assert average_mismatches(t, rows) == ["react avg em: table 30.0000 != recomputed 25.0000"]
     # a method missing a benchmark has no average (averages compare like with like)
     partial = table1([r for r in rows if not (r["method"] == "react" and r["benchmark"] == "bamboogle")])
     assert math.isnan(partial.loc["react", (AVG, "em")])
-    assert average_mismatches(partial, [r for r in rows if not (r["method"] == "react" and r["benchmark"] == "bamboogle")]) == []
+    assert (
+        average_mismatches(partial, [r for r in rows if not (r["method"] == "react" and r["benchmark"] == "bamboogle")])
+        == []
+    )
 
 
 def test_table1_markdown_and_paper_comparison():
@@ -389,11 +478,20 @@ def test_table1_markdown_shows_intervals():
 
 
 SHARED_PAPER_TABLE1 = SHARED_DATA.parent / "paper" / "table1.csv"
-PAPER_ROWS_TO_OURS = {"R1-Distill-Qwen-7B": "base_cot", "Deepseek-R1*": None, "Qwen-7B-Base (ReAct)": "react_base",
-                      "R1-Distill-Qwen-7B (ReAct)": "react_reasoning", "SFT-stage1": "sft_stage1",
-                      "SFT-stage2": "sft_stage2_only", "SFT-stage1&2": "sft_stage2", "SFT-stage1&2&3": "sft_stage3",
-                      "RL-stage2": "rl_stage2_only", "SFT-stage1&2&3+RL-stage1": "sft123_rl1",
-                      "SFT-stage1&2&3+RL-stage1&2": "sft123_rl12", "SFT-stage1&2+RL-stage2": "sft12_rl2"}
+PAPER_ROWS_TO_OURS = {
+    "R1-Distill-Qwen-7B": "base_cot",
+    "Deepseek-R1*": None,
+    "Qwen-7B-Base (ReAct)": "react_base",
+    "R1-Distill-Qwen-7B (ReAct)": "react_reasoning",
+    "SFT-stage1": "sft_stage1",
+    "SFT-stage2": "sft_stage2_only",
+    "SFT-stage1&2": "sft_stage2",
+    "SFT-stage1&2&3": "sft_stage3",
+    "RL-stage2": "rl_stage2_only",
+    "SFT-stage1&2&3+RL-stage1": "sft123_rl1",
+    "SFT-stage1&2&3+RL-stage1&2": "sft123_rl12",
+    "SFT-stage1&2+RL-stage2": "sft12_rl2",
+}
 
 
 def test_shipped_paper_table1_maps_every_paper_row():
@@ -429,7 +527,9 @@ def test_ours_vs_paper_compares_averages_only_over_the_papers_six_benchmarks():
     six = ("nq", "triviaqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
     rows = [_pred("react_reasoning", b, "1", 1.0, True, 1) for b in ("embedded", *six)]
     cmp = ours_vs_paper_markdown(table1(rows), paper)
-    assert cmp.startswith("| Method | NQ EM | NQ LLM | TriviaQA EM |") and "| Embedded EM | Embedded LLM | Avg EM |" in cmp
+    assert (
+        cmp.startswith("| Method | NQ EM | NQ LLM | TriviaQA EM |") and "| Embedded EM | Embedded LLM | Avg EM |" in cmp
+    )
     react = cmp.split("| Δ (ours − paper) | ")[1].split("\n")[0].split(" | ")
     assert react[:2] == ["84.9", "79.1"] and react[-4:] == ["—", "—", "—", "— |"]  # avg over 7 benchmarks: no Δ
     assert "Our Avg is over NQ, TriviaQA, HotpotQA, 2Wiki, MuSiQue, Bamboogle, Embedded" in cmp
@@ -441,39 +541,51 @@ def test_ours_vs_paper_compares_averages_only_over_the_papers_six_benchmarks():
 
 def test_paper_table1_file_is_read_and_validated(tmp_path):
     good = tmp_path / "paper.csv"
-    good.write_text("# test numbers, not the paper's\n"
-                    "paper_row,method,benchmark,metric,value\n"
-                    "ReAct (test),react_reasoning,nq,em,40\n"
-                    "ReAct (test),react_reasoning,nq,judge,45.5\n"
-                    "ReAct (test),react_reasoning,avg,em,12\n"
-                    "Other row (test),,bamboogle,em,3\n")
+    good.write_text(
+        "# test numbers, not the paper's\n"
+        "paper_row,method,benchmark,metric,value\n"
+        "ReAct (test),react_reasoning,nq,em,40\n"
+        "ReAct (test),react_reasoning,nq,judge,45.5\n"
+        "ReAct (test),react_reasoning,avg,em,12\n"
+        "Other row (test),,bamboogle,em,3\n"
+    )
     paper = paper_table1(path=good)
     assert list(paper.index) == ["ReAct (test)", "Other row (test)"]
     assert paper.loc["ReAct (test)", ("nq", "judge")] == 45.5 and paper.loc["ReAct (test)", (AVG, "em")] == 12.0
     assert math.isnan(paper.loc["ReAct (test)", ("bamboogle", "em")])  # not given: not invented, not recomputed
     assert paper.attrs["method_map"] == {"react_reasoning": "ReAct (test)"} and paper.attrs["path"] == str(good)
-    ours = table1([{**r, "method": "react_reasoning" if r["method"] == "react" else r["method"]} for r in _predictions()])
+    ours = table1(
+        [{**r, "method": "react_reasoning" if r["method"] == "react" else r["method"]} for r in _predictions()]
+    )
     cmp = ours_vs_paper_markdown(ours, paper)  # the CSV's method column maps the rows
     assert "| paper: ReAct (test) | 40.0 | 45.5 |" in cmp and "| Δ (ours − paper) | 10.0 | 4.5 |" in cmp
     assert str(good) in cmp and "paper: Other" not in cmp
     bad = tmp_path / "bad.csv"
-    bad.write_text("paper_row,method,benchmark,metric,value\n"
-                   "ReAct,react_reasoning,nq,em,140\n"        # line 2: not a percentage
-                   "ReAct,react_reasoning,popqa,em,10\n"      # line 3: benchmark not in Table 1
-                   "ReAct,react_reasoning,nq,f1,10\n"         # line 4: metric not asked for
-                   "ReAct,react_reasoning,nq,em,41\n"         # line 5: repeats line 2
-                   "ReAct,sft_stage1,hotpotqa,em,x\n"         # line 6: not a number
-                   "ReAct,sft_stage1,hotpotqa,judge,9\n"      # line 7: another method for the same paper row
-                   "CoT,autocoa,nq,em,9\n"                    # line 8: not one of our methods
-                   "ReAct again,react_reasoning,nq,em,9\n"    # line 9: our method mapped from a second paper row
-                   "Deepseek-R1*,,nq,em,39.0\n")              # line 10: fine: a paper row with no counterpart
+    bad.write_text(
+        "paper_row,method,benchmark,metric,value\n"
+        "ReAct,react_reasoning,nq,em,140\n"  # line 2: not a percentage
+        "ReAct,react_reasoning,popqa,em,10\n"  # line 3: benchmark not in Table 1
+        "ReAct,react_reasoning,nq,f1,10\n"  # line 4: metric not asked for
+        "ReAct,react_reasoning,nq,em,41\n"  # line 5: repeats line 2
+        "ReAct,sft_stage1,hotpotqa,em,x\n"  # line 6: not a number
+        "ReAct,sft_stage1,hotpotqa,judge,9\n"  # line 7: another method for the same paper row
+        "CoT,autocoa,nq,em,9\n"  # line 8: not one of our methods
+        "ReAct again,react_reasoning,nq,em,9\n"  # line 9: our method mapped from a second paper row
+        "Deepseek-R1*,,nq,em,39.0\n"
+    )  # line 10: fine: a paper row with no counterpart
     with pytest.raises(ValueError) as err:
         paper_table1(path=bad)
     msg = str(err.value)
-    for want in (f"{bad}:2: value 140.0", f"{bad}:3: unknown benchmark 'popqa'", f"{bad}:4: unknown metric 'f1'",
-                 f"{bad}:5: ('ReAct', 'nq', 'em') repeats line 2", f"{bad}:6: value 'x' is not a number",
-                 f"{bad}:7: paper_row 'ReAct' maps to method 'sft_stage1'", f"{bad}:8: unknown method 'autocoa'",
-                 f"{bad}:9: method 'react_reasoning' is mapped from paper_row 'ReAct again' here but from 'ReAct'"):
+    for want in (
+        f"{bad}:2: value 140.0",
+        f"{bad}:3: unknown benchmark 'popqa'",
+        f"{bad}:4: unknown metric 'f1'",
+        f"{bad}:5: ('ReAct', 'nq', 'em') repeats line 2",
+        f"{bad}:6: value 'x' is not a number",
+        f"{bad}:7: paper_row 'ReAct' maps to method 'sft_stage1'",
+        f"{bad}:8: unknown method 'autocoa'",
+        f"{bad}:9: method 'react_reasoning' is mapped from paper_row 'ReAct again' here but from 'ReAct'",
+    ):
         assert want in msg, (want, msg)
     assert f"{bad}:10" not in msg and msg.startswith("8 problem(s)")
     (tmp_path / "header.csv").write_text("row,benchmark,value\n")
@@ -484,8 +596,11 @@ def test_paper_table1_file_is_read_and_validated(tmp_path):
 
 
 def test_power_markdown_and_interval_plot(tmp_path):
-    rows = [_pred(m, "embedded", str(i), float(i < k), i < k, 1) for m, k in
-            (("base_cot", 2), ("react_reasoning", 5), ("sft_stage1", 9)) for i in range(20)]
+    rows = [
+        _pred(m, "embedded", str(i), float(i < k), i < k, 1)
+        for m, k in (("base_cot", 2), ("react_reasoning", 5), ("sft_stage1", 9))
+        for i in range(20)
+    ]
     power = table1_power(rows, resamples=2000)
     md = power_markdown(power)
     assert md.startswith("| Method | Benchmark | n | EM [95% CI] | LLM [95% CI] | ΔEM vs ReAct (reasoning)")
@@ -529,10 +644,21 @@ class ScriptedJudge:
         return [GenResult([1], self.replies.pop(0), "eos") for _ in requests]
 
 
-@pytest.mark.parametrize("text,want", [
-    ("Yes", True), ("yes.", True), (" NO\n", False), ("no, it differs", False), ("<think>hmm</think>\nYes", True),
-    ("maybe", None), ("", None), ("The answer is correct", None), ("<think>still thinking", None), ("nope", None),
-])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("Yes", True),
+        ("yes.", True),
+        (" NO\n", False),
+        ("no, it differs", False),
+        ("<think>hmm</think>\nYes", True),
+        ("maybe", None),
+        ("", None),
+        ("The answer is correct", None),
+        ("<think>still thinking", None),
+        ("nope", None),
+    ],
+)
 def test_parse_verdict(text, want):
     verdict, reason = parse_verdict(text)
     assert verdict is want and reason.startswith("parsed" if want is not None else "unparsable")
@@ -540,10 +666,12 @@ def test_parse_verdict(text, want):
 
 def test_judge_batches_parses_and_skips_missing_predictions():
     engine = ScriptedJudge(["Yes", "no.", "I am not sure"])
-    items = [JudgeItem("Who wrote Hamlet?", "Shakespeare", ("William Shakespeare",)),
-             JudgeItem("Capital of France?", None, ("Paris",)),
-             JudgeItem("Capital of Italy?", "Milan", ("Rome",)),
-             JudgeItem("Tallest?", "K2", ("Everest",))]
+    items = [
+        JudgeItem("Who wrote Hamlet?", "Shakespeare", ("William Shakespeare",)),
+        JudgeItem("Capital of France?", None, ("Paris",)),
+        JudgeItem("Capital of Italy?", "Milan", ("Rome",)),
+        JudgeItem("Tallest?", "K2", ("Everest",)),
+    ]
     verdicts = judge(engine, items, constrained=False)
     assert len(engine.calls) == 1 and len(engine.calls[0]) == 3  # one batch; the None prediction is not sent
     assert [v.verdict for v in verdicts] == [True, False, False, None]
@@ -554,7 +682,11 @@ def test_judge_batches_parses_and_skips_missing_predictions():
     req = engine.calls[0][0]
     assert req.temperature == 0.0 and req.allowed_token_ids is None and req.max_new_tokens == 8
     prompt = engine.tokenizer.decode(req.prompt_ids)
-    assert prompt.startswith("<|user|>") and "- William Shakespeare" in prompt and "Predicted answer: Shakespeare" in prompt
+    assert (
+        prompt.startswith("<|user|>")
+        and "- William Shakespeare" in prompt
+        and "Predicted answer: Shakespeare" in prompt
+    )
     assert set(verdicts[0].as_row()) == {"judge", "judge_raw", "judge_reason", "judge_prompt_id", "judge_model"}
 
 
@@ -568,7 +700,9 @@ def test_judge_errors():
 
     with pytest.raises(RuntimeError, match="returned 0 results for 1 requests"):
         judge(Short([]), [JudgeItem("q", "a", ("a",))], constrained=False)
-    assert judge(ScriptedJudge([]), [JudgeItem("q", "a", ())], constrained=False)[0].reason.startswith("skipped: no gold")
+    assert judge(ScriptedJudge([]), [JudgeItem("q", "a", ())], constrained=False)[0].reason.startswith(
+        "skipped: no gold"
+    )
     # a character tokenizer has no one-token yes/no: the constrained judge refuses instead of guessing
     with pytest.raises(ValueError, match="no single-token yes or no"):
         judge(ScriptedJudge([]), [JudgeItem("q", "a", ("a",))])
@@ -577,7 +711,7 @@ def test_judge_errors():
 
 def test_constrained_judge_always_answers_yes_or_no(tiny_model):
     """A random one-layer model answers anything when free; constrained, every verdict is one yes/no token."""
-    from agent.engines import TransformersEngine
+    from agent.transformers_engine import TransformersEngine
     from evals.judge import verdict_token_ids
 
     engine = TransformersEngine(tiny_model)
@@ -589,8 +723,10 @@ def test_constrained_judge_always_answers_yes_or_no(tiny_model):
     assert sum(v.verdict is None for v in free) >= 4  # random weights: free text is rarely yes/no
     verdicts = judge(engine, items)
     assert all(v.verdict is not None for v in verdicts)
-    assert all(v.raw.strip().lower() in {"yes", "no"} and v.reason.endswith("(decoding constrained to yes/no)")
-               for v in verdicts)
+    assert all(
+        v.raw.strip().lower() in {"yes", "no"} and v.reason.endswith("(decoding constrained to yes/no)")
+        for v in verdicts
+    )
 
 
 # -- ReAct through the rollout library -----------------------------------------------------------------

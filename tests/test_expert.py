@@ -8,13 +8,14 @@ import random
 import pytest
 
 from agent import validate
-from agent.engines import EngineSpec, GenRequest, load_engine
+from agent.engine_api import EngineSpec, GenRequest
+from agent.engines import load_engine
 from agent.expert import EXPERT_MODEL, ExpertEngine, parse_question, split_context
 from agent.prompts import TEMPLATES, template_for
 from agent.protocol import ACTION_CLOSE, ACTION_OPEN, THINK_CLOSE, parse
 from agent.rollout import Rollout, RolloutConfig, search_tool
 from agent.synthesis import RunInfo, synthesize
-from evals.grading import score
+from qadata.answers import score
 from qadata.corpus import corpus_from_questions
 from qadata.world import (
     BRIDGE,
@@ -41,9 +42,10 @@ def world_index():
     """The world, its questions and a BM25 index over the questions' paragraphs (the pipeline's corpus)."""
     world = build_world(EXPERT_WORLD)
     rows = generate_questions(world)
-    contexts = [{"context": [{"title": t, "sentences": s} for t, s in zip(r["context"]["title"],
-                                                                          r["context"]["sentences"])]}
-                for r in rows]
+    contexts = [
+        {"context": [{"title": t, "sentences": s} for t, s in zip(r["context"]["title"], r["context"]["sentences"])]}
+        for r in rows
+    ]
     index = BM25Index.build(corpus_from_questions(contexts)[0], show_progress=False)
     return world, rows, index
 
@@ -68,8 +70,18 @@ def test_expert_never_reads_gold_data(embedded_tokenizer, world_index):
         r["answer"] = "Tampered"
         r["supporting_facts"] = {"title": [], "sent_id": []}
     for e in world.entities.values():
-        for key in ("birth_city", "country", "capital", "headquarters", "creator", "founder", "employer",
-                    "publisher", "occupation", "nationality"):
+        for key in (
+            "birth_city",
+            "country",
+            "capital",
+            "headquarters",
+            "creator",
+            "founder",
+            "employer",
+            "publisher",
+            "occupation",
+            "nationality",
+        ):
             if key in e.attrs:
                 e.attrs[key] = "Tampered"
     trajs = run_expert(embedded_tokenizer, index, [r["question"] for r in tampered_rows])
@@ -97,8 +109,10 @@ def test_expert_solves_every_template_by_entity_name_search(embedded_tokenizer, 
     """At T = 0 every question template is answered from the index, one entity-name search per hop."""
     world = build_world(EXPERT_WORLD)
     paragraphs = all_paragraphs(world)
-    index = BM25Index.build([{"id": str(i), "contents": f"{p['title']}\n{''.join(p['sentences'])}"}
-                             for i, p in enumerate(paragraphs)], show_progress=False)
+    index = BM25Index.build(
+        [{"id": str(i), "contents": f"{p['title']}\n{''.join(p['sentences'])}"} for i, p in enumerate(paragraphs)],
+        show_progress=False,
+    )
     rng, made = random.Random(3), []
     while len(made) < 4:
         m = template(world, rng)
@@ -121,8 +135,13 @@ def test_expert_trajectories_are_token_exact_short_and_explicit(embedded_tokeniz
     engine = ExpertEngine(tok)
     cfg = RolloutConfig(temperature=0.0, seed=0, max_turn_tokens=256, force_answer=True)
     info = RunInfo("coa", "r000", "s00", "embedded", engine.name, engine.model_name, COA, 0, 1)
-    table, _ = synthesize([r | {"answers": [r["answer"]]} for r in questions], engine=engine,
-                          search=search_tool(LocalSearchEngine(index=index), 3), info=info, config=cfg)
+    table, _ = synthesize(
+        [r | {"answers": [r["answer"]]} for r in questions],
+        engine=engine,
+        search=search_tool(LocalSearchEngine(index=index), 3),
+        info=info,
+        config=cfg,
+    )
     out = table.to_pylist()
     for check in (validate.tags_unbalanced, validate.actions_without_observation, validate.mask_misaligned):
         n, problems = check(out)
@@ -147,8 +166,9 @@ def test_expert_temperature_errs_sometimes_and_is_seeded(embedded_tokenizer, wor
     cold = [t.completion for t in run_expert(embedded_tokenizer, index, qs, seed=1)]
     assert cold == [t.completion for t in run_expert(embedded_tokenizer, index, qs, seed=2)]
     hot = run_expert(embedded_tokenizer, index, qs, temperature=1.0, seed=1)
-    assert [t.completion for t in hot] == [t.completion for t in run_expert(embedded_tokenizer, index, qs,
-                                                                             temperature=1.0, seed=1)]
+    assert [t.completion for t in hot] == [
+        t.completion for t in run_expert(embedded_tokenizer, index, qs, temperature=1.0, seed=1)
+    ]
     correct = sum(score(t.answer, [g]).em for t, g in zip(hot, gold))
     assert 0.4 * len(qs) < correct < 0.98 * len(qs)
     firsts = collections.Counter(t.completion.split(".")[0].split()[0] for t in hot)
@@ -174,8 +194,9 @@ def test_expert_continues_any_context(embedded_tokenizer):
     q = "In which city was Dora Velk born?"
     base = COA.render(tok, q)
     assert split_context(base) == (q, "<think>")
-    ask = lambda text, stop, n=64: engine.generate([GenRequest(tok.encode(text, add_special_tokens=False), n, stop,
-                                                               temperature=0.0)])[0]
+    ask = lambda text, stop, n=64: engine.generate(
+        [GenRequest(tok.encode(text, add_special_tokens=False), n, stop, temperature=0.0)]
+    )[0]
     res = ask(base, (ACTION_CLOSE,))
     assert res.finish_reason == "stop" and res.text.endswith(f"{ACTION_OPEN} Dora Velk {ACTION_CLOSE}")
     res = ask(base + "Some reasoning. " + ACTION_OPEN, (ACTION_CLOSE,))
@@ -208,12 +229,18 @@ def test_expert_yields_contrastive_pairs_of_both_kinds(embedded_tokenizer, world
     tables = {}
     for pool, qs, tools in (("cot", train[:20], False), ("coa", [r for r in train if r["type"] == "comparison"], True)):
         cfg = RolloutConfig(temperature=1.0, tools=tools, seed=3, force_answer=True)
-        info = RunInfo(pool, "r000", "s00", "embedded", engine.name, engine.model_name,
-                       COA if tools else COT, 3, 1)
+        info = RunInfo(pool, "r000", "s00", "embedded", engine.name, engine.model_name, COA if tools else COT, 3, 1)
         tables[pool] = synthesize(qs, engine=engine, search=search if tools else None, info=info, config=cfg)[0]
     cfg = RolloutConfig(max_actions=5, temperature=0.6, seed=0)
-    pairs, discarded = mine_pairs(tables["cot"].to_pylist(), tables["coa"].to_pylist(), engine=engine, search=search,
-                                  coa_prompt_ids=lambda q: COA.prompt_ids(tok, q), config=cfg, attempts=4)
+    pairs, discarded = mine_pairs(
+        tables["cot"].to_pylist(),
+        tables["coa"].to_pylist(),
+        engine=engine,
+        search=search,
+        coa_prompt_ids=lambda q: COA.prompt_ids(tok, q),
+        config=cfg,
+        attempts=4,
+    )
     kinds = collections.Counter(p.kind for p in pairs)
     assert kinds["a"] >= 10 and kinds["b"] >= 1, (kinds, collections.Counter(d.reason for d in discarded))
     for p in pairs:
@@ -223,6 +250,7 @@ def test_expert_yields_contrastive_pairs_of_both_kinds(embedded_tokenizer, world
 def test_expert_rates_are_configurable(embedded_tokenizer, world_index):
     _, rows, index = world_index
     picked = rows[::4]
-    exact = run_expert(embedded_tokenizer, index, [r["question"] for r in picked], temperature=1.0,
-                       misread_rate=0.0, skip_rate=0.0)
+    exact = run_expert(
+        embedded_tokenizer, index, [r["question"] for r in picked], temperature=1.0, misread_rate=0.0, skip_rate=0.0
+    )
     assert all(t.answer == r["answer"] for t, r in zip(exact, picked))

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent.engines import cut_at_stop
+from agent.engine_api import cut_at_stop
 from agent.protocol import OBS_CLOSE
 from agent.rollout import FORCE_ANSWER, FORCE_BOX, SEARCH_LIMIT, RolloutConfig, render_observation
 from training.grpo_rollout import CostLedger, SimulationSchedule, check_groups, make_rollout_func
@@ -27,33 +27,42 @@ GOLD = ["Norsland"]
 
 
 # -- reward ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("completion,think_open,want", [
-    # well-formed, prefilled <think>: full marks
-    (" I know it.</think>\n\nThe answer is \\boxed{Norsland}.", True, dict(em=1.0, total=1.0)),
-    # a boxed guess inside the reasoning does not count, the one after </think> does
-    (" maybe \\boxed{Brivia}? no.</think> \\boxed{Norsland}", True, dict(em=1.0, total=1.0)),
-    (" it is \\boxed{Norsland}.</think> I am not sure.", True, dict(em=0.0, no_answer=-0.2, total=-0.2)),
-    # nested braces inside the box; case, articles and punctuation are normalised away
-    ("</think> \\boxed{The {Norsland}}", True, dict(em=1.0, total=1.0)),
-    ("</think> \\boxed{ the NORSLAND! }", True, dict(em=1.0, total=1.0)),
-    # the reasoning never closes: the answer still counts (the evaluation grades it too) but is penalised
-    (" so \\boxed{Norsland}", True, dict(em=1.0, missing_think=-0.2, total=0.8)),
-    # no prefill and no <think>: only missing_think, the lone </think> is not also "unbalanced"
-    (" Norsland.</think> \\boxed{Norsland}", False, dict(em=1.0, missing_think=-0.2, total=0.8)),
-    # unbalanced action tags: nested, stray closer, a search after </think>
-    (" <begin_search> a <begin_search> b </end_search></think> \\boxed{Norsland}", True,
-     dict(em=1.0, unbalanced=-0.2, total=0.8)),
-    (" x </search_result> y</think> \\boxed{Norsland}", True, dict(em=1.0, unbalanced=-0.2, total=0.8)),
-    (" x</think> <begin_search> q </end_search> \\boxed{Norsland}", True, dict(em=1.0, unbalanced=-0.2, total=0.8)),
-    # an empty or unclosed box is no answer
-    (" x</think> \\boxed{}", True, dict(em=0.0, no_answer=-0.2, total=-0.2)),
-    (" x</think> \\boxed{Norsland", True, dict(em=0.0, no_answer=-0.2, total=-0.2)),
-    # the environment refused an action over the budget (counted from its notice in the text)
-    (f" <begin_search> q </end_search>{render_observation(SEARCH_LIMIT)}{FORCE_ANSWER}Norsland}}", True,
-     dict(em=1.0, over_budget=-0.2, total=0.8)),
-    # everything wrong at once
-    (" <begin_search> q", True, dict(em=0.0, missing_think=-0.2, unbalanced=-0.2, no_answer=-0.2, total=-0.6)),
-])
+@pytest.mark.parametrize(
+    "completion,think_open,want",
+    [
+        # well-formed, prefilled <think>: full marks
+        (" I know it.</think>\n\nThe answer is \\boxed{Norsland}.", True, dict(em=1.0, total=1.0)),
+        # a boxed guess inside the reasoning does not count, the one after </think> does
+        (" maybe \\boxed{Brivia}? no.</think> \\boxed{Norsland}", True, dict(em=1.0, total=1.0)),
+        (" it is \\boxed{Norsland}.</think> I am not sure.", True, dict(em=0.0, no_answer=-0.2, total=-0.2)),
+        # nested braces inside the box; case, articles and punctuation are normalised away
+        ("</think> \\boxed{The {Norsland}}", True, dict(em=1.0, total=1.0)),
+        ("</think> \\boxed{ the NORSLAND! }", True, dict(em=1.0, total=1.0)),
+        # the reasoning never closes: the answer still counts (the evaluation grades it too) but is penalised
+        (" so \\boxed{Norsland}", True, dict(em=1.0, missing_think=-0.2, total=0.8)),
+        # no prefill and no <think>: only missing_think, the lone </think> is not also "unbalanced"
+        (" Norsland.</think> \\boxed{Norsland}", False, dict(em=1.0, missing_think=-0.2, total=0.8)),
+        # unbalanced action tags: nested, stray closer, a search after </think>
+        (
+            " <begin_search> a <begin_search> b </end_search></think> \\boxed{Norsland}",
+            True,
+            dict(em=1.0, unbalanced=-0.2, total=0.8),
+        ),
+        (" x </search_result> y</think> \\boxed{Norsland}", True, dict(em=1.0, unbalanced=-0.2, total=0.8)),
+        (" x</think> <begin_search> q </end_search> \\boxed{Norsland}", True, dict(em=1.0, unbalanced=-0.2, total=0.8)),
+        # an empty or unclosed box is no answer
+        (" x</think> \\boxed{}", True, dict(em=0.0, no_answer=-0.2, total=-0.2)),
+        (" x</think> \\boxed{Norsland", True, dict(em=0.0, no_answer=-0.2, total=-0.2)),
+        # the environment refused an action over the budget (counted from its notice in the text)
+        (
+            f" <begin_search> q </end_search>{render_observation(SEARCH_LIMIT)}{FORCE_ANSWER}Norsland}}",
+            True,
+            dict(em=1.0, over_budget=-0.2, total=0.8),
+        ),
+        # everything wrong at once
+        (" <begin_search> q", True, dict(em=0.0, missing_think=-0.2, unbalanced=-0.2, no_answer=-0.2, total=-0.6)),
+    ],
+)
 def test_reward_components(completion, think_open, want):
     b = score_completion(completion, GOLD, think_open=think_open)
     expected = {name: 0.0 for name in COMPONENTS} | {"total": 0.0} | want
@@ -81,8 +90,10 @@ def test_trl_reward_funcs_sum_to_the_total_and_need_gold():
     prompts = ["Q?<think>", "Q?<think>", "Q?"]
     # TRL decodes completions without special tokens; the rollout's exact text wins when given
     completions = ["ignored", " x</think> \\boxed{Brivia}", " x</think> \\boxed{Norsland}"]
-    kwargs = dict(gold_answers=[GOLD, GOLD, ["Norsland", "Norsland Republic"]],
-                  completion_text=[" x</think> \\boxed{norsland}", completions[1], completions[2]])
+    kwargs = dict(
+        gold_answers=[GOLD, GOLD, ["Norsland", "Norsland Republic"]],
+        completion_text=[" x</think> \\boxed{norsland}", completions[1], completions[2]],
+    )
     per_func = [f(prompts, completions, **kwargs) for f in funcs]
     totals = [sum(col) for col in zip(*per_func)]
     assert totals == pytest.approx([b.total for b in breakdowns(prompts, completions, **kwargs)])
@@ -107,7 +118,7 @@ class Scripted:
 
     def script(self, prompt_ids, stop, index):
         text = self.tokenizer.decode(prompt_ids)
-        turn = text[text.rfind("<|im_start|>assistant"):]
+        turn = text[text.rfind("<|im_start|>assistant") :]
         done = turn.count("</end_search>")
         if OBS_CLOSE in stop:
             return " Valdren is a town in Norsland. </search_result>"
@@ -130,13 +141,17 @@ class Scripted:
 
 
 def fake_trainer(tok, step=0, num_generations=2):
-    return SimpleNamespace(state=SimpleNamespace(global_step=step), num_generations=num_generations,
-                           processing_class=tok, model=None)
+    return SimpleNamespace(
+        state=SimpleNamespace(global_step=step), num_generations=num_generations, processing_class=tok, model=None
+    )
 
 
 def prompts_for(n_questions, g):
-    return [f"<|im_start|>user\nQuestion {i}?<|im_end|>\n<|im_start|>assistant\n<think>"
-            for i in range(n_questions) for _ in range(g)]
+    return [
+        f"<|im_start|>user\nQuestion {i}?<|im_end|>\n<|im_start|>assistant\n<think>"
+        for i in range(n_questions)
+        for _ in range(g)
+    ]
 
 
 def expected_mask(tok, out, i, traj_spans_of):
@@ -150,7 +165,7 @@ def expected_mask(tok, out, i, traj_spans_of):
             forced = tok.decode(out["completion_ids"][i][start:end])
             prefix = FORCE_ANSWER if forced.startswith(FORCE_ANSWER) else FORCE_BOX
             k = len(tok.encode(prefix, add_special_tokens=False))
-            mask[start:start + k] = [0] * k
+            mask[start : start + k] = [0] * k
     return mask
 
 
@@ -166,19 +181,23 @@ def test_rollout_func_returns_aligned_ids_masks_and_logprobs(embedded_tokenizer,
     spans, sampled = {}, {}
     ledger = CostLedger()
     engine = Scripted(tok, actions=3)
-    rf = make_rollout_func(search=search, schedule=lambda step: simulated, ledger=ledger,
-                           # the (T+1)-th action refused, so refused_actions is exercised too
-                           rollout_config=RolloutConfig(max_actions=2, max_context=1024, seed=1,
-                                                        after_last_action="refuse"),
-                           engine_factory=lambda trainer: nullcontext(engine))
+    rf = make_rollout_func(
+        search=search,
+        schedule=lambda step: simulated,
+        ledger=ledger,
+        # the (T+1)-th action refused, so refused_actions is exercised too
+        rollout_config=RolloutConfig(max_actions=2, max_context=1024, seed=1, after_last_action="refuse"),
+        engine_factory=lambda trainer: nullcontext(engine),
+    )
     # keep the trajectories' spans to check the mask against them independently of policy_mask
     import training.grpo_rollout as gr
+
     original = gr.rollout_outputs
 
     def spy(trajs, prompts, recorder, mask_sim):
         for i, t in enumerate(trajs):
             spans[i] = [(s.kind, s.start - t.prompt_len, s.end - t.prompt_len) for s in t.spans]
-            sampled[i] = t.policy_mask[t.prompt_len:]
+            sampled[i] = t.policy_mask[t.prompt_len :]
         return original(trajs, prompts, recorder, mask_sim)
 
     monkeypatch.setattr(gr, "rollout_outputs", spy)
@@ -190,8 +209,10 @@ def test_rollout_func_returns_aligned_ids_masks_and_logprobs(embedded_tokenizer,
         assert mask == expected_mask(tok, out, i, spans.get)
         # the sampled log-prob on every token the policy sampled (simulated result bodies included,
         # though they are masked from the loss), 0.0 on the environment's
-        assert lp == [fake_logprob(len(out["prompt_ids"][i]) + j, t) if m else 0.0
-                      for j, (t, m) in enumerate(zip(ids, sampled[i]))]
+        assert lp == [
+            fake_logprob(len(out["prompt_ids"][i]) + j, t) if m else 0.0
+            for j, (t, m) in enumerate(zip(ids, sampled[i]))
+        ]
         assert (sampled[i] == mask) is (not simulated)
         assert tok.decode(out["prompt_ids"][i]).endswith("<think>") and out["think_open"][i]
         assert out["refused_actions"][i] == 1 and out["n_actions"][i] == 2
@@ -245,11 +266,14 @@ def test_simulation_schedule():
 torch = pytest.importorskip("torch")
 
 
-
-
-QUESTIONS = [{"question_id": "q0", "question": "Where is Valdren?", "gold_answers": ["Norsland"]},
-             {"question_id": "q1", "question": "Which country is Valdren in?",
-              "gold_answers": ["Norsland", "Norsland Republic"]}]
+QUESTIONS = [
+    {"question_id": "q0", "question": "Where is Valdren?", "gold_answers": ["Norsland"]},
+    {
+        "question_id": "q1",
+        "question": "Which country is Valdren in?",
+        "gold_answers": ["Norsland", "Norsland Republic"],
+    },
+]
 
 
 def test_grpo_switches_from_simulated_to_real_and_updates_the_policy(tiny_model, tmp_path):
@@ -286,13 +310,23 @@ def test_grpo_switches_from_simulated_to_real_and_updates_the_policy(tiny_model,
             yield Hybrid()
         assert trainer.model.training  # the trainer's mode is restored after the rollout
 
-    settings = GrpoSettings(max_steps=2, learning_rate=1e-3, questions_per_step=2, num_generations=2, max_actions=3,
-                            max_completion_tokens=160, max_turn_tokens=48, answer_tokens=8, beta=0.001)
+    settings = GrpoSettings(
+        max_steps=2,
+        learning_rate=1e-3,
+        questions_per_step=2,
+        num_generations=2,
+        max_actions=3,
+        max_completion_tokens=160,
+        max_turn_tokens=48,
+        answer_tokens=8,
+        beta=0.001,
+    )
     with pytest.raises(ValueError, match="need a `search`"):
         train_grpo(tiny_model, QUESTIONS, tmp_path / "x", settings, simulated_fraction=0.5)
     out = tmp_path / "rl"
-    res = train_grpo(tiny_model, QUESTIONS, out, settings, search=search, simulated_fraction=0.5,
-                     engine_factory=live_then_scripted)
+    res = train_grpo(
+        tiny_model, QUESTIONS, out, settings, search=search, simulated_fraction=0.5, engine_factory=live_then_scripted
+    )
 
     assert res.steps == 2 and res.simulated_steps == 1 and live
     sim, real = res.cost

@@ -1,6 +1,6 @@
 import pytest
 
-from pipelines.resources import SearchEngineResource
+from assets.resources import SearchEngineResource
 from qadata.io import atomic_directory, atomic_write_jsonl, atomic_write_text
 from retrieval.bm25 import BM25Index
 from retrieval.engine import HttpSearchEngine, LocalSearchEngine
@@ -34,8 +34,10 @@ def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
 
 
 def test_search_engine_resource_modes(tmp_path):
-    index = BM25Index.build([{"id": "0", "contents": "Alpha\nAlpha is a poet."},
-                             {"id": "1", "contents": "Beta\nBeta is a city."}], show_progress=False)
+    index = BM25Index.build(
+        [{"id": "0", "contents": "Alpha\nAlpha is a poet."}, {"id": "1", "contents": "Beta\nBeta is a city."}],
+        show_progress=False,
+    )
     index.save(tmp_path / "artifacts" / "search_index")
     local = SearchEngineResource(home=str(tmp_path)).get_engine()
     assert isinstance(local, LocalSearchEngine)

@@ -20,9 +20,17 @@ from training.launch import (
 
 SETTINGS = {"max_steps": 2, "learning_rate": 1e-2, "batch_size": 2, "max_length": 256}
 # accelerate refuses these in an accelerate config that also names a deepspeed_config_file
-DS_FIELDS_IGNORED = {"gradient_accumulation_steps", "gradient_clipping", "zero_stage", "offload_optimizer_device",
-                     "offload_param_device", "offload_param_nvme_path", "offload_optimizer_nvme_path",
-                     "zero3_save_16bit_model", "mixed_precision"}
+DS_FIELDS_IGNORED = {
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "zero_stage",
+    "offload_optimizer_device",
+    "offload_param_device",
+    "offload_param_nvme_path",
+    "offload_optimizer_nvme_path",
+    "zero3_save_16bit_model",
+    "mixed_precision",
+}
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -44,10 +52,17 @@ def test_every_shipped_accelerate_config_loads():
         ds = json.loads(ds_file.read_text())
         assert ds["zero_optimization"]["stage"] == stage
         assert ds["bf16"]["enabled"] == "auto" and ds["train_micro_batch_size_per_gpu"] == "auto"
-        assert ds["gradient_accumulation_steps"] == "auto" and ds["zero_optimization"]["offload_optimizer"]["device"] == "none"
+        assert (
+            ds["gradient_accumulation_steps"] == "auto"
+            and ds["zero_optimization"]["offload_optimizer"]["device"] == "none"
+        )
     # ZeRO-3 checkpoints are gathered into one 16-bit state dict on save (training.sft._save)
-    assert json.loads((REPO_ROOT / "configs/deepspeed/zero3.json").read_text())["zero_optimization"][
-        "stage3_gather_16bit_weights_on_model_save"] is True
+    assert (
+        json.loads((REPO_ROOT / "configs/deepspeed/zero3.json").read_text())["zero_optimization"][
+            "stage3_gather_16bit_weights_on_model_save"
+        ]
+        is True
+    )
 
 
 def test_launch_command_argv_parses_with_accelerate_cli(tmp_path):
@@ -58,8 +73,17 @@ def test_launch_command_argv_parses_with_accelerate_cli(tmp_path):
     assert json.loads(plain[plain.index("--settings") + 1]) == SETTINGS
     assert plain[plain.index("--result-json") + 1] == str(tmp_path / "o") + ".result.json"
 
-    argv = launch_command(3, "m", "d.parquet", tmp_path / "o", SETTINGS, launcher="accelerate", num_processes=8,
-                          accelerate_config="deepspeed_zero3", labels="labels_stage3")
+    argv = launch_command(
+        3,
+        "m",
+        "d.parquet",
+        tmp_path / "o",
+        SETTINGS,
+        launcher="accelerate",
+        num_processes=8,
+        accelerate_config="deepspeed_zero3",
+        labels="labels_stage3",
+    )
     assert argv[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     args = launch_command_parser().parse_args(argv[3:])
     assert args.module and args.quiet and args.training_script == "training.launch"
@@ -79,8 +103,6 @@ def test_launch_command_argv_parses_with_accelerate_cli(tmp_path):
 # ------------------------------------------------------------------------------------------------ real launches
 
 
-
-
 @pytest.fixture(scope="module")
 def stage23_parquet(embedded_tokenizer, tmp_path_factory):
     """A small sft_stage23_data table: input_ids with stage-2 (observations masked) and stage-3 labels."""
@@ -93,9 +115,14 @@ def stage23_parquet(embedded_tokenizer, tmp_path_factory):
         policy = tok.encode(" I search. <begin_search> Valdren </end_search>", add_special_tokens=False)
         obs = tok.encode("\n<search_result>\nValdren is in Norsland.\n</search_result>\n", add_special_tokens=False)
         answer = tok.encode(" So Norsland.</think>\n\n\\boxed{Norsland}", add_special_tokens=False)
-        rows.append({"trajectory_id": f"t{i}", "input_ids": prompt + policy + obs + answer,
-                     "labels_stage2": [-100] * len(prompt) + policy + [-100] * len(obs) + answer,
-                     "labels_stage3": [-100] * len(prompt) + policy + obs + answer})
+        rows.append(
+            {
+                "trajectory_id": f"t{i}",
+                "input_ids": prompt + policy + obs + answer,
+                "labels_stage2": [-100] * len(prompt) + policy + [-100] * len(obs) + answer,
+                "labels_stage3": [-100] * len(prompt) + policy + obs + answer,
+            }
+        )
     path = tmp_path_factory.mktemp("tables") / "sft_stage23_data" / "data.parquet"
     path.parent.mkdir()
     pq.write_table(pa.Table.from_pylist(rows), path)
@@ -115,9 +142,16 @@ def _check(result, out: Path, lines: list[str]):
 @pytest.mark.parametrize("launcher", ["python", "accelerate"])
 def test_launch_stage2_as_subprocess(launcher, tiny_model, stage23_parquet, tmp_path):
     out = tmp_path / "sft_stage2_checkpoint"
-    argv = launch_command(2, tiny_model, stage23_parquet, out, SETTINGS, launcher=launcher,
-                          accelerate_config="cpu" if launcher == "accelerate" else None,
-                          data_version="sft_stage23_data:6")
+    argv = launch_command(
+        2,
+        tiny_model,
+        stage23_parquet,
+        out,
+        SETTINGS,
+        launcher=launcher,
+        accelerate_config="cpu" if launcher == "accelerate" else None,
+        data_version="sft_stage23_data:6",
+    )
     lines: list[str] = []
     result = run_launcher(argv, log=lines.append, env={"OMP_NUM_THREADS": "1"})
     _check(result, out, lines)
@@ -126,8 +160,16 @@ def test_launch_stage2_as_subprocess(launcher, tiny_model, stage23_parquet, tmp_
 def test_torchrun_two_cpu_processes_write_one_checkpoint(tiny_model, stage23_parquet, tmp_path):
     """DDP over two gloo processes: both train, only rank 0 writes the checkpoint and the result."""
     out = tmp_path / "ddp"
-    argv = launch_command(2, tiny_model, stage23_parquet, out, {**SETTINGS, "batch_size": 1}, launcher="torchrun",
-                          num_processes=2, data_version="sft_stage23_data:6")
+    argv = launch_command(
+        2,
+        tiny_model,
+        stage23_parquet,
+        out,
+        {**SETTINGS, "batch_size": 1},
+        launcher="torchrun",
+        num_processes=2,
+        data_version="sft_stage23_data:6",
+    )
     lines: list[str] = []
     result = run_launcher(argv, log=lines.append, env={"OMP_NUM_THREADS": "1"})
     _check(result, out, lines)

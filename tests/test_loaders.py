@@ -58,7 +58,11 @@ def test_question_is_last_paragraph_of_prompt():
 # -- official JSON and hand-made malformed inputs -----------------------------------------------
 def test_official_json_layout(tmp_path, hotpot_row):
     official = {
-        "_id": "o1", "question": "Q?", "answer": "A", "type": "comparison", "level": "hard",
+        "_id": "o1",
+        "question": "Q?",
+        "answer": "A",
+        "type": "comparison",
+        "level": "hard",
         "supporting_facts": [["T1", 0], ["T2", 1]],
         "context": [["T1", ["A is here."]], ["T2", ["x.", " A again."]]],
     }
@@ -74,9 +78,18 @@ def test_malformed_rows_are_quarantined_with_reasons(tmp_path, hotpot_row):
     no_answer = {k: v for k, v in hotpot_row.items() if k != "answer"} | {"id": "q2"}
     empty_answer = hotpot_row | {"id": "q3", "answer": "  "}
     bad_fact = hotpot_row | {"id": "q4", "supporting_facts": {"title": ["Nowhere"], "sent_id": [0]}}
-    path = write_jsonl(tmp_path / "mixed_train.jsonl", [
-        hotpot_row, no_answer, empty_answer, bad_fact, b"\xff\xfe not utf-8\n", b"{not json\n", hotpot_row,
-    ])
+    path = write_jsonl(
+        tmp_path / "mixed_train.jsonl",
+        [
+            hotpot_row,
+            no_answer,
+            empty_answer,
+            bad_fact,
+            b"\xff\xfe not utf-8\n",
+            b"{not json\n",
+            hotpot_row,
+        ],
+    )
     rows, rejected = load_sources([SourceSpec(str(path))])
     assert [r["id"] for r in rows] == ["q1"]
     reasons = [r.reason for r in rejected]
@@ -103,16 +116,23 @@ def test_unreadable_file_fails_naming_file_and_line(tmp_path):
 
 
 def test_verl_rows_missing_fields(tmp_path):
-    good = {"_id": "v1", "level": "easy", "prompt": [{"role": "user", "content": "Rules.\n\nWho?"}],
-            "reward_model": {"ground_truth": "Ann", "style": "rule"}, "extra_info": {"index": 0, "split": "train"}}
+    good = {
+        "_id": "v1",
+        "level": "easy",
+        "prompt": [{"role": "user", "content": "Rules.\n\nWho?"}],
+        "reward_model": {"ground_truth": "Ann", "style": "rule"},
+        "extra_info": {"index": 0, "split": "train"},
+    }
     no_truth = good | {"_id": "v2", "reward_model": {"ground_truth": None, "style": "rule"}}
     no_prompt = good | {"_id": "v3", "prompt": []}
     path = tmp_path / "rl.parquet"
     pq.write_table(pa.Table.from_pylist([good, no_truth, no_prompt]), path)
     rows, rejected = _split(load_source(SourceSpec(str(path))))
     assert [r["id"] for r in rows] == ["v1"] and rows[0]["question"] == "Who?"
-    assert sorted(r.reason for r in rejected) == ["missing field 'prompt[0].content'",
-                                                  "missing field 'reward_model.ground_truth'"]
+    assert sorted(r.reason for r in rejected) == [
+        "missing field 'prompt[0].content'",
+        "missing field 'reward_model.ground_truth'",
+    ]
 
 
 def test_source_spec_parsing():

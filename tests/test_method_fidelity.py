@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from agent.engines import GenRequest, GenResult, TransformersEngine, cut_at_stop
+from agent.engine_api import GenRequest, GenResult, cut_at_stop
 from agent.protocol import ACTION_CLOSE, OBS_CLOSE, OBS_OPEN, THINK_CLOSE
 from agent.rollout import (
     FORCE_ANSWER,
@@ -35,6 +35,7 @@ from agent.rollout import (
     close_simulated_block,
     render_observation,
 )
+from agent.transformers_engine import TransformersEngine
 from assets.data import (
     EmbeddedWorldConfig,
     HotpotqaRawConfig,
@@ -47,9 +48,9 @@ from assets.data import (
     rl_questions_disjoint_from_sft,
 )
 from assets.rl import RlConfig
-from evals.grading import extract_boxed
-from pipelines.paths import REPO_ROOT, table_path
-from pipelines.storage import StorageResource
+from assets.storage import StorageResource
+from qadata.answers import extract_boxed
+from qadata.paths import REPO_ROOT, table_path
 from qadata.text import normalise_question
 from training.grpo import PAPER_COT_FRACTION, GrpoSettings, batch_layout, cot_per_step, grpo_config, step_rows
 from training.grpo_rollout import CostLedger, make_rollout_func
@@ -63,8 +64,12 @@ torch = pytest.importorskip("torch")
 
 
 def _prompt(tok, i=0):
-    return (f"q{i}", tok.encode(f"<|im_start|>user\nQuestion {i}?<|im_end|>\n<|im_start|>assistant\n<think>",
-                                add_special_tokens=False))
+    return (
+        f"q{i}",
+        tok.encode(
+            f"<|im_start|>user\nQuestion {i}?<|im_end|>\n<|im_start|>assistant\n<think>", add_special_tokens=False
+        ),
+    )
 
 
 class Searcher:
@@ -90,8 +95,8 @@ class Searcher:
             if OBS_CLOSE in r.stop:
                 text = self.sim_text if self.sim_text is not None else f" a simulated passage {OBS_CLOSE}"
             elif r.stop == ("}",):  # the forced answer: continue it where it stands
-                written = so_far[so_far.rfind("\\boxed{") + len("\\boxed{"):]
-                text = (self.answer + "}")[len(written):]
+                written = so_far[so_far.rfind("\\boxed{") + len("\\boxed{") :]
+                text = (self.answer + "}")[len(written) :]
             elif so_far.count(ACTION_CLOSE) < self.actions:
                 text = f" I look it up. <begin_search> query {so_far.count(ACTION_CLOSE)} {ACTION_CLOSE} junk"
             else:
@@ -106,8 +111,10 @@ def _long_search(tok, words=170):
     body = " ".join(f"fact{i} lorem ipsum" for i in range(words // 3))
 
     def run(queries):
-        return [("\n".join(f'result {k}: "Doc {k}"\n{q}: {body}' for k in (1, 2, 3)), ["p1", "p2", "p3"])
-                for q in queries]
+        return [
+            ("\n".join(f'result {k}: "Doc {k}"\n{q}: {body}' for k in (1, 2, 3)), ["p1", "p2", "p3"]) for q in queries
+        ]
+
     return run
 
 
@@ -121,8 +128,15 @@ def tiny_engine(embedded_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(embedded_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048)
+    cfg = LlamaConfig(
+        vocab_size=len(embedded_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    )
     model = LlamaForCausalLM(cfg).eval()
     return model
 
@@ -144,8 +158,8 @@ def test_item1_sequence_never_exceeds_the_context_budget(embedded_tokenizer, tin
         assert obs, "at least one search fits"
         last = obs[-1]
         if last.truncated:  # cut at a token boundary, with a visible notice and the closing tag, all masked
-            assert tok.decode(t.token_ids[last.start:last.end]).endswith(TRUNCATED + OBS_CLOSE_TEXT)
-        assert all(set(t.policy_mask[s.start:s.end]) == {0} for s in obs)
+            assert tok.decode(t.token_ids[last.start : last.end]).endswith(TRUNCATED + OBS_CLOSE_TEXT)
+        assert all(set(t.policy_mask[s.start : s.end]) == {0} for s in obs)
         assert t.spans[-1].kind == "forced"  # the random model writes the forced answer at the edge of the context
 
 
@@ -159,7 +173,8 @@ def test_item1_one_failing_trajectory_does_not_fail_the_others(embedded_tokenize
             return super().generate(requests)
 
     trajs = Rollout(FailsOnQuestion3(tok, actions=1), _long_search(tok), RolloutConfig(max_context=2048)).run(
-        [_prompt(tok, i) for i in range(6)])
+        [_prompt(tok, i) for i in range(6)]
+    )
     assert len(trajs) == 6  # counts reconcile: one row per task
     assert [t.finish_reason == "error" for t in trajs] == [i == 3 for i in range(6)]
     assert "engine refused" in trajs[3].error
@@ -196,7 +211,8 @@ def test_item3_answer_is_forced_right_after_the_T_th_observation(embedded_tokeni
     assert t.spans[3].end == t.spans[4].start
     # the older rule stays selectable: the policy reasons on and a (T+1)-th action is refused
     t = Rollout(policy, _long_search(tok, 20), RolloutConfig(max_actions=2, after_last_action="refuse")).run(
-        [_prompt(tok)])[0]
+        [_prompt(tok)]
+    )[0]
     assert [s.refused for s in t.spans if s.kind == "action"] == [False, False, True]
     assert SEARCH_LIMIT in t.completion
 
@@ -221,11 +237,11 @@ def test_item4_simulated_block_is_closed_by_the_environment(embedded_tokenizer, 
     t = Rollout(policy, None, cfg).run([_prompt(tok)])[0]
     obs = [s for s in t.spans if s.kind == "observation"]
     assert len(obs) == 1 and obs[0].simulated and obs[0].closed_by == ending
-    block = t.token_ids[obs[0].start:obs[0].end]
+    block = t.token_ids[obs[0].start : obs[0].end]
     assert tok.decode(block).endswith(OBS_CLOSE_TEXT)
     close_len = len(tok.encode(OBS_CLOSE_TEXT, add_special_tokens=False))
-    assert t.policy_mask[obs[0].end - close_len:obs[0].end] == [0] * close_len  # the closing tag is the environment's
-    assert tok.eos_token_id not in t.token_ids[t.prompt_len:obs[0].end]  # the EOS inside the block is gone
+    assert t.policy_mask[obs[0].end - close_len : obs[0].end] == [0] * close_len  # the closing tag is the environment's
+    assert tok.eos_token_id not in t.token_ids[t.prompt_len : obs[0].end]  # the EOS inside the block is gone
     assert t.answer == "Orvantis" and t.completion.count(OBS_OPEN) == t.completion.count(OBS_CLOSE) == 1
 
 
@@ -265,15 +281,18 @@ def test_item5_prefill_is_not_doubled_for_r1_distill_templates(embedded_tokenize
 # -- 8. answer extraction ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, want", [
-    # no </think>: a boxed answer quoted inside a search result is not the policy's answer
-    ("<begin_search> q </end_search>\n<search_result>\nresult 1: \\boxed{Leaked}\n</search_result>\n", None),
-    # a result that contains </think> does not move the answer position
-    ("x <search_result>\n</think> \\boxed{Leaked}\n</search_result>\n y</think> \\boxed{Mine}", "Mine"),
-    # an unclosed (truncated) result block runs to the end
-    ("reasoning <search_result>\nresult 1: \\boxed{Leaked}", None),
-    ("</think> \\boxed{Mine}", "Mine"),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        # no </think>: a boxed answer quoted inside a search result is not the policy's answer
+        ("<begin_search> q </end_search>\n<search_result>\nresult 1: \\boxed{Leaked}\n</search_result>\n", None),
+        # a result that contains </think> does not move the answer position
+        ("x <search_result>\n</think> \\boxed{Leaked}\n</search_result>\n y</think> \\boxed{Mine}", "Mine"),
+        # an unclosed (truncated) result block runs to the end
+        ("reasoning <search_result>\nresult 1: \\boxed{Leaked}", None),
+        ("</think> \\boxed{Mine}", "Mine"),
+    ],
+)
 def test_item8_answers_are_never_read_inside_observations(text, want):
     assert extract_boxed(text) == want
 
@@ -305,7 +324,7 @@ def test_item9_react_on_a_base_model_is_a_plain_text_prompt(embedded_tokenizer):
 def test_item9_paper_profile_baselines():
     import yaml
 
-    from pipelines.paths import REPO_ROOT
+    from qadata.paths import REPO_ROOT
 
     cfg = yaml.safe_load((REPO_ROOT / "configs" / "paper.yaml").read_text())["ops"]
     assert cfg["eval_predictions"]["config"]["base_engine"]["model"] == "Qwen/Qwen2.5-7B"
@@ -372,10 +391,18 @@ def _sft1_row(tok, kind, completion):
         a = token_at(completion.index("<search_result>"))
         b = token_at(completion.index("</search_result>") + len("</search_result>") - 1) + 1
         spans.append({"kind": "observation", "start": len(prompt) + a, "end": len(prompt) + b})
-        mask[len(prompt) + a: len(prompt) + b] = [0] * (b - a)
-    return {"trajectory_id": f"r/{kind}/q1/0", "question_id": "q1", "question": "In which country is Valdren?",
-            "gold_answers": ["Norsland"], "token_ids": prompt + comp, "policy_mask": mask, "prompt_tokens": len(prompt),
-            "em": 0.0, "spans": spans}
+        mask[len(prompt) + a : len(prompt) + b] = [0] * (b - a)
+    return {
+        "trajectory_id": f"r/{kind}/q1/0",
+        "question_id": "q1",
+        "question": "In which country is Valdren?",
+        "gold_answers": ["Norsland"],
+        "token_ids": prompt + comp,
+        "policy_mask": mask,
+        "prompt_tokens": len(prompt),
+        "em": 0.0,
+        "spans": spans,
+    }
 
 
 def _sft1_search(queries):
@@ -388,14 +415,26 @@ def sft1_mined(embedded_tokenizer):
     forced answer prompt and whose rejected side (the CoA's own continuation) holds a real search result."""
     tok = embedded_tokenizer
     cot = _sft1_row(tok, "cot", " Valdren is a town. It is in Brivia.</think>\n\n\\boxed{Brivia}")
-    coa = _sft1_row(tok, "coa", " I need it. <begin_search> Valdren </end_search>\n<search_result>\nValdren is in "
-                                "Brivia.\n</search_result>\n It is Brivia.</think>\n\n\\boxed{Brivia}")
+    coa = _sft1_row(
+        tok,
+        "coa",
+        " I need it. <begin_search> Valdren </end_search>\n<search_result>\nValdren is in "
+        "Brivia.\n</search_result>\n It is Brivia.</think>\n\n\\boxed{Brivia}",
+    )
     cfg = RolloutConfig(max_actions=2, max_context=400, max_turn_tokens=40, answer_tokens=8)
     prompt_ids = lambda q: tok.encode(SFT1_PROMPT, add_special_tokens=False)  # noqa: E731
-    (a,), _ = mine_pairs([cot], [], engine=_Sft1Scripted(tok), search=_sft1_search, coa_prompt_ids=prompt_ids,
-                         config=cfg, attempts=1)
-    (b,), _ = mine_pairs([], [coa], engine=_Sft1Scripted(tok, searches_anyway=True), search=_sft1_search,
-                         coa_prompt_ids=prompt_ids, config=cfg, attempts=1)
+    (a,), _ = mine_pairs(
+        [cot], [], engine=_Sft1Scripted(tok), search=_sft1_search, coa_prompt_ids=prompt_ids, config=cfg, attempts=1
+    )
+    (b,), _ = mine_pairs(
+        [],
+        [coa],
+        engine=_Sft1Scripted(tok, searches_anyway=True),
+        search=_sft1_search,
+        coa_prompt_ids=prompt_ids,
+        config=cfg,
+        attempts=1,
+    )
     return a, b, coa
 
 
@@ -404,7 +443,7 @@ def _environment_positions(tok, ids, observation_spans):
     env = {i for s, e in observation_spans for i in range(s, e)}
     for text in (FORCE_ANSWER, FORCE_ANSWER.split("\n", 2)[-1]):  # with or without the closing </think>
         forced = tok.encode(text, add_special_tokens=False)
-        env |= {i + k for i in range(len(ids)) if ids[i: i + len(forced)] == forced for k in range(len(forced))}
+        env |= {i + k for i in range(len(ids)) if ids[i : i + len(forced)] == forced for k in range(len(forced))}
     return env
 
 
@@ -424,20 +463,31 @@ def test_item2_sft1_pair_masks_exclude_search_results_and_forced_text(sft1_mined
     action = tok.encode(" <begin_search>", add_special_tokens=False)
     assert a.chosen_ids[: len(action)] == action and a.chosen_mask[: len(action)] == [1] * len(action)
     # rejected (b): the source CoA's own policy_mask, sliced at the juncture
-    assert b.rejected_mask == coa["policy_mask"][coa["prompt_tokens"] + len(b.prefix_ids):]
+    assert b.rejected_mask == coa["policy_mask"][coa["prompt_tokens"] + len(b.prefix_ids) :]
 
 
 def _as_table_row(p: Pair, tok) -> dict:
-    return {"pair_id": p.pair_id, "question_id": p.question_id, "kind": p.kind, "prompt_ids": p.prompt_ids,
-            "prefix_ids": p.prefix_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids,
-            "chosen_mask": p.chosen_mask, "rejected_mask": p.rejected_mask, "prompt_text": tok.decode(p.prompt_ids),
-            "prefix_text": tok.decode(p.prefix_ids), "chosen_text": tok.decode(p.chosen_ids),
-            "rejected_text": tok.decode(p.rejected_ids)}
+    return {
+        "pair_id": p.pair_id,
+        "question_id": p.question_id,
+        "kind": p.kind,
+        "prompt_ids": p.prompt_ids,
+        "prefix_ids": p.prefix_ids,
+        "chosen_ids": p.chosen_ids,
+        "rejected_ids": p.rejected_ids,
+        "chosen_mask": p.chosen_mask,
+        "rejected_mask": p.rejected_mask,
+        "prompt_text": tok.decode(p.prompt_ids),
+        "prefix_text": tok.decode(p.prefix_ids),
+        "chosen_text": tok.decode(p.chosen_ids),
+        "rejected_text": tok.decode(p.rejected_ids),
+    }
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
-def test_item2_sft1_trainer_loss_is_the_paper_formula_over_exactly_the_policy_tokens(sft1_mined, embedded_tokenizer,
-                                                                                     tiny_model, tmp_path, alpha):
+def test_item2_sft1_trainer_loss_is_the_paper_formula_over_exactly_the_policy_tokens(
+    sft1_mined, embedded_tokenizer, tiny_model, tmp_path, alpha
+):
     from transformers import AutoModelForCausalLM
 
     from training.sft import TrainSettings, stage1_trainer
@@ -458,9 +508,14 @@ def test_item2_sft1_trainer_loss_is_the_paper_formula_over_exactly_the_policy_to
 
     want = {}
     for side in ("chosen", "rejected"):
-        want[side] = [by_hand(r["context_ids"], r[f"{side}_ids"],
-                              _environment_positions(tok, r[f"{side}_ids"], getattr(p, f"{side}_observation_spans")))
-                      for r, p in zip(rows, mined)]
+        want[side] = [
+            by_hand(
+                r["context_ids"],
+                r[f"{side}_ids"],
+                _environment_positions(tok, r[f"{side}_ids"], getattr(p, f"{side}_observation_spans")),
+            )
+            for r, p in zip(rows, mined)
+        ]
     assert out["logps_chosen"].tolist() == pytest.approx(want["chosen"], abs=1e-5)
     assert out["logps_rejected"].tolist() == pytest.approx(want["rejected"], abs=1e-5)
     formula = [-math.log(1 / (1 + math.exp(r - c))) - alpha * c for c, r in zip(want["chosen"], want["rejected"])]
@@ -470,26 +525,47 @@ def test_item2_sft1_trainer_loss_is_the_paper_formula_over_exactly_the_policy_to
 def test_item2_sft1_trains_on_ids_and_refuses_text_rows(tiny_model, tmp_path):
     from training.sft import TrainSettings, train_stage1
 
-    text_rows = [{"prompt": "Q: where is Valdren?\n<think>", "chosen": " <begin_search> Valdren </end_search>",
-                  "rejected": " Brivia.</think> \\boxed{Brivia}"}] * 2
+    text_rows = [
+        {
+            "prompt": "Q: where is Valdren?\n<think>",
+            "chosen": " <begin_search> Valdren </end_search>",
+            "rejected": " Brivia.</think> \\boxed{Brivia}",
+        }
+    ] * 2
     with pytest.raises(ValueError, match="token ids"):
         train_stage1(tiny_model, text_rows, tmp_path / "s1", TrainSettings(max_steps=1, max_length=64))
 
 
 def _budget_pairs(n_a, n_b):
-    return [Pair(pair_id=f"t{k}{i}#{k}", question_id=f"q{k}{i}", kind=k, juncture_rule="", prompt_ids=[], prefix_ids=[],
-                 chosen_ids=[1], rejected_ids=[2], chosen_correct=True, rejected_correct=False)
-            for k, n in (("a", n_a), ("b", n_b)) for i in range(n)]
+    return [
+        Pair(
+            pair_id=f"t{k}{i}#{k}",
+            question_id=f"q{k}{i}",
+            kind=k,
+            juncture_rule="",
+            prompt_ids=[],
+            prefix_ids=[],
+            chosen_ids=[1],
+            rejected_ids=[2],
+            chosen_correct=True,
+            rejected_correct=False,
+        )
+        for k, n in (("a", n_a), ("b", n_b))
+        for i in range(n)
+    ]
 
 
-@pytest.mark.parametrize("n_a, n_b, max_pairs, share, kept_a, kept_b", [
-    (10, 5, 6, 0.5, 3, 3),
-    (10, 5, 6, 0.8, 5, 1),  # round(4.8) = 5 action-chosen
-    (2, 10, 6, 0.8, 2, 4),  # too few action-chosen: the think-chosen fill the budget
-    (10, 0, 6, 0.5, 6, 0),
-    (3, 2, None, 0.8, 3, 2),  # no budget: everything kept
-    (3, 2, 100, 0.8, 3, 2),
-])
+@pytest.mark.parametrize(
+    "n_a, n_b, max_pairs, share, kept_a, kept_b",
+    [
+        (10, 5, 6, 0.5, 3, 3),
+        (10, 5, 6, 0.8, 5, 1),  # round(4.8) = 5 action-chosen
+        (2, 10, 6, 0.8, 2, 4),  # too few action-chosen: the think-chosen fill the budget
+        (10, 0, 6, 0.5, 6, 0),
+        (3, 2, None, 0.8, 3, 2),  # no budget: everything kept
+        (3, 2, 100, 0.8, 3, 2),
+    ],
+)
 def test_item10_pair_budget_caps_with_the_kind_balance(n_a, n_b, max_pairs, share, kept_a, kept_b):
     pairs = _budget_pairs(n_a, n_b)
     kept, dropped, stats = budget_pairs(pairs, max_pairs, share, seed=0)
@@ -526,12 +602,14 @@ def test_item10_pair_budget_paper_profile_and_default():
 
 # == items 6, 7 and 11: RL ====================================================================================
 
+
 # -- item 6: RL questions disjoint from SFT (and evaluation) questions -----------------------------------------
 @pytest.fixture(scope="module")
 def small_data():
     """A small generated world, its hotpotqa_raw and a 40-question sample, by direct asset invocation."""
-    world = embedded_world(dg.build_asset_context(), EmbeddedWorldConfig(people=300, works=300, orgs=60, places=80,
-                                                                         questions=200)).value
+    world = embedded_world(
+        dg.build_asset_context(), EmbeddedWorldConfig(people=300, works=300, orgs=60, places=80, questions=200)
+    ).value
     raw = next(iter(hotpotqa_raw(dg.build_asset_context(), HotpotqaRawConfig(), world))).value
     sample = question_sample(dg.build_asset_context(), QuestionSampleConfig(total=40), raw).value
     return raw, sample
@@ -543,16 +621,20 @@ def _check(home, pool, sample, raw):
         path = table_path(home, [name])
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path)
-    return rl_questions_disjoint_from_sft(dg.build_asset_check_context(instance=dg.DagsterInstance.ephemeral()),
-                                          StorageResource(home=str(home)))
+    return rl_questions_disjoint_from_sft(
+        dg.build_asset_check_context(instance=dg.DagsterInstance.ephemeral()), StorageResource(home=str(home))
+    )
 
 
 def test_item6_rl_pool_is_disjoint_from_sft_and_evaluation_and_the_check_blocks_an_overlap(small_data, tmp_path):
     raw, sample = small_data
     home = tmp_path / "home"
     # an SFT table on disk naming a training question that question_sample no longer holds (a redrawn sample)
-    spare = sorted(r["id"] for r in raw.select(["id", "split"]).to_pylist()
-                   if r["split"] == "train" and r["id"] not in set(sample.column("id").to_pylist()))[0]
+    spare = sorted(
+        r["id"]
+        for r in raw.select(["id", "split"]).to_pylist()
+        if r["split"] == "train" and r["id"] not in set(sample.column("id").to_pylist())
+    )[0]
     sft = table_path(home, ["sft_stage23_data"])
     sft.parent.mkdir(parents=True)
     pq.write_table(pa.table({"question_id": [spare]}), sft)
@@ -566,17 +648,24 @@ def test_item6_rl_pool_is_disjoint_from_sft_and_evaluation_and_the_check_blocks_
     assert not {r["id"] for r in rows} & (sample_ids | {spare})
     assert not {normalise_question(r["question"]) for r in rows} & sample_texts
     assert {r["split"] for r in rows} == {"train"}  # the dev split is evaluation: never an RL prompt
-    absent = rl_questions_disjoint_from_sft(dg.build_asset_check_context(instance=dg.DagsterInstance.ephemeral()),
-                                            StorageResource(home=str(home)))
+    absent = rl_questions_disjoint_from_sft(
+        dg.build_asset_check_context(instance=dg.DagsterInstance.ephemeral()), StorageResource(home=str(home))
+    )
     assert absent.passed and "skipped" in absent.metadata  # rl_questions not materialised: skipped, not failed
     check = _check(home, pool, sample, raw)
     assert check.passed and check.metadata["overlap_sft"].value == 0
 
     # a pool sharing one question with the SFT sample and one with evaluation fails the check, which is blocking
     dev = next(r for r in raw.to_pylist() if r["split"] == "dev")
-    leaked = pa.concat_tables([pool, pa.Table.from_pylist(
-        [{k: r.get(k) for k in pool.schema.names} | {"stratum": "x/y"}
-         for r in (sample.to_pylist()[0], dev)], schema=pool.schema)])
+    leaked = pa.concat_tables(
+        [
+            pool,
+            pa.Table.from_pylist(
+                [{k: r.get(k) for k in pool.schema.names} | {"stratum": "x/y"} for r in (sample.to_pylist()[0], dev)],
+                schema=pool.schema,
+            ),
+        ]
+    )
     bad = _check(home, leaked, sample, raw)
     assert not bad.passed
     assert bad.metadata["overlap_sft"].value == 1 and bad.metadata["overlap_evaluation"].value == 1
@@ -584,6 +673,7 @@ def test_item6_rl_pool_is_disjoint_from_sft_and_evaluation_and_the_check_blocks_
     assert spec.blocking
     # the RL assets read their prompts from the pool, not from question_sample
     from assets.rl import sft123_rl12_checkpoint
+
     assert dg.AssetKey("rl_questions") in sft123_rl12_checkpoint.dependency_keys
     assert dg.AssetKey("question_sample") not in sft123_rl12_checkpoint.dependency_keys
 
@@ -609,7 +699,7 @@ class Scripted:
         tok, out = self.tokenizer, []
         for r in requests:
             text = tok.decode(r.prompt_ids)
-            turn = text[text.rfind("<|im_start|>assistant"):]
+            turn = text[text.rfind("<|im_start|>assistant") :]
             if text.endswith("\\boxed{"):  # the environment forced the answer
                 script = "Norsland}"
             elif OBS_CLOSE in r.stop:
@@ -637,9 +727,14 @@ def test_item7_cot_rows_roll_out_with_the_tool_off_and_coa_rows_with_it_on(embed
         calls.extend(queries)
         return [(f'result 1: "Valdren"\nValdren is a town in Norsland ({q}).', ["p1"]) for q in queries]
 
-    rf = make_rollout_func(search=search, schedule=lambda step: False, ledger=ledger, prompt_modes=modes,
-                           rollout_config=RolloutConfig(max_actions=2, max_context=512, seed=0),
-                           engine_factory=lambda trainer: nullcontext(Scripted(tok)))
+    rf = make_rollout_func(
+        search=search,
+        schedule=lambda step: False,
+        ledger=ledger,
+        prompt_modes=modes,
+        rollout_config=RolloutConfig(max_actions=2, max_context=512, seed=0),
+        engine_factory=lambda trainer: nullcontext(Scripted(tok)),
+    )
     trainer = SimpleNamespace(state=SimpleNamespace(global_step=0), num_generations=2, processing_class=tok, model=None)
     out = rf(prompts, trainer)
     assert out["mode"] == ["cot"] * 2 + ["coa"] * 4
@@ -659,8 +754,9 @@ def test_item7_cot_rows_roll_out_with_the_tool_off_and_coa_rows_with_it_on(embed
         rf([_rl_prompt("cot", 9)] * 2, trainer)
 
 
-@pytest.mark.parametrize("per_step,fraction,steps,pool", [(48, PAPER_COT_FRACTION, 96, 4608), (2, 0.5, 3, 5),
-                                                          (5, 0.2, 7, 12)])
+@pytest.mark.parametrize(
+    "per_step,fraction,steps,pool", [(48, PAPER_COT_FRACTION, 96, 4608), (2, 0.5, 3, 5), (5, 0.2, 7, 12)]
+)
 def test_item7_every_step_holds_the_configured_cot_share(per_step, fraction, steps, pool):
     questions = [{"question_id": f"q{i}", "question": f"Q{i}?", "gold_answers": ["a"]} for i in range(pool)]
     settings = GrpoSettings(max_steps=steps, questions_per_step=per_step, num_generations=2, cot_fraction=fraction)
@@ -669,7 +765,7 @@ def test_item7_every_step_holds_the_configured_cot_share(per_step, fraction, ste
     want = cot_per_step(settings)
     assert want == round(fraction * per_step) and (per_step != 48 or want == 8)  # paper: 8 of 48, the SFT 1:5
     for s in range(steps):
-        block = plan[s * per_step: (s + 1) * per_step]
+        block = plan[s * per_step : (s + 1) * per_step]
         assert sum(mode == "cot" for _, mode in block) == want
         assert len({q["question_id"] for q, _ in block}) == per_step  # no question twice in one step
     # every question is used once before any is used again
@@ -682,18 +778,35 @@ def test_item7_every_step_holds_the_configured_cot_share(per_step, fraction, ste
 def test_item7_trl_trains_each_step_on_its_block_with_the_cot_share(tiny_model, tmp_path):
     from training.grpo import train_grpo
 
-    settings = GrpoSettings(max_steps=2, learning_rate=1e-3, questions_per_step=2, num_generations=2, max_actions=2,
-                            max_completion_tokens=96, max_turn_tokens=32, answer_tokens=8, cot_fraction=0.5)
-    questions = [{"question_id": f"q{i}", "question": f"Where is town {i}?", "gold_answers": ["Norsland"]}
-                 for i in range(4)]
+    settings = GrpoSettings(
+        max_steps=2,
+        learning_rate=1e-3,
+        questions_per_step=2,
+        num_generations=2,
+        max_actions=2,
+        max_completion_tokens=96,
+        max_turn_tokens=32,
+        answer_tokens=8,
+        cot_fraction=0.5,
+    )
+    questions = [
+        {"question_id": f"q{i}", "question": f"Where is town {i}?", "gold_answers": ["Norsland"]} for i in range(4)
+    ]
     seen = []
 
     def factory(trainer):
         seen.append(trainer.args.shuffle_dataset)
         return nullcontext(Scripted(trainer.processing_class))
 
-    res = train_grpo(tiny_model, questions, tmp_path / "rl", settings, search=lambda qs: [("r", ["p"])] * len(qs),
-                     simulated_fraction=0.5, engine_factory=factory)
+    res = train_grpo(
+        tiny_model,
+        questions,
+        tmp_path / "rl",
+        settings,
+        search=lambda qs: [("r", ["p"])] * len(qs),
+        simulated_fraction=0.5,
+        engine_factory=factory,
+    )
     assert seen == [False, False]
     # each TRL generation batch: 1 CoT question x 2 samples (no search) + 1 CoA question x 2 samples
     assert [c["cot_trajectories"] for c in res.cost] == [2, 2]
@@ -705,8 +818,7 @@ def test_item7_trl_trains_each_step_on_its_block_with_the_cot_share(tiny_model, 
 
 # -- item 11: RL memory: micro-batch, accumulation, checkpointing ----------------------------------------------
 def test_item11_rl_config_passes_micro_batch_accumulation_and_checkpointing_to_trl(tmp_path):
-    config = RlConfig(questions_per_step=3, num_generations=2, micro_batch=2, grad_accum=3,
-                      gradient_checkpointing=True)
+    config = RlConfig(questions_per_step=3, num_generations=2, micro_batch=2, grad_accum=3, gradient_checkpointing=True)
     args = grpo_config(config.settings(4), tmp_path, max_context=256)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 3)
     assert args.gradient_checkpointing is True
@@ -715,8 +827,9 @@ def test_item11_rl_config_passes_micro_batch_accumulation_and_checkpointing_to_t
     with pytest.raises(ValueError, match="must equal questions_per_step x num_generations"):
         batch_layout(RlConfig(questions_per_step=3, num_generations=2, micro_batch=4).settings(4))
     with pytest.raises(ValueError, match="num_processes=8 but this run has 1"):
-        grpo_config(RlConfig(questions_per_step=4, num_generations=2, num_processes=8).settings(4), tmp_path,
-                    max_context=256)
+        grpo_config(
+            RlConfig(questions_per_step=4, num_generations=2, num_processes=8).settings(4), tmp_path, max_context=256
+        )
 
 
 def test_item11_paper_profile_satisfies_trl_batch_rules(tmp_path, monkeypatch):

@@ -9,22 +9,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from assets.storage import ParquetIOManager
 from pipelines import cli
 from pipelines.definitions import build_definitions
-from pipelines.paths import table_path
-from pipelines.sql import run_query
-from pipelines.storage import ParquetIOManager
+from qadata.paths import table_path
+from qadata.sql import run_query
 from tests.conftest import write_jsonl
 
-SMALL_WORLD = {"ops": {"embedded_world": {"config": {"people": 300, "works": 300, "orgs": 60, "places": 80,
-                                                     "questions": 200}},
-                       "question_sample": {"config": {"total": 40}}}}
+SMALL_WORLD = {
+    "ops": {
+        "embedded_world": {"config": {"people": 300, "works": 300, "orgs": 60, "places": 80, "questions": 200}},
+        "question_sample": {"config": {"total": 40}},
+    }
+}
 
 
 def _run(home, run_config=None, job="autocoa_embedded"):
     defs = build_definitions(home)
-    return defs.resolve_job_def(job).execute_in_process(instance=dg.DagsterInstance.ephemeral(),
-                                                        run_config=run_config or {}, raise_on_error=False)
+    return defs.resolve_job_def(job).execute_in_process(
+        instance=dg.DagsterInstance.ephemeral(), run_config=run_config or {}, raise_on_error=False
+    )
 
 
 def _checks(result) -> dict:
@@ -56,8 +60,9 @@ def test_embedded_graph_materialises_and_every_check_passes(tmp_path):
 
 
 def test_bad_rows_are_quarantined_and_counts_reconcile(tmp_path, hotpot_row):
-    src = write_jsonl(tmp_path / "extra_train.jsonl",
-                      [hotpot_row, hotpot_row | {"id": "q2", "answer": ""}, b"\x80\x81\n", b"[1, 2\n"])
+    src = write_jsonl(
+        tmp_path / "extra_train.jsonl", [hotpot_row, hotpot_row | {"id": "q2", "answer": ""}, b"\x80\x81\n", b"[1, 2\n"]
+    )
     config = json.loads(json.dumps(SMALL_WORLD))
     config["ops"]["hotpotqa_raw"] = {"config": {"files": [f"{src}::train"]}}
     home = tmp_path / "home"
@@ -113,8 +118,9 @@ def test_parquet_io_manager_partitions_and_sql_views(tmp_path):
     io = ParquetIOManager(home=str(tmp_path))
     inst = dg.DagsterInstance.ephemeral()
     for key in ("nq", "hotpotqa"):
-        assert dg.materialize([eval_questions_demo], partition_key=key, resources={"io_manager": io},
-                              instance=inst).success
+        assert dg.materialize(
+            [eval_questions_demo], partition_key=key, resources={"io_manager": io}, instance=inst
+        ).success
     res = dg.materialize([eval_questions_demo, merged], selection=[merged], resources={"io_manager": io}, instance=inst)
     assert res.success and res.output_for_node("merged").num_rows == 4
     rows = run_query(tmp_path, "select partition, count(*) from eval_questions_demo group by 1 order by 1").fetchall()
@@ -139,25 +145,39 @@ def test_cli_run_check_and_sql(cli_home, capsys, tmp_path, monkeypatch):
     assert cli.main(["--home", str(cli_home), "check"]) == 0
     assert "0 failed" in capsys.readouterr().out
     out_csv = tmp_path / "pools.csv"
-    assert cli.main(["--home", str(cli_home), "sql", "select pool, count(*) n from question_sample group by 1 order by 1",
-                     "--csv", str(out_csv)]) == 0
+    assert (
+        cli.main(
+            [
+                "--home",
+                str(cli_home),
+                "sql",
+                "select pool, count(*) n from question_sample group by 1 order by 1",
+                "--csv",
+                str(out_csv),
+            ]
+        )
+        == 0
+    )
     assert out_csv.read_text().splitlines() == ["pool,n", "coa,600", "cot,120"]  # the embedded defaults
     out_pq = tmp_path / "s.parquet"
     assert cli.main(["--home", str(cli_home), "sql", "select * from search_index", "--parquet", str(out_pq)]) == 0
     assert pq.read_table(out_pq).num_rows == 1
 
 
-@pytest.mark.parametrize("statement", [
-    "copy (select 1) to '{target}'",
-    "create table t as select 1",
-    "attach '{target}' as x",
-    "insert into corpus select * from corpus",
-    "drop view corpus",
-    "select 1; copy corpus to '{target}'",
-    "export database '{dir}'",
-    "install httpfs",
-    "set enable_external_access = true",
-])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "copy (select 1) to '{target}'",
+        "create table t as select 1",
+        "attach '{target}' as x",
+        "insert into corpus select * from corpus",
+        "drop view corpus",
+        "select 1; copy corpus to '{target}'",
+        "export database '{dir}'",
+        "install httpfs",
+        "set enable_external_access = true",
+    ],
+)
 def test_sql_cli_cannot_write(cli_home, tmp_path, capsys, statement):
     target = tmp_path / "written.out"
     sql = statement.format(target=target, dir=tmp_path / "exported")
@@ -183,14 +203,17 @@ def test_check_fails_on_bad_data(cli_home, tmp_path, monkeypatch, capsys):
 
 
 def test_flashrag_corpus_file_with_bad_lines(tmp_path):
-    src = write_jsonl(tmp_path / "wiki.jsonl", [
-        {"id": "0", "contents": "\"Alpha\"\nAlpha is a poet born in Beta."},
-        {"id": "1", "contents": "Beta\nBeta is a city."},
-        {"id": "1", "contents": "Dup\nsame id"},
-        {"id": "2"},
-        b"\xff\n",
-        {"id": "3", "contents": "Gamma\nGamma river."},
-    ])
+    src = write_jsonl(
+        tmp_path / "wiki.jsonl",
+        [
+            {"id": "0", "contents": '"Alpha"\nAlpha is a poet born in Beta.'},
+            {"id": "1", "contents": "Beta\nBeta is a city."},
+            {"id": "1", "contents": "Dup\nsame id"},
+            {"id": "2"},
+            b"\xff\n",
+            {"id": "3", "contents": "Gamma\nGamma river."},
+        ],
+    )
     config = json.loads(json.dumps(SMALL_WORLD))
     config["ops"]["corpus"] = {"config": {"flashrag_corpus": str(src)}}
     home = tmp_path / "home"

@@ -5,9 +5,10 @@ import time
 
 import pytest
 
-from agent.engines import GenRequest, GenResult, TransformersEngine, cut_at_stop
+from agent.engine_api import GenRequest, GenResult, cut_at_stop
 from agent.protocol import parse
 from agent.rollout import SEARCH_LIMIT, Rollout, RolloutConfig, render_observation
+from agent.transformers_engine import TransformersEngine
 
 
 class ScriptedPolicy:
@@ -44,8 +45,12 @@ def fake_search(queries):
 
 
 def prompt(tok, i):
-    return (f"q{i}", tok.encode(f"<|im_start|>user\nQuestion {i}?<|im_end|>\n<|im_start|>assistant\n<think>",
-                                add_special_tokens=False))
+    return (
+        f"q{i}",
+        tok.encode(
+            f"<|im_start|>user\nQuestion {i}?<|im_end|>\n<|im_start|>assistant\n<think>", add_special_tokens=False
+        ),
+    )
 
 
 def test_real_environment_is_token_exact(embedded_tokenizer):
@@ -57,14 +62,14 @@ def test_real_environment_is_token_exact(embedded_tokenizer):
         assert t.queries == ["query 0", "query 1"]
         obs = [s for s in t.spans if s.kind == "observation"]
         for s in obs:
-            assert tok.decode(t.token_ids[s.start:s.end]) == render_observation(s.text)
+            assert tok.decode(t.token_ids[s.start : s.end]) == render_observation(s.text)
             assert s.passage_ids == [f"p-{s.text.split('about ')[1]}"]
-            assert set(t.policy_mask[s.start:s.end]) == {0}
+            assert set(t.policy_mask[s.start : s.end]) == {0}
         # every token the policy generated is in the mask, nothing else is
         assert sum(t.policy_mask) == t.generated_tokens
-        assert set(t.policy_mask[:t.prompt_len]) == {0}
+        assert set(t.policy_mask[: t.prompt_len]) == {0}
         acts = [s for s in t.spans if s.kind == "action"]
-        assert all(tok.decode(t.token_ids[a.start:a.end]).strip().startswith("<begin_search>") for a in acts)
+        assert all(tok.decode(t.token_ids[a.start : a.end]).strip().startswith("<begin_search>") for a in acts)
         assert "trailing junk" not in t.completion  # generation stopped at </end_search>
         p = parse(t.completion, think_open=True)
         assert p.balanced and p.queries == t.queries
@@ -92,7 +97,7 @@ def test_simulated_environment_makes_no_search_call(embedded_tokenizer):
     sims = [s for s in t.spans if s.kind == "observation"]
     assert all(s.simulated and "simulated passage" in s.text for s in sims)
     # the result block's body was written by the policy
-    assert all(sum(t.policy_mask[s.start:s.end]) > 0 for s in sims)
+    assert all(sum(t.policy_mask[s.start : s.end]) > 0 for s in sims)
 
 
 def test_context_budget_forces_an_answer(embedded_tokenizer):
@@ -119,8 +124,9 @@ def test_search_is_micro_batched_across_trajectories(embedded_tokenizer):
 def test_real_engine_on_the_embedded_model(embedded_checkpoint):
     engine = TransformersEngine(embedded_checkpoint, max_batch=4)
     tok = engine.tokenizer
-    text = tok.apply_chat_template([{"role": "user", "content": "Count from one to ten in words."}],
-                                   add_generation_prompt=True, tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Count from one to ten in words."}], add_generation_prompt=True, tokenize=False
+    )
     ids = tok.encode(text, add_special_tokens=False)
     reqs = [GenRequest(list(ids), 40, ("\n3.",), temperature=0.0), GenRequest(list(ids), 5, (), temperature=0.0)]
     a, b = engine.generate(reqs)  # greedy: "1. 1\n2. 2\n3. 3\n..."
@@ -128,15 +134,19 @@ def test_real_engine_on_the_embedded_model(embedded_checkpoint):
     assert a.finish_reason == "stop" and a.text.endswith("\n3.") and a.text.count("\n3.") == 1
     assert b.finish_reason == "length" and len(b.token_ids) == 5
     # mixed stop strings in one call: each request halts on its own stop only
-    c, d = engine.generate([GenRequest(list(ids), 40, ("\n3.",), temperature=0.0),
-                            GenRequest(list(ids), 40, ("\n5.",), temperature=0.0)])
+    c, d = engine.generate(
+        [GenRequest(list(ids), 40, ("\n3.",), temperature=0.0), GenRequest(list(ids), 40, ("\n5.",), temperature=0.0)]
+    )
     assert c.text.endswith("\n3.") and d.text.endswith("\n5.") and "\n3." in d.text
 
 
-@pytest.mark.parametrize("raw,stop,want,reason", [
-    ("abc</end_search>def", ("</end_search>",), "abc</end_search>", "stop"),
-    ("abc", ("</end_search>",), "abc", "length"),
-])
+@pytest.mark.parametrize(
+    "raw,stop,want,reason",
+    [
+        ("abc</end_search>def", ("</end_search>",), "abc</end_search>", "stop"),
+        ("abc", ("</end_search>",), "abc", "length"),
+    ],
+)
 def test_cut_at_stop(embedded_tokenizer, raw, stop, want, reason):
     tok = embedded_tokenizer
     ids = tok.encode(raw, add_special_tokens=False)
@@ -148,8 +158,10 @@ def test_search_tool_over_the_real_index():
     from agent.rollout import search_tool
     from retrieval.bm25 import BM25Index
 
-    index = BM25Index.build([{"id": "a", "contents": "Alpha\nAlpha is a poet."},
-                             {"id": "b", "contents": "Beta\nBeta is a city."}], show_progress=False)
+    index = BM25Index.build(
+        [{"id": "a", "contents": "Alpha\nAlpha is a poet."}, {"id": "b", "contents": "Beta\nBeta is a city."}],
+        show_progress=False,
+    )
     rendered, ids = search_tool(index, 2)(["poet"])[0]
     assert ids == ["a"] and rendered == 'result 1: "Alpha"\nAlpha is a poet.'
 
@@ -184,11 +196,11 @@ def test_force_answer_on_an_unanswered_end(embedded_tokenizer):
     assert plain.answer is None and plain.finish_reason == "eos"  # default: an unanswered end stays unanswered
     t = Rollout(UnansweredPolicy(tok), None, RolloutConfig(tools=False, force_answer=True)).run([prompt(tok, 0)])[0]
     assert t.answer == "Orvantis" and t.finish_reason == "forced"
-    assert tok.eos_token_id not in t.token_ids[t.prompt_len:]  # the EOS the policy wrote was dropped
+    assert tok.eos_token_id not in t.token_ids[t.prompt_len :]  # the EOS the policy wrote was dropped
     forced = [s for s in t.spans if s.kind == "forced"][0]
     # the reasoning was closed by the policy, so only the box prompt is environment text
-    assert tok.decode(t.token_ids[forced.start:forced.end]).startswith("\n\nThe final answer is \\boxed{")
-    assert all(m == 0 for m in t.policy_mask[forced.start:forced.start + 3])
+    assert tok.decode(t.token_ids[forced.start : forced.end]).startswith("\n\nThe final answer is \\boxed{")
+    assert all(m == 0 for m in t.policy_mask[forced.start : forced.start + 3])
     assert len(t.token_ids) == len(t.policy_mask)
 
 
@@ -196,8 +208,9 @@ def test_cut_actions_keeps_a_no_tool_trajectory_action_free(embedded_tokenizer):
     tok = embedded_tokenizer
     kept = Rollout(UnansweredPolicy(tok, opens_action=True), None, RolloutConfig(tools=False)).run([prompt(tok, 0)])[0]
     assert "<begin_search>" in kept.completion  # default: the text is kept (and not executed)
-    t = Rollout(UnansweredPolicy(tok, opens_action=True), None,
-                RolloutConfig(tools=False, cut_actions=True)).run([prompt(tok, 0)])[0]
+    t = Rollout(UnansweredPolicy(tok, opens_action=True), None, RolloutConfig(tools=False, cut_actions=True)).run(
+        [prompt(tok, 0)]
+    )[0]
     assert "<begin_search>" not in t.completion and t.n_actions == 0
     assert t.completion.startswith(" I am not sure.") and t.answer == "Orvantis"
     assert t.finish_reason == "action_cut" and len(t.token_ids) == len(t.policy_mask)

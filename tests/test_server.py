@@ -26,8 +26,10 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def world_index():
     world = build_world(WorldSpec(seed=3, countries=6, places=50, people=300, orgs=40, works=300, questions=200))
-    corpus = [{"id": str(i), "contents": f"{p['title']}\n{join_sentences(p['sentences'])}"}
-              for i, p in enumerate(all_paragraphs(world))]
+    corpus = [
+        {"id": str(i), "contents": f"{p['title']}\n{join_sentences(p['sentences'])}"}
+        for i, p in enumerate(all_paragraphs(world))
+    ]
     questions = [r["question"] for r in generate_questions(world)]
     return BM25Index.build(corpus, show_progress=False), questions
 
@@ -36,8 +38,12 @@ def world_index():
 def server(world_index):
     index, _ = world_index
     port = _free_port()
-    config = uvicorn.Config(create_app(index, ServerLimits(max_batch=64, max_query_chars=300, max_k=10)),
-                            host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(
+        create_app(index, ServerLimits(max_batch=64, max_query_chars=300, max_k=10)),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+    )
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

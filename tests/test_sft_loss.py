@@ -12,8 +12,15 @@ def tiny(embedded_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(embedded_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=len(embedded_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -32,22 +39,49 @@ def _pairs(tok):
     """Two pairs of different lengths: pair 0's chosen has a real search result and the forced answer prompt in
     the middle; pair 1's rejected (a CoA cut at the context budget) ends with its search result."""
     out = []
-    for i, (chosen, rejected) in enumerate([
-        ([("policy", " <begin_search> Valdren country </end_search>"),
-          ("observation", "\n<search_result>\nresult 1: \"Valdren\"\nValdren is a town in Norsland.\n</search_result>\n"),
-          ("policy", " So it is Norsland."), ("forced", "\n</think>\n\nThe final answer is \\boxed{"),
-          ("policy", "Norsland}")],
-         [("policy", " It is in Brivia.</think>\n\n\\boxed{Brivia}")]),
-        ([("policy", " Valdren is in Norsland.</think>\n\n\\boxed{Norsland}")],
-         [("policy", " <begin_search> Valdren </end_search>"),
-          ("observation", "\n<search_result>\nresult 1: \"Brivia\"\nBrivia is a country.\n</search_result>\n")]),
-    ]):
-        context = tok.encode(f"<|im_start|>user\nQ{i}: in which country is Valdren?<|im_end|>\n<|im_start|>assistant\n"
-                             "<think> I recall the town.", add_special_tokens=False)
+    for i, (chosen, rejected) in enumerate(
+        [
+            (
+                [
+                    ("policy", " <begin_search> Valdren country </end_search>"),
+                    (
+                        "observation",
+                        '\n<search_result>\nresult 1: "Valdren"\nValdren is a town in Norsland.\n</search_result>\n',
+                    ),
+                    ("policy", " So it is Norsland."),
+                    ("forced", "\n</think>\n\nThe final answer is \\boxed{"),
+                    ("policy", "Norsland}"),
+                ],
+                [("policy", " It is in Brivia.</think>\n\n\\boxed{Brivia}")],
+            ),
+            (
+                [("policy", " Valdren is in Norsland.</think>\n\n\\boxed{Norsland}")],
+                [
+                    ("policy", " <begin_search> Valdren </end_search>"),
+                    ("observation", '\n<search_result>\nresult 1: "Brivia"\nBrivia is a country.\n</search_result>\n'),
+                ],
+            ),
+        ]
+    ):
+        context = tok.encode(
+            f"<|im_start|>user\nQ{i}: in which country is Valdren?<|im_end|>\n<|im_start|>assistant\n"
+            "<think> I recall the town.",
+            add_special_tokens=False,
+        )
         c_ids, c_mask, c_kinds = _side(tok, chosen)
         r_ids, r_mask, r_kinds = _side(tok, rejected)
-        out.append({"pair_id": f"p{i}", "context_ids": context, "chosen_ids": c_ids, "chosen_mask": c_mask,
-                    "rejected_ids": r_ids, "rejected_mask": r_mask, "chosen_kinds": c_kinds, "rejected_kinds": r_kinds})
+        out.append(
+            {
+                "pair_id": f"p{i}",
+                "context_ids": context,
+                "chosen_ids": c_ids,
+                "chosen_mask": c_mask,
+                "rejected_ids": r_ids,
+                "rejected_mask": r_mask,
+                "chosen_kinds": c_kinds,
+                "rejected_kinds": r_kinds,
+            }
+        )
     return out
 
 
@@ -56,14 +90,18 @@ def _by_hand(model, context, ids, kinds):
     seq = list(context) + list(ids)
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), dim=-1)
-    picked = [float(logp[len(context) + i - 1, tok]) for i, (tok, kind) in enumerate(zip(ids, kinds)) if kind == "policy"]
+    picked = [
+        float(logp[len(context) + i - 1, tok]) for i, (tok, kind) in enumerate(zip(ids, kinds)) if kind == "policy"
+    ]
     return sum(picked) / len(picked)
 
 
 def _trainer(model, tok, pairs, tmp_path, alpha):
     from training.sft import TrainSettings, stage1_trainer
 
-    return stage1_trainer(model, tok, pairs, TrainSettings(batch_size=len(pairs), max_length=256, alpha=alpha), tmp_path)
+    return stage1_trainer(
+        model, tok, pairs, TrainSettings(batch_size=len(pairs), max_length=256, alpha=alpha), tmp_path
+    )
 
 
 def _loss(trainer, model, pairs):
@@ -96,7 +134,9 @@ def test_observation_ids_are_not_in_the_loss_but_policy_ids_are(tiny, embedded_t
 
     def changed(kind):
         p1 = dict(pairs[1])
-        p1["rejected_ids"] = [(t + 7) % vocab if k == kind else t for t, k in zip(p1["rejected_ids"], p1["rejected_kinds"])]
+        p1["rejected_ids"] = [
+            (t + 7) % vocab if k == kind else t for t, k in zip(p1["rejected_ids"], p1["rejected_kinds"])
+        ]
         return _loss(trainer, tiny, [pairs[0], p1])[0]
 
     # pair 1's rejected side ends with its search result: other result tokens leave the loss exactly as it was
@@ -129,8 +169,14 @@ def test_rows_without_ids_or_policy_tokens_are_refused():
 
     with pytest.raises(ValueError, match="token ids"):
         check_stage1_rows([{"prompt": "P", "chosen": "c", "rejected": "r"}], 64)
-    row = {"pair_id": "p", "context_ids": [1, 2], "chosen_ids": [3, 4], "chosen_mask": [1, 0],
-           "rejected_ids": [5, 6], "rejected_mask": [0, 0]}
+    row = {
+        "pair_id": "p",
+        "context_ids": [1, 2],
+        "chosen_ids": [3, 4],
+        "chosen_mask": [1, 0],
+        "rejected_ids": [5, 6],
+        "rejected_mask": [0, 0],
+    }
     with pytest.raises(ValueError, match="p:rejected"):
         check_stage1_rows([row], 64)
     assert check_stage1_rows([{**row, "rejected_mask": [1, 0]}], 64) == {"policy_tokens": 2, "env_tokens_excluded": 2}

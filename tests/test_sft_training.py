@@ -8,15 +8,15 @@ import pytest
 torch = pytest.importorskip("torch")
 
 
-
-
 def _rows(tok, n=6):
     rows = []
     for i in range(n):
         prompt = tok.encode(f"Question {i}: where is Valdren?\n<think>", add_special_tokens=False)
         policy = tok.encode(" I search. <begin_search> Valdren </end_search>", add_special_tokens=False)
-        obs = tok.encode("\n<search_result>\n" + "Valdren is in Norsland. " * (1 + i % 3) + "\n</search_result>\n",
-                         add_special_tokens=False)  # rows of three lengths: the length buckets have work to do
+        obs = tok.encode(
+            "\n<search_result>\n" + "Valdren is in Norsland. " * (1 + i % 3) + "\n</search_result>\n",
+            add_special_tokens=False,
+        )  # rows of three lengths: the length buckets have work to do
         answer = tok.encode(" So Norsland.</think>\n\n\\boxed{Norsland}", add_special_tokens=False)
         ids = prompt + policy + obs + answer
         l2 = [-100] * len(prompt) + policy + [-100] * len(obs) + answer
@@ -35,8 +35,14 @@ def test_stage2_trains_reloads_and_changes_parameters(tiny_model, embedded_token
     from training.sft import TrainSettings, train_trajectory_sft
 
     out = tmp_path / "ckpt"
-    res = train_trajectory_sft(tiny_model, _rows(embedded_tokenizer), "labels_stage2", out,
-                               TrainSettings(max_steps=4, learning_rate=1e-2, batch_size=2, max_length=256), stage=2)
+    res = train_trajectory_sft(
+        tiny_model,
+        _rows(embedded_tokenizer),
+        "labels_stage2",
+        out,
+        TrainSettings(max_steps=4, learning_rate=1e-2, batch_size=2, max_length=256),
+        stage=2,
+    )
     assert res.steps == 4 and len(res.loss_curve) == 4 and all(torch.isfinite(torch.tensor(res.loss_curve)))
     assert res.loss_curve[-1] < res.loss_curve[0]
     # the fixed probe set: the same examples scored before and after training
@@ -53,11 +59,14 @@ def test_resume_from_a_mid_training_checkpoint(tiny_model, embedded_tokenizer, t
     from training.sft import TrainSettings, train_trajectory_sft
 
     settings = TrainSettings(max_steps=4, learning_rate=1e-2, batch_size=2, max_length=256, save_steps=2)
-    first = train_trajectory_sft(tiny_model, _rows(embedded_tokenizer), "labels_stage3", tmp_path / "a", settings, stage=3)
+    first = train_trajectory_sft(
+        tiny_model, _rows(embedded_tokenizer), "labels_stage3", tmp_path / "a", settings, stage=3
+    )
     mid = tmp_path / "a.work" / "checkpoint-2"
     assert mid.is_dir()
-    resumed = train_trajectory_sft(tiny_model, _rows(embedded_tokenizer), "labels_stage3", tmp_path / "b", settings,
-                                   stage=3, resume_from=str(mid))
+    resumed = train_trajectory_sft(
+        tiny_model, _rows(embedded_tokenizer), "labels_stage3", tmp_path / "b", settings, stage=3, resume_from=str(mid)
+    )
     assert resumed.steps == 4
     # the curve carries the restored history; steps 3-4 re-run from the checkpoint land where the uninterrupted run did
     assert resumed.loss_curve == pytest.approx(first.loss_curve, rel=1e-4)
@@ -69,13 +78,22 @@ def _pairs(tok, n=4):
     for i in range(n):
         context = tok.encode(f"Q{i}: where is Valdren?\n<think>I need it.", add_special_tokens=False)
         action = tok.encode(" <begin_search> Valdren </end_search>", add_special_tokens=False)
-        obs = tok.encode("\n<search_result>\n" + "Valdren is in Norsland. " * (1 + i % 3) + "\n</search_result>\n",
-                         add_special_tokens=False)  # rows of three lengths: the length buckets have work to do
+        obs = tok.encode(
+            "\n<search_result>\n" + "Valdren is in Norsland. " * (1 + i % 3) + "\n</search_result>\n",
+            add_special_tokens=False,
+        )  # rows of three lengths: the length buckets have work to do
         answer = tok.encode(" So Norsland.</think> \\boxed{Norsland}", add_special_tokens=False)
         rejected = tok.encode(" It is in Brivia.</think> \\boxed{Brivia}", add_special_tokens=False)
-        rows.append({"pair_id": f"p{i}", "context_ids": context, "chosen_ids": action + obs + answer,
-                     "chosen_mask": [1] * len(action) + [0] * len(obs) + [1] * len(answer),
-                     "rejected_ids": rejected, "rejected_mask": [1] * len(rejected)})
+        rows.append(
+            {
+                "pair_id": f"p{i}",
+                "context_ids": context,
+                "chosen_ids": action + obs + answer,
+                "chosen_mask": [1] * len(action) + [0] * len(obs) + [1] * len(answer),
+                "rejected_ids": rejected,
+                "rejected_mask": [1] * len(rejected),
+            }
+        )
     return rows
 
 
@@ -83,8 +101,12 @@ def test_stage1_trains_on_pairs_and_logs_logps(tiny_model, embedded_tokenizer, t
     from training.sft import TrainSettings, train_stage1
 
     pairs = _pairs(embedded_tokenizer)
-    res = train_stage1(tiny_model, pairs, tmp_path / "s1", TrainSettings(max_steps=3, learning_rate=1e-2, batch_size=2,
-                                                                        max_length=128, alpha=0.5))
+    res = train_stage1(
+        tiny_model,
+        pairs,
+        tmp_path / "s1",
+        TrainSettings(max_steps=3, learning_rate=1e-2, batch_size=2, max_length=128, alpha=0.5),
+    )
     assert res.steps == 3 and len(res.logps_chosen) == 3 and len(res.logps_rejected) == 3
     assert all(torch.isfinite(torch.tensor(res.loss_curve)))
     assert res.metrics["probe_loss_end"] < res.metrics["probe_loss_start"]
@@ -132,11 +154,11 @@ def test_length_bucket_sampler_is_a_shuffled_permutation_of_similar_length_batch
     assert order == list(LengthBucketSampler(lengths, 8, seed))  # deterministic for (seed, epoch): resume-safe
     s.set_epoch(1)
     assert list(s) != order and sorted(s) == list(range(101))  # a new order per epoch
-    batches = [order[i:i + 8] for i in range(0, 101, 8)]  # how the DataLoader cuts the order
+    batches = [order[i : i + 8] for i in range(0, 101, 8)]  # how the DataLoader cuts the order
     assert batches == LengthBucketSampler(lengths, 8, seed).batches()
     shuffled = list(range(101))
     rng.shuffle(shuffled)
-    uniform = [shuffled[i:i + 8] for i in range(0, 101, 8)]
+    uniform = [shuffled[i : i + 8] for i in range(0, 101, 8)]
     assert padding_share(lengths, batches) < 0.5 * padding_share(lengths, uniform)
     firsts = [lengths[b[0]] for b in batches]
     assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)  # batch order is not by length
@@ -157,13 +179,19 @@ def test_trajectory_sft_trains_in_length_buckets(tiny_model, embedded_tokenizer,
 
     sft.labelled_positions_loss = spy
     try:
-        train_trajectory_sft(tiny_model, rows, "labels_stage2", tmp_path / "c",
-                             TrainSettings(max_steps=4, learning_rate=1e-3, batch_size=2, max_length=256), stage=2)
+        train_trajectory_sft(
+            tiny_model,
+            rows,
+            "labels_stage2",
+            tmp_path / "c",
+            TrainSettings(max_steps=4, learning_rate=1e-3, batch_size=2, max_length=256),
+            stage=2,
+        )
     finally:
         sft.labelled_positions_loss = real
     lengths = sorted(len(r["input_ids"]) for r in rows)
     pairs = sorted(sorted(b) for b in seen)
-    assert pairs == [lengths[i:i + 2] for i in range(0, 8, 2)]  # the batches are the length-sorted pairs
+    assert pairs == [lengths[i : i + 2] for i in range(0, 8, 2)]  # the batches are the length-sorted pairs
 
 
 def test_labelled_positions_loss_equals_the_models_loss(tiny_model):
@@ -193,5 +221,7 @@ def test_labelled_positions_loss_equals_the_models_loss(tiny_model):
         c, r = pair_mean_logprobs(m, batch)
         assert torch.allclose(torch.cat([c, r]), full, atol=1e-5)
     n = freeze_below(model, 1)
-    assert n == sum(p.numel() for p in model.model.layers[-1].parameters()) + sum(p.numel() for p in model.model.norm.parameters())
+    assert n == sum(p.numel() for p in model.model.layers[-1].parameters()) + sum(
+        p.numel() for p in model.model.norm.parameters()
+    )
     assert not model.get_input_embeddings().weight.requires_grad

@@ -48,13 +48,16 @@ def test_wilson_interval_edges():
 
 
 # -- exact McNemar --------------------------------------------------------------------------------
-@pytest.mark.parametrize("only_a,only_b,want", [
-    (0, 5, 2 / 32),         # 2 * P(X <= 0), X ~ Bin(5, 1/2)
-    (1, 9, 2 * 11 / 1024),  # 2 * (1 + 10) / 2^10
-    (2, 8, 2 * 56 / 1024),  # 2 * (1 + 10 + 45) / 2^10
-    (3, 3, 1.0),            # balanced: the doubled tail exceeds 1
-    (0, 0, 1.0),            # no discordant question: no evidence either way
-])
+@pytest.mark.parametrize(
+    "only_a,only_b,want",
+    [
+        (0, 5, 2 / 32),  # 2 * P(X <= 0), X ~ Bin(5, 1/2)
+        (1, 9, 2 * 11 / 1024),  # 2 * (1 + 10) / 2^10
+        (2, 8, 2 * 56 / 1024),  # 2 * (1 + 10 + 45) / 2^10
+        (3, 3, 1.0),  # balanced: the doubled tail exceeds 1
+        (0, 0, 1.0),  # no discordant question: no evidence either way
+    ],
+)
 def test_mcnemar_exact_hand_checked(only_a, only_b, want):
     assert stats.mcnemar_exact(only_a, only_b) == pytest.approx(want, rel=1e-15)
     assert stats.mcnemar_exact(only_b, only_a) == stats.mcnemar_exact(only_a, only_b)
@@ -84,8 +87,14 @@ def test_paired_bootstrap_matches_index_resampling_and_scipy():
     idx = rng.integers(0, len(a), size=(20_000, len(a)))
     means = (a - b)[idx].mean(axis=1)
     by_index = np.quantile(means, [0.025, 0.975])
-    ref = scipy_stats.bootstrap((a, b), lambda x, y, axis=-1: x.mean(axis=axis) - y.mean(axis=axis), paired=True,
-                                n_resamples=20_000, method="percentile", random_state=2).confidence_interval
+    ref = scipy_stats.bootstrap(
+        (a, b),
+        lambda x, y, axis=-1: x.mean(axis=axis) - y.mean(axis=axis),
+        paired=True,
+        n_resamples=20_000,
+        method="percentile",
+        random_state=2,
+    ).confidence_interval
     step = 1 / len(a)  # a difference of means moves in steps of 1/n: Monte Carlo noise of one or two steps
     for want in (by_index, (ref.low, ref.high)):
         assert low == pytest.approx(want[0], abs=2 * step) and high == pytest.approx(want[1], abs=2 * step)
@@ -111,15 +120,19 @@ def test_compare_paired_counts_test_and_interval():
     assert c.score_a == pytest.approx(4 / 6) and c.score_b == pytest.approx(2 / 6) and c.diff == pytest.approx(2 / 6)
     assert c.p_value == stats.mcnemar_exact(3, 1) == pytest.approx(0.625)
     ids = sorted(a)
-    assert (c.diff_low, c.diff_high) == stats.paired_bootstrap([a[q] for q in ids], [b[q] for q in ids],
-                                                               resamples=2000, seed=7)
+    assert (c.diff_low, c.diff_high) == stats.paired_bootstrap(
+        [a[q] for q in ids], [b[q] for q in ids], resamples=2000, seed=7
+    )
     assert c.as_row()["resamples"] == 2000
 
 
 def test_compare_paired_refuses_different_questions_and_non_binary_scores():
     a = {"q1": 1, "q2": 0, "q3": 1}
-    with pytest.raises(ValueError, match=r"not graded on the same questions: 1 only in react/nq .*'q3'.* 1 only in "
-                                         r"sft/nq .*'q9'"):
+    with pytest.raises(
+        ValueError,
+        match=r"not graded on the same questions: 1 only in react/nq .*'q3'.* 1 only in "
+        r"sft/nq .*'q9'",
+    ):
         stats.compare_paired(a, {"q1": 1, "q2": 0, "q9": 1}, names=("react/nq", "sft/nq"))
     with pytest.raises(ValueError, match="0/1 scores"):
         stats.compare_paired(a, {"q1": 1, "q2": 0.5, "q3": 1})
@@ -131,8 +144,10 @@ def test_compare_paired_refuses_different_questions_and_non_binary_scores():
 def _rows(method, bench, ems, judges=None, ids=None):
     ids = ids or [f"q{i}" for i in range(len(ems))]
     judges = judges or [None] * len(ems)
-    return [{"method": method, "benchmark": bench, "question_id": q, "em": float(e), "judge": j}
-            for q, e, j in zip(ids, ems, judges)]
+    return [
+        {"method": method, "benchmark": bench, "question_id": q, "em": float(e), "judge": j}
+        for q, e, j in zip(ids, ems, judges)
+    ]
 
 
 def test_predecessor_map_is_a_tree_rooted_at_the_base_model():
@@ -149,8 +164,12 @@ def test_predecessor_map_is_a_tree_rooted_at_the_base_model():
 
 
 def test_table1_power_cells_and_paired_comparisons():
-    ems = {"base_cot": [1, 0, 0, 0, 0, 0, 0, 0], "react_reasoning": [1, 1, 0, 0, 0, 0, 0, 0],
-           "sft_stage1": [1, 1, 1, 1, 0, 0, 0, 0], "sft_stage2": [1, 1, 1, 1, 1, 0, 0, 1]}
+    ems = {
+        "base_cot": [1, 0, 0, 0, 0, 0, 0, 0],
+        "react_reasoning": [1, 1, 0, 0, 0, 0, 0, 0],
+        "sft_stage1": [1, 1, 1, 1, 0, 0, 0, 0],
+        "sft_stage2": [1, 1, 1, 1, 1, 0, 0, 1],
+    }
     rows = [r for m, e in ems.items() for r in _rows(m, "embedded", e, [bool(x) for x in e])]
     rows += _rows("sft_stage2", "nq", [1, 0])  # no reference and no predecessor on nq: an interval, no test
     power = table1_power(rows, resamples=3000, seed=1)
@@ -163,8 +182,12 @@ def test_table1_power_cells_and_paired_comparisons():
     assert (r["reference_only_method"], r["reference_only_other"]) == (2, 0)
     assert r["reference_p"] == stats.mcnemar_exact(2, 0) == 0.5
     assert r["predecessor"] == "base_cot" and r["predecessor_diff"] == 37.5 and r["predecessor_p"] == 0.25
-    ref = stats.compare_paired({f"q{i}": v for i, v in enumerate(ems["sft_stage1"])},
-                               {f"q{i}": v for i, v in enumerate(ems["react_reasoning"])}, resamples=3000, seed=1)
+    ref = stats.compare_paired(
+        {f"q{i}": v for i, v in enumerate(ems["sft_stage1"])},
+        {f"q{i}": v for i, v in enumerate(ems["react_reasoning"])},
+        resamples=3000,
+        seed=1,
+    )
     assert (r["reference_diff_low"], r["reference_diff_high"]) == (100 * ref.diff_low, 100 * ref.diff_high)
     s2 = cell.loc[("sft_stage2", "embedded", "judge")]
     assert s2["predecessor"] == "sft_stage1" and s2["score"] == 75.0 and s2["predecessor_diff"] == 25.0
@@ -180,9 +203,12 @@ def test_table1_power_cells_and_paired_comparisons():
 
 
 def test_table1_power_refuses_pairs_on_different_questions_and_repeats():
-    rows = _rows("react_reasoning", "embedded", [1, 0, 1]) + _rows("sft_stage1", "embedded", [1, 1, 1],
-                                                                     ids=["q0", "q1", "q7"])
-    with pytest.raises(ValueError, match="sft_stage1/embedded and react_reasoning/embedded were not graded on the same"):
+    rows = _rows("react_reasoning", "embedded", [1, 0, 1]) + _rows(
+        "sft_stage1", "embedded", [1, 1, 1], ids=["q0", "q1", "q7"]
+    )
+    with pytest.raises(
+        ValueError, match="sft_stage1/embedded and react_reasoning/embedded were not graded on the same"
+    ):
         table1_power(rows)
     with pytest.raises(ValueError, match="question 'q1' is graded more than once"):
         table1_power(_rows("base_cot", "nq", [1, 0], ids=["q1", "q1"]))

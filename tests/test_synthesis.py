@@ -6,10 +6,10 @@ import copy
 import pytest
 
 from agent import validate
-from agent.engines import TransformersEngine
 from agent.prompts import TEMPLATES
 from agent.rollout import RolloutConfig, search_tool
 from agent.synthesis import TRAJECTORY_SCHEMA, RunInfo, round_seed, shard_of, synthesize
+from agent.transformers_engine import TransformersEngine
 from retrieval.bm25 import BM25Index
 from retrieval.engine import LocalSearchEngine
 
@@ -30,8 +30,17 @@ def engine(embedded_checkpoint):
 
 
 def _info(pool, engine, samples=2):
-    return RunInfo(pool=pool, round="r000", shard="s00", profile="test", engine=engine.name, model="SmolLM2",
-                   template=TEMPLATES[f"{pool}-smollm2-fewshot-v1"], seed=7, samples=samples)
+    return RunInfo(
+        pool=pool,
+        round="r000",
+        shard="s00",
+        profile="test",
+        engine=engine.name,
+        model="SmolLM2",
+        template=TEMPLATES[f"{pool}-smollm2-fewshot-v1"],
+        seed=7,
+        samples=samples,
+    )
 
 
 def test_coa_synthesis_rows_are_token_exact_and_pass_the_structural_checks(engine):
@@ -41,17 +50,25 @@ def test_coa_synthesis_rows_are_token_exact_and_pass_the_structural_checks(engin
     assert table.schema == TRAJECTORY_SCHEMA
     rows = table.to_pylist()
     assert len(rows) == 4 and sorted(r["trajectory_id"] for r in rows) == [
-        "r000/coa/q1/0", "r000/coa/q1/1", "r000/coa/q2/0", "r000/coa/q2/1"]
-    for check in (validate.actions_over_budget, validate.actions_without_observation, validate.mask_misaligned,
-                  validate.duplicate_samples):
+        "r000/coa/q1/0",
+        "r000/coa/q1/1",
+        "r000/coa/q2/0",
+        "r000/coa/q2/1",
+    ]
+    for check in (
+        validate.actions_over_budget,
+        validate.actions_without_observation,
+        validate.mask_misaligned,
+        validate.duplicate_samples,
+    ):
         assert check(rows)[1] == [], check.__name__
     tok = engine.tokenizer
     for r in rows:
         assert tok.decode(r["token_ids"][: r["prompt_tokens"]]) == r["prompt"]
-        assert tok.decode(r["token_ids"][r["prompt_tokens"]:]) == r["text"]
+        assert tok.decode(r["token_ids"][r["prompt_tokens"] :]) == r["text"]
         for s in r["spans"]:
             if s["kind"] == "observation" and not s["refused"]:
-                assert s["text"] in tok.decode(r["token_ids"][s["start"]: s["end"]])
+                assert s["text"] in tok.decode(r["token_ids"][s["start"] : s["end"]])
         assert r["search_calls"] == sum(1 for s in r["spans"] if s["kind"] == "observation" and s["passage_ids"])
         assert set(r["retrieved_passage_ids"]) <= {"p1", "p2", "p3"}
         assert r["generated_tokens"] == sum(r["policy_mask"]) > 0
@@ -70,8 +87,8 @@ def test_coa_synthesis_rows_are_token_exact_and_pass_the_structural_checks(engin
                 assert l2[i] == ids[i]  # every policy token is trained on in stage 2
         for s in r["spans"]:
             if s["kind"] == "observation":
-                assert set(l2[s["start"]: s["end"]]) == {IGNORE}
-                assert l3[s["start"]: s["end"]] == ids[s["start"]: s["end"]]
+                assert set(l2[s["start"] : s["end"]]) == {IGNORE}
+                assert l3[s["start"] : s["end"]] == ids[s["start"] : s["end"]]
         # environment tokens (observations, forced-answer prompts) = in the stage-3 loss only
         assert sft["env_tokens"] == len(ids) - r["prompt_tokens"] - sum(r["policy_mask"])
     short = stage23_rows(rows[:1], max_length=rows[0]["prompt_tokens"] + 3)[0]
@@ -95,24 +112,40 @@ def test_shards_and_round_seeds_are_stable():
 
 
 def _good_row():
-    return {"trajectory_id": "r/coa/q/0", "round": "r", "question_id": "q", "sample": 0, "tags_balanced": True,
-            "parse_issues": [], "n_actions": 1, "max_actions": 2, "prompt_tokens": 2, "generated_tokens": 4,
-            "token_ids": [1, 2, 3, 4, 5, 6, 7, 8], "policy_mask": [0, 0, 1, 1, 0, 0, 1, 1],
-            "spans": [{"kind": "action", "start": 2, "end": 4, "simulated": False, "refused": False},
-                      {"kind": "observation", "start": 4, "end": 6, "simulated": False, "refused": False}],
-            "predicted_answer": "x"}
+    return {
+        "trajectory_id": "r/coa/q/0",
+        "round": "r",
+        "question_id": "q",
+        "sample": 0,
+        "tags_balanced": True,
+        "parse_issues": [],
+        "n_actions": 1,
+        "max_actions": 2,
+        "prompt_tokens": 2,
+        "generated_tokens": 4,
+        "token_ids": [1, 2, 3, 4, 5, 6, 7, 8],
+        "policy_mask": [0, 0, 1, 1, 0, 0, 1, 1],
+        "spans": [
+            {"kind": "action", "start": 2, "end": 4, "simulated": False, "refused": False},
+            {"kind": "observation", "start": 4, "end": 6, "simulated": False, "refused": False},
+        ],
+        "predicted_answer": "x",
+    }
 
 
-@pytest.mark.parametrize("check, breakage", [
-    (validate.tags_unbalanced, lambda r: r.update(tags_balanced=False, parse_issues=["stray </end_search> at 3"])),
-    (validate.actions_over_budget, lambda r: r.update(n_actions=3)),
-    (validate.actions_without_observation, lambda r: r["spans"].pop()),
-    (validate.actions_without_observation, lambda r: r["spans"][1].update(start=5)),
-    (validate.mask_misaligned, lambda r: r["policy_mask"].pop()),
-    (validate.mask_misaligned, lambda r: r["policy_mask"].__setitem__(4, 1)),  # observation marked as policy
-    (validate.mask_misaligned, lambda r: r["policy_mask"].__setitem__(0, 1)),  # prompt marked as policy
-    (validate.mask_misaligned, lambda r: r.update(generated_tokens=5)),
-])
+@pytest.mark.parametrize(
+    "check, breakage",
+    [
+        (validate.tags_unbalanced, lambda r: r.update(tags_balanced=False, parse_issues=["stray </end_search> at 3"])),
+        (validate.actions_over_budget, lambda r: r.update(n_actions=3)),
+        (validate.actions_without_observation, lambda r: r["spans"].pop()),
+        (validate.actions_without_observation, lambda r: r["spans"][1].update(start=5)),
+        (validate.mask_misaligned, lambda r: r["policy_mask"].pop()),
+        (validate.mask_misaligned, lambda r: r["policy_mask"].__setitem__(4, 1)),  # observation marked as policy
+        (validate.mask_misaligned, lambda r: r["policy_mask"].__setitem__(0, 1)),  # prompt marked as policy
+        (validate.mask_misaligned, lambda r: r.update(generated_tokens=5)),
+    ],
+)
 def test_each_check_fails_on_a_broken_row(check, breakage):
     good = _good_row()
     assert check([good])[1] == []

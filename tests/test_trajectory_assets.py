@@ -15,13 +15,21 @@ import pytest
 import yaml
 
 from pipelines.definitions import build_definitions
-from pipelines.paths import REPO_ROOT, table_path
-from pipelines.sql import run_query
+from qadata.paths import REPO_ROOT, table_path
+from qadata.sql import run_query
 
-ROLLOUT = {"max_turn_tokens": 40, "cot_max_tokens": 48, "max_context": 900, "max_actions": 2, "answer_tokens": 12,
-           "engine": {"kind": "transformers"}}
-BASE = {"embedded_world": {"config": {"people": 300, "works": 300, "orgs": 60, "places": 80, "questions": 200}},
-        "question_sample": {"config": {"total": 12, "cot_fraction": 0.5}}}  # both pools in every shard
+ROLLOUT = {
+    "max_turn_tokens": 40,
+    "cot_max_tokens": 48,
+    "max_context": 900,
+    "max_actions": 2,
+    "answer_tokens": 12,
+    "engine": {"kind": "transformers"},
+}
+BASE = {
+    "embedded_world": {"config": {"people": 300, "works": 300, "orgs": 60, "places": 80, "questions": 200}},
+    "question_sample": {"config": {"total": 12, "cot_fraction": 0.5}},
+}  # both pools in every shard
 SYNTH = {"cot_trajectories": {"config": ROLLOUT}, "coa_trajectories": {"config": ROLLOUT}}
 
 
@@ -43,26 +51,42 @@ def materialised(home):
     assert base.success
     instance.add_dynamic_partitions("synthesis_rounds", ["r000"])
     result = defs.resolve_job_def("trajectory_synthesis").execute_in_process(
-        instance=instance, partition_key="r000|s00", run_config={"ops": SYNTH}, raise_on_error=False)
+        instance=instance, partition_key="r000|s00", run_config={"ops": SYNTH}, raise_on_error=False
+    )
     return instance, defs, result
 
 
-PAIRS = {"contrastive_pairs": {"config": {"engine": {"kind": "transformers"}, "attempts": 1, "max_per_kind": 2,
-                                          "max_turn_tokens": 40, "max_context": 900, "max_actions": 2}}}
+PAIRS = {
+    "contrastive_pairs": {
+        "config": {
+            "engine": {"kind": "transformers"},
+            "attempts": 1,
+            "max_per_kind": 2,
+            "max_turn_tokens": 40,
+            "max_context": 900,
+            "max_actions": 2,
+        }
+    }
+}
 
 
 def test_pairs_mined_from_the_shard_reconcile(materialised, home):
     instance, defs, _ = materialised
     # pairs and SFT data; the checkpoints train in the full embedded run (CI) and in tests/test_sft_training.py
-    selection = [dg.AssetKey(k) for k in ("contrastive_pairs", "contrastive_pairs_discarded", "sft_stage1_data",
-                                          "sft_stage23_data")]
+    selection = [
+        dg.AssetKey(k)
+        for k in ("contrastive_pairs", "contrastive_pairs_discarded", "sft_stage1_data", "sft_stage23_data")
+    ]
     result = defs.resolve_job_def("autocoa_after_synthesis").execute_in_process(
-        instance=instance, run_config={"ops": PAIRS}, raise_on_error=False, asset_selection=selection)
+        instance=instance, run_config={"ops": PAIRS}, raise_on_error=False, asset_selection=selection
+    )
     assert result.success
     pairs = pq.read_table(table_path(home, ["contrastive_pairs"]))
     discarded = pq.read_table(table_path(home, ["contrastive_pairs_discarded"]))
-    wrong = sum(pq.read_table(table_path(home, [f"{p}_trajectories"], "r000|s00")).column("em").to_pylist().count(0.0)
-                for p in ("cot", "coa"))
+    wrong = sum(
+        pq.read_table(table_path(home, [f"{p}_trajectories"], "r000|s00")).column("em").to_pylist().count(0.0)
+        for p in ("cot", "coa")
+    )
     assert pairs.num_rows + discarded.num_rows == wrong > 0
     known = ("empty completion", "wrong CoA took no action", "not mined: over max_per_kind", "no correct")
     assert all(r.startswith(known) for r in discarded.column("reason").to_pylist())  # every discard says why
@@ -76,8 +100,10 @@ def test_pairs_mined_from_the_shard_reconcile(materialised, home):
     # SFT data: stage 1 = the pairs; stage 2/3 = the correct trajectories, exported for LLaMA-Factory and HF datasets
     assert pq.read_table(table_path(home, ["sft_stage1_data"])).num_rows == pairs.num_rows
     stage23 = pq.read_table(table_path(home, ["sft_stage23_data"]))
-    correct = sum(pq.read_table(table_path(home, [f"{p}_trajectories"], "r000|s00")).column("em").to_pylist().count(1.0)
-                  for p in ("cot", "coa"))
+    correct = sum(
+        pq.read_table(table_path(home, [f"{p}_trajectories"], "r000|s00")).column("em").to_pylist().count(1.0)
+        for p in ("cot", "coa")
+    )
     assert stage23.num_rows == correct
     exports = home / "artifacts" / "sft_stage23_data"
     import json
@@ -96,8 +122,15 @@ def test_one_shard_materialises_with_metadata_and_checks(materialised, home):
         assert set(table.column("pool").to_pylist()) == {pool} and set(table.column("shard").to_pylist()) == {"s00"}
         assert set(table.column("engine").to_pylist()) == {"transformers"}
         mat = result.asset_materializations_for_node(f"{pool}_trajectories")[0]
-        assert {"accuracy_em", "mean_actions", "tokens_per_second", "preview", "answer_rate",
-                "dagster/row_count", "finish_reasons"} <= set(mat.metadata)
+        assert {
+            "accuracy_em",
+            "mean_actions",
+            "tokens_per_second",
+            "preview",
+            "answer_rate",
+            "dagster/row_count",
+            "finish_reasons",
+        } <= set(mat.metadata)
         assert mat.metadata["trajectories"].value == table.num_rows
     checks = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
     assert len(checks) == 12
@@ -108,9 +141,12 @@ def test_one_shard_materialises_with_metadata_and_checks(materialised, home):
 
 
 def test_sql_over_trajectories(materialised, home):
-    rel = run_query(home, "select pool, n_actions, count(*) n, avg(em) acc from "
-                          "(select * from cot_trajectories union all by name select * from coa_trajectories) "
-                          "group by all order by all")
+    rel = run_query(
+        home,
+        "select pool, n_actions, count(*) n, avg(em) acc from "
+        "(select * from cot_trajectories union all by name select * from coa_trajectories) "
+        "group by all order by all",
+    )
     rows = rel.fetchall()
     assert {r[0] for r in rows} == {"cot", "coa"}
     assert all(r[1] == 0 for r in rows if r[0] == "cot")
@@ -129,8 +165,11 @@ def test_weekly_schedule_adds_a_round_and_requests_every_shard(home):
     schedule = defs.resolve_schedule_def("weekly_resynthesis")
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED  # off in the embedded profile
     with dg.instance_for_test() as instance:
-        ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=dt.datetime(2026, 11, 23, 4),
-                                        repository_def=defs.get_repository_def())
+        ctx = dg.build_schedule_context(
+            instance=instance,
+            scheduled_execution_time=dt.datetime(2026, 11, 23, 4),
+            repository_def=defs.get_repository_def(),
+        )
         data = schedule.evaluate_tick(ctx)
         assert instance.get_dynamic_partitions("synthesis_rounds") == ["w2026-48"]
         assert sorted(r.partition_key for r in data.run_requests) == ["w2026-48|s00", "w2026-48|s01", "w2026-48|s02"]
@@ -141,9 +180,25 @@ def test_weekly_schedule_adds_a_round_and_requests_every_shard(home):
 
 def _cli(home: Path, config: Path, env: dict) -> subprocess.Popen:
     # synthesis and its resume are under test: no training, no evaluation after it
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--home", str(home), "run", "--config", str(config),
-                             "--no-train", "--no-eval"],
-                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "--home",
+            str(home),
+            "run",
+            "--config",
+            str(config),
+            "--no-train",
+            "--no-eval",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_killed_run_resumes_without_redoing_finished_shards(tmp_path, embedded_checkpoint):
@@ -152,9 +207,18 @@ def test_killed_run_resumes_without_redoing_finished_shards(tmp_path, embedded_c
     (home / "artifacts" / "models" / embedded_checkpoint.name).symlink_to(embedded_checkpoint)
     config = tmp_path / "tiny.yaml"
     quick = {**ROLLOUT, "max_turn_tokens": 16, "cot_max_tokens": 16, "max_actions": 1, "answer_tokens": 6}
-    config.write_text(yaml.safe_dump({"ops": {**BASE, "question_sample": {"config": {"total": 6}},
-                                              "cot_trajectories": {"config": quick},
-                                              "coa_trajectories": {"config": quick}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "ops": {
+                    **BASE,
+                    "question_sample": {"config": {"total": 6}},
+                    "cot_trajectories": {"config": quick},
+                    "coa_trajectories": {"config": quick},
+                }
+            }
+        )
+    )
     env = {**os.environ, "AUTOCOA_SHARDS": "3", "AUTOCOA_HOME": str(home), "DAGSTER_HOME": ""}
     env.pop("DAGSTER_HOME")
     first = [table_path(home, [f"{pool}_trajectories"], "r000|s00") for pool in ("cot", "coa")]

@@ -18,8 +18,10 @@ SMALL = WorldSpec(seed=5, countries=8, places=60, people=200, orgs=40, works=200
 
 
 def _rows(spec=SMALL):
-    return [normalise_hotpot(r, source="embedded", split=r["split"], source_file="w", source_row=i)
-            for i, r in enumerate(generate_questions(build_world(spec)))]
+    return [
+        normalise_hotpot(r, source="embedded", split=r["split"], source_file="w", source_row=i)
+        for i, r in enumerate(generate_questions(build_world(spec)))
+    ]
 
 
 def test_world_is_deterministic_and_seed_dependent():
@@ -60,18 +62,29 @@ def test_two_hop_questions_keep_their_ids():
     key = [[r["id"], r["question"], r["answer"], r["split"]] for r in only2]
     assert hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16] == "6180419b3ce5795b"
     mixed = [r for r in generate_questions(build_world(SMALL)) if r["hops"] == 2]
-    assert [(r["id"], r["question"], r["answer"]) for r in mixed] == \
-        [(r["id"], r["question"], r["answer"]) for r in only2[: len(mixed)]]
+    assert [(r["id"], r["question"], r["answer"]) for r in mixed] == [
+        (r["id"], r["question"], r["answer"]) for r in only2[: len(mixed)]
+    ]
     assert len({r["id"] for r in generate_questions(build_world(SMALL))}) == SMALL.questions
 
 
 def test_world_does_not_depend_on_the_hash_seed():
     """Distractors were drawn from a set of kind names, whose order follows PYTHONHASHSEED."""
-    code = ("import hashlib, json; from qadata.world import WorldSpec, build_world, generate_questions, hop_counts; "
-            "print(hashlib.sha256(json.dumps(generate_questions(build_world(WorldSpec(seed=5, countries=8, "
-            "places=60, people=200, orgs=40, works=200, questions=60)))).encode()).hexdigest())")
-    digests = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(h)},
-                              capture_output=True, text=True, check=True).stdout for h in (1, 3)}
+    code = (
+        "import hashlib, json; from qadata.world import WorldSpec, build_world, generate_questions, hop_counts; "
+        "print(hashlib.sha256(json.dumps(generate_questions(build_world(WorldSpec(seed=5, countries=8, "
+        "places=60, people=200, orgs=40, works=200, questions=60)))).encode()).hexdigest())"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": str(h)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for h in (1, 3)
+    }
     assert len(digests) == 1
 
 
@@ -113,8 +126,10 @@ def test_sample_is_stratified_disjoint_and_leak_free():
     got = collections.Counter(r["stratum"] for r in res.rows)
     for name, n in eligible.items():
         assert abs(got[name] - 40 * n / sum(eligible.values())) <= 1
-    assert sample_questions(rows, total=40, seed=1, eval_questions=dev_questions).rows == \
-        sample_questions(list(reversed(rows)), total=40, seed=1, eval_questions=dev_questions).rows
+    assert (
+        sample_questions(rows, total=40, seed=1, eval_questions=dev_questions).rows
+        == sample_questions(list(reversed(rows)), total=40, seed=1, eval_questions=dev_questions).rows
+    )
 
 
 def test_sample_takes_everything_when_asked_for_more():
@@ -133,9 +148,9 @@ def test_answer_in_gold_predicate(hotpot_row):
     from qadata.loaders import normalise_hotpot
 
     rec = normalise_hotpot(hotpot_row, source="hf", split="train", source_file="x", source_row=0)
-    assert answer_in_gold(rec, sentences_only=True) is True      # "Beta" is in "Alpha was born in Beta."
+    assert answer_in_gold(rec, sentences_only=True) is True  # "Beta" is in "Alpha was born in Beta."
     assert answer_in_gold(rec | {"answer": "Gamma"}) is False
-    assert answer_in_gold(rec | {"answer": "beta"}) is True       # paragraphs: case-insensitive
+    assert answer_in_gold(rec | {"answer": "beta"}) is True  # paragraphs: case-insensitive
     assert answer_in_gold(rec | {"answer": "beta"}, sentences_only=True) is False
     assert answer_in_gold(rec | {"answer": "No"}) is True
     assert answer_in_gold(rec | {"context": []}) is None

@@ -55,8 +55,17 @@ from training.sft import _history, _load, _save, root_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PAPER_COT_FRACTION", "PAPER_SIMULATED_FRACTION", "GrpoResult", "GrpoSettings", "batch_layout",
-           "cot_per_step", "grpo_config", "step_rows", "train_grpo"]
+__all__ = [
+    "PAPER_COT_FRACTION",
+    "PAPER_SIMULATED_FRACTION",
+    "GrpoResult",
+    "GrpoSettings",
+    "batch_layout",
+    "cot_per_step",
+    "grpo_config",
+    "step_rows",
+    "train_grpo",
+]
 
 # the SFT mix's CoT:CoA ratio (1,000 : 5,000), used for RL too: the paper states no RL share
 PAPER_COT_FRACTION = 1 / 6
@@ -114,8 +123,14 @@ def batch_layout(settings: GrpoSettings) -> tuple[int, int]:
     One step's ``questions_per_step x num_generations`` completions must be exactly
     ``micro_batch x grad_accum x num_processes``: TRL then generates once per optimizer step.
     """
-    for name in ("max_steps", "questions_per_step", "num_generations", "max_actions", "max_completion_tokens",
-                 "num_processes"):
+    for name in (
+        "max_steps",
+        "questions_per_step",
+        "num_generations",
+        "max_actions",
+        "max_completion_tokens",
+        "num_processes",
+    ):
         if getattr(settings, name) < 1:
             raise ValueError(f"GrpoSettings.{name} must be >= 1, got {getattr(settings, name)}")
     if settings.num_generations < 2:
@@ -124,16 +139,20 @@ def batch_layout(settings: GrpoSettings) -> tuple[int, int]:
         raise ValueError(f"GrpoSettings.cot_fraction must be within [0, 1], got {settings.cot_fraction}")
     total = settings.questions_per_step * settings.num_generations
     if total % settings.num_processes:
-        raise ValueError(f"questions_per_step x num_generations = {total} completions per step cannot be split over "
-                         f"num_processes={settings.num_processes}")
+        raise ValueError(
+            f"questions_per_step x num_generations = {total} completions per step cannot be split over "
+            f"num_processes={settings.num_processes}"
+        )
     per_process = total // settings.num_processes
     micro = settings.micro_batch or (per_process // settings.grad_accum if settings.grad_accum else per_process)
     accum = settings.grad_accum or (per_process // micro if micro else 0)
     if micro < 1 or accum < 1 or micro * accum * settings.num_processes != total:
-        raise ValueError(f"GrpoSettings: micro_batch={settings.micro_batch} x grad_accum={settings.grad_accum} x "
-                         f"num_processes={settings.num_processes} must equal questions_per_step x num_generations = "
-                         f"{settings.questions_per_step} x {settings.num_generations} = {total} (one generation "
-                         "batch per optimizer step)")
+        raise ValueError(
+            f"GrpoSettings: micro_batch={settings.micro_batch} x grad_accum={settings.grad_accum} x "
+            f"num_processes={settings.num_processes} must equal questions_per_step x num_generations = "
+            f"{settings.questions_per_step} x {settings.num_generations} = {total} (one generation "
+            "batch per optimizer step)"
+        )
     return micro, accum
 
 
@@ -164,14 +183,15 @@ def step_rows(questions: Sequence[dict], settings: GrpoSettings) -> list[tuple[d
         deck, carry = deck[:full], deck[full:]
         for b in range(0, full, per_step):
             cot = set(rng.sample(range(per_step), k))
-            out += [(questions[i], "cot" if j in cot else "coa") for j, i in enumerate(deck[b: b + per_step])]
+            out += [(questions[i], "cot" if j in cot else "coa") for j, i in enumerate(deck[b : b + per_step])]
     return out[: settings.max_steps * per_step]
 
 
 def _check_questions(settings: GrpoSettings, questions: Sequence[dict]) -> None:
     if len(questions) < settings.questions_per_step:
-        raise ValueError(f"{len(questions)} questions cannot fill GrpoSettings.questions_per_step="
-                         f"{settings.questions_per_step}")
+        raise ValueError(
+            f"{len(questions)} questions cannot fill GrpoSettings.questions_per_step={settings.questions_per_step}"
+        )
     for q in questions:
         missing = [k for k in ("question_id", "question", "gold_answers") if k not in q]
         if missing:
@@ -188,11 +208,13 @@ def launched_processes() -> int:
 
 def _same_world(settings: GrpoSettings, world: int, micro: int, accum: int) -> None:
     if world != settings.num_processes:
-        raise ValueError(f"GrpoSettings.num_processes={settings.num_processes} but this run has {world} process(es): "
-                         f"micro_batch {micro} x grad_accum {accum} x {world} would not make one step's "
-                         f"{settings.questions_per_step} x {settings.num_generations} completions (launch it on "
-                         f"{settings.num_processes} processes, or set num_processes, micro_batch and grad_accum for "
-                         "this one)")
+        raise ValueError(
+            f"GrpoSettings.num_processes={settings.num_processes} but this run has {world} process(es): "
+            f"micro_batch {micro} x grad_accum {accum} x {world} would not make one step's "
+            f"{settings.questions_per_step} x {settings.num_generations} completions (launch it on "
+            f"{settings.num_processes} processes, or set num_processes, micro_batch and grad_accum for "
+            "this one)"
+        )
 
 
 def grpo_config(settings: GrpoSettings, output_dir: str | Path, *, max_context: int):
@@ -204,34 +226,77 @@ def grpo_config(settings: GrpoSettings, output_dir: str | Path, *, max_context: 
     _same_world(settings, launched_processes(), micro, accum)  # before TRL's own batch checks, which say less
     cuda = torch.cuda.is_available()
     if settings.use_vllm and not cuda:
-        raise ValueError("GrpoSettings.use_vllm needs a GPU (TRL's colocated vLLM); the CPU path uses the live "
-                         "transformers policy")
-    extra = dict(vllm_mode="colocate", vllm_gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
-                 vllm_max_model_length=max_context + settings.answer_tokens + 16) if settings.use_vllm else {}
+        raise ValueError(
+            "GrpoSettings.use_vllm needs a GPU (TRL's colocated vLLM); the CPU path uses the live transformers policy"
+        )
+    extra = (
+        dict(
+            vllm_mode="colocate",
+            vllm_gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+            vllm_max_model_length=max_context + settings.answer_tokens + 16,
+        )
+        if settings.use_vllm
+        else {}
+    )
     args = GRPOConfig(
-        output_dir=str(output_dir), max_steps=settings.max_steps, learning_rate=settings.learning_rate,
-        per_device_train_batch_size=micro, gradient_accumulation_steps=accum, steps_per_generation=accum,
-        num_generations=settings.num_generations, shuffle_dataset=False, num_iterations=1, beta=settings.beta,
-        temperature=settings.temperature, top_p=settings.top_p,
-        max_completion_length=settings.max_completion_tokens, loss_type=settings.loss_type,
-        epsilon=settings.epsilon, max_grad_norm=settings.max_grad_norm, reward_weights=trl_reward_weights(),
-        seed=settings.seed, logging_steps=1, report_to=[], bf16=cuda, use_cpu=not cuda,
-        gradient_checkpointing=settings.gradient_checkpointing, lr_scheduler_type="constant", warmup_steps=0,
-        save_strategy="steps" if settings.save_steps else "no", save_steps=settings.save_steps or 500,
-        dataloader_num_workers=0, disable_tqdm=False, use_vllm=settings.use_vllm, **extra)
+        output_dir=str(output_dir),
+        max_steps=settings.max_steps,
+        learning_rate=settings.learning_rate,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accum,
+        steps_per_generation=accum,
+        num_generations=settings.num_generations,
+        shuffle_dataset=False,
+        num_iterations=1,
+        beta=settings.beta,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_completion_length=settings.max_completion_tokens,
+        loss_type=settings.loss_type,
+        epsilon=settings.epsilon,
+        max_grad_norm=settings.max_grad_norm,
+        reward_weights=trl_reward_weights(),
+        seed=settings.seed,
+        logging_steps=1,
+        report_to=[],
+        bf16=cuda,
+        use_cpu=not cuda,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        save_strategy="steps" if settings.save_steps else "no",
+        save_steps=settings.save_steps or 500,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        use_vllm=settings.use_vllm,
+        **extra,
+    )
     _same_world(settings, args.world_size, micro, accum)
     want = settings.questions_per_step * settings.num_generations
     if args.generation_batch_size != want or args.steps_per_generation != accum:
-        raise RuntimeError(f"TRL's generation batch is {args.generation_batch_size} completions over "
-                           f"{args.steps_per_generation} steps, not one step's {want}: has GRPOConfig's rule changed?")
+        raise RuntimeError(
+            f"TRL's generation batch is {args.generation_batch_size} completions over "
+            f"{args.steps_per_generation} steps, not one step's {want}: has GRPOConfig's rule changed?"
+        )
     return args
 
 
-def train_grpo(model_path: str, questions: Sequence[dict], out: str | Path, settings: GrpoSettings = GrpoSettings(),
-               *, search: SearchFn | None = None, simulated_fraction: float = 1.0,
-               reward_settings: RewardSettings = RewardSettings(), template: PromptTemplate | None = None,
-               cot_template: PromptTemplate | None = None, engine_factory: EngineFactory | None = None,
-               data_version: str = "", stage: str = "rl", resume_from: str | None = None) -> GrpoResult:
+def train_grpo(
+    model_path: str,
+    questions: Sequence[dict],
+    out: str | Path,
+    settings: GrpoSettings = GrpoSettings(),
+    *,
+    search: SearchFn | None = None,
+    simulated_fraction: float = 1.0,
+    reward_settings: RewardSettings = RewardSettings(),
+    template: PromptTemplate | None = None,
+    cot_template: PromptTemplate | None = None,
+    engine_factory: EngineFactory | None = None,
+    data_version: str = "",
+    stage: str = "rl",
+    resume_from: str | None = None,
+) -> GrpoResult:
     """GRPO on ``questions`` (dicts with ``question_id``, ``question``, ``gold_answers``) from ``model_path``.
 
     The first ``round(simulated_fraction * max_steps)`` steps roll out in the simulated environment,
@@ -252,12 +317,16 @@ def train_grpo(model_path: str, questions: Sequence[dict], out: str | Path, sett
     schedule = SimulationSchedule.from_fraction(simulated_fraction, settings.max_steps)
     if schedule.simulated_steps < settings.max_steps and search is None:
         real = settings.max_steps - schedule.simulated_steps
-        raise ValueError(f"simulated_fraction={simulated_fraction} leaves {real} real-environment steps, "
-                         "which need a `search` function")
+        raise ValueError(
+            f"simulated_fraction={simulated_fraction} leaves {real} real-environment steps, "
+            "which need a `search` function"
+        )
     out = Path(out)
     model, tok = _load(model_path, settings)
-    templates = {"coa": template or template_for("coa", root_model(model_path)),
-                 "cot": cot_template or template_for("cot", root_model(model_path))}
+    templates = {
+        "coa": template or template_for("coa", root_model(model_path)),
+        "cot": cot_template or template_for("cot", root_model(model_path)),
+    }
     for mode, t in templates.items():
         if t.mode != mode:
             raise ValueError(f"the {mode} prompts need a {mode} template, got {t.id!r} ({t.mode})")
@@ -269,40 +338,99 @@ def train_grpo(model_path: str, questions: Sequence[dict], out: str | Path, sett
             raise ValueError("a CoT and a CoA prompt render the same text: the rollout could not tell them apart")
     max_prompt = max(len(tok.encode(p, add_special_tokens=False)) for p in prompt_modes)
     rollout_config = RolloutConfig(
-        max_actions=settings.max_actions, max_context=max_prompt + settings.max_completion_tokens,
-        max_turn_tokens=settings.max_turn_tokens, answer_tokens=settings.answer_tokens,
-        temperature=settings.temperature, top_p=settings.top_p, search_k=settings.search_k, seed=settings.seed)
+        max_actions=settings.max_actions,
+        max_context=max_prompt + settings.max_completion_tokens,
+        max_turn_tokens=settings.max_turn_tokens,
+        answer_tokens=settings.answer_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        search_k=settings.search_k,
+        seed=settings.seed,
+    )
     # gold_answers reach the reward functions as a dataset column (TRL passes every column as kwargs); the
     # rows are in step order and TRL reads them so (shuffle_dataset=False)
-    dataset = Dataset.from_list([
-        {"prompt": rendered[(id(q), mode)], "question_id": str(q["question_id"]),
-         "gold_answers": list(q["gold_answers"]), "mode": mode, "template": templates[mode].id} for q, mode in plan])
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": rendered[(id(q), mode)],
+                "question_id": str(q["question_id"]),
+                "gold_answers": list(q["gold_answers"]),
+                "mode": mode,
+                "template": templates[mode].id,
+            }
+            for q, mode in plan
+        ]
+    )
     ledger = CostLedger()
-    rollout_func = make_rollout_func(search=search, schedule=schedule, rollout_config=rollout_config, ledger=ledger,
-                                     engine_factory=engine_factory,
-                                     mask_simulated_observations=settings.mask_simulated_observations,
-                                     prompt_modes=prompt_modes,
-                                     cot_rollout_config=cot_config(rollout_config, settings.max_completion_tokens))
+    rollout_func = make_rollout_func(
+        search=search,
+        schedule=schedule,
+        rollout_config=rollout_config,
+        ledger=ledger,
+        engine_factory=engine_factory,
+        mask_simulated_observations=settings.mask_simulated_observations,
+        prompt_modes=prompt_modes,
+        cot_rollout_config=cot_config(rollout_config, settings.max_completion_tokens),
+    )
     args = grpo_config(settings, Path(str(out) + ".work"), max_context=rollout_config.max_context)
-    trainer = GRPOTrainer(model=model, reward_funcs=trl_reward_funcs(reward_settings), args=args,
-                          train_dataset=dataset, processing_class=tok, rollout_func=rollout_func)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=trl_reward_funcs(reward_settings),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        rollout_func=rollout_func,
+    )
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - start
     result = GrpoResult(
-        str(out), trainer.state.global_step, schedule.simulated_steps, _history(trainer, "reward"),
-        {name: _history(trainer, f"rewards/{name}/mean") for name in COMPONENTS}, _history(trainer, "kl"),
-        _history(trainer, "loss"), ledger.rows(), ledger.totals(), wall)
-    log.info("GRPO: %d steps (%d simulated) in %.0fs, cost %s", result.steps, result.simulated_steps, wall,
-             result.cost_totals)
+        str(out),
+        trainer.state.global_step,
+        schedule.simulated_steps,
+        _history(trainer, "reward"),
+        {name: _history(trainer, f"rewards/{name}/mean") for name in COMPONENTS},
+        _history(trainer, "kl"),
+        _history(trainer, "loss"),
+        ledger.rows(),
+        ledger.totals(),
+        wall,
+    )
+    log.info(
+        "GRPO: %d steps (%d simulated) in %.0fs, cost %s",
+        result.steps,
+        result.simulated_steps,
+        wall,
+        result.cost_totals,
+    )
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    _save(trainer, policy, tok, out, {
-        "stage": stage, "base_model": model_path, "root_model": root_model(model_path), "data_version": data_version,
-        "template": templates["coa"].id, "cot_template": templates["cot"].id,
-        "cot_per_step": cot_per_step(settings), "settings": asdict(settings),
-        "reward_settings": asdict(reward_settings),
-        "rollout": asdict(rollout_config), "simulated_fraction": simulated_fraction,
-        "simulated_steps": result.simulated_steps, "steps": result.steps, "reward_curve": result.reward_curve,
-        "reward_components": result.reward_components, "kl_curve": result.kl_curve, "loss_curve": result.loss_curve,
-        "cost": result.cost, "cost_totals": result.cost_totals, "wall_seconds": wall, "questions": len(questions)})
+    _save(
+        trainer,
+        policy,
+        tok,
+        out,
+        {
+            "stage": stage,
+            "base_model": model_path,
+            "root_model": root_model(model_path),
+            "data_version": data_version,
+            "template": templates["coa"].id,
+            "cot_template": templates["cot"].id,
+            "cot_per_step": cot_per_step(settings),
+            "settings": asdict(settings),
+            "reward_settings": asdict(reward_settings),
+            "rollout": asdict(rollout_config),
+            "simulated_fraction": simulated_fraction,
+            "simulated_steps": result.simulated_steps,
+            "steps": result.steps,
+            "reward_curve": result.reward_curve,
+            "reward_components": result.reward_components,
+            "kl_curve": result.kl_curve,
+            "loss_curve": result.loss_curve,
+            "cost": result.cost,
+            "cost_totals": result.cost_totals,
+            "wall_seconds": wall,
+            "questions": len(questions),
+        },
+    )
     return result

@@ -38,8 +38,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
-from agent.engines import Engine, GenRequest, GenResult, TransformersEngine
+from agent.engine_api import Engine, GenRequest, GenResult
 from agent.rollout import Rollout, RolloutConfig, Trajectory
+from agent.transformers_engine import TransformersEngine
 from training.rewards import think_left_open
 
 SearchFn = Callable[[list[str]], list[tuple[str, list[str]]]]
@@ -98,11 +99,27 @@ class CostLedger:
         return [asdict(r) for r in self.records]
 
     def totals(self) -> dict:
-        sums = {k: sum(getattr(r, k) for r in self.records) for k in
-                ("trajectories", "cot_trajectories", "search_calls", "simulated_observations", "refused_actions",
-                 "generated_tokens", "environment_tokens", "trained_tokens", "answered", "wall_seconds")}
-        return {"batches": len(self.records), "simulated_batches": sum(r.mode == "simulated" for r in self.records),
-                "real_batches": sum(r.mode == "real" for r in self.records), **sums}
+        sums = {
+            k: sum(getattr(r, k) for r in self.records)
+            for k in (
+                "trajectories",
+                "cot_trajectories",
+                "search_calls",
+                "simulated_observations",
+                "refused_actions",
+                "generated_tokens",
+                "environment_tokens",
+                "trained_tokens",
+                "answered",
+                "wall_seconds",
+            )
+        }
+        return {
+            "batches": len(self.records),
+            "simulated_batches": sum(r.mode == "simulated" for r in self.records),
+            "real_batches": sum(r.mode == "real" for r in self.records),
+            **sums,
+        }
 
 
 class LogprobRecorder:
@@ -156,7 +173,7 @@ class LogprobRecorder:
                 return zeros
             found = self._seen.get((i, hash(tuple(ids[:i]))), [])
             for gen, lp in sorted(found, key=lambda c: -len(c[0])):
-                if tuple(ids[i: i + len(gen)]) == gen and all(mask[i: i + len(gen)]):
+                if tuple(ids[i : i + len(gen)]) == gen and all(mask[i : i + len(gen)]):
                     rest = walk(i + len(gen))
                     if rest is not None:
                         return zeros + lp + rest
@@ -174,10 +191,12 @@ def check_groups(prompts: Sequence, num_generations: int) -> int:
     if num_generations < 1 or n % num_generations:
         raise RuntimeError(f"rollout_func got {n} prompts, not a multiple of num_generations={num_generations}")
     for start in range(0, n, num_generations):
-        if any(p != prompts[start] for p in prompts[start: start + num_generations]):
-            raise RuntimeError("rollout_func expects TRL's RepeatSampler layout (each prompt repeated "
-                               f"num_generations={num_generations} times in a row); the prompts at "
-                               f"{start}..{start + num_generations - 1} differ: has TRL's contract changed?")
+        if any(p != prompts[start] for p in prompts[start : start + num_generations]):
+            raise RuntimeError(
+                "rollout_func expects TRL's RepeatSampler layout (each prompt repeated "
+                f"num_generations={num_generations} times in a row); the prompts at "
+                f"{start}..{start + num_generations - 1} differ: has TRL's contract changed?"
+            )
     return n // num_generations
 
 
@@ -194,11 +213,15 @@ def policy_engine(trainer, *, max_batch: int = 64) -> Iterator[Engine]:
     if getattr(trainer, "use_vllm", False):
         gen = trainer.vllm_generation
         if gen.mode != "colocate":
-            raise ValueError("use_vllm with vllm_mode='server' is not supported by the AutoCoA rollout: it needs "
-                             "an in-process LLM (TRL's server exposes no stop-string, token-id continuation API)")
+            raise ValueError(
+                "use_vllm with vllm_mode='server' is not supported by the AutoCoA rollout: it needs "
+                "an in-process LLM (TRL's server exposes no stop-string, token-id continuation API)"
+            )
         if gen.enable_sleep_mode:
-            raise ValueError("vllm_enable_sleep_mode must be False: the multi-turn rollout keeps the KV cache "
-                             "awake across turns and TRL only wakes it inside its own generate()")
+            raise ValueError(
+                "vllm_enable_sleep_mode must be False: the multi-turn rollout keeps the KV cache "
+                "awake across turns and TRL only wakes it inside its own generate()"
+            )
         from agent.vllm_engine import VLLMEngine
 
         cache = trainer.__dict__.setdefault("_autocoa_engines", {})  # one stepping thread per LLM
@@ -208,8 +231,11 @@ def policy_engine(trainer, *, max_batch: int = 64) -> Iterator[Engine]:
         return
     from trl.models.utils import unwrap_model_for_generation
 
-    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
-                                     gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs) as model:
+    with unwrap_model_for_generation(
+        trainer.model_wrapped,
+        trainer.accelerator,
+        gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
+    ) as model:
         was_training = model.training
         model.eval()
         try:
@@ -225,12 +251,29 @@ def _num_generations(trainer) -> int:
     return trainer.num_generations
 
 
-def rollout_outputs(trajs: Sequence[Trajectory], prompts: Sequence[str], recorder: LogprobRecorder | None,
-                    mask_simulated_observations: bool = True) -> dict:
+def rollout_outputs(
+    trajs: Sequence[Trajectory],
+    prompts: Sequence[str],
+    recorder: LogprobRecorder | None,
+    mask_simulated_observations: bool = True,
+) -> dict:
     """TRL's rollout dict: ids straight from the trajectories, ``env_mask``, log-probs, reward fields."""
-    out: dict[str, list] = {k: [] for k in (
-        "prompt_ids", "completion_ids", "env_mask", "completion_text", "think_open", "n_actions",
-        "refused_actions", "search_calls", "simulated_observations", "generated_tokens", "finish_reason")}
+    out: dict[str, list] = {
+        k: []
+        for k in (
+            "prompt_ids",
+            "completion_ids",
+            "env_mask",
+            "completion_text",
+            "think_open",
+            "n_actions",
+            "refused_actions",
+            "search_calls",
+            "simulated_observations",
+            "generated_tokens",
+            "finish_reason",
+        )
+    }
     logprobs: list[list[float]] | None = [] if recorder is not None and recorder.complete else None
     for t, prompt in zip(trajs, prompts, strict=True):
         p = t.prompt_len
@@ -238,7 +281,7 @@ def rollout_outputs(trajs: Sequence[Trajectory], prompts: Sequence[str], recorde
         sims = [s for s in t.spans if s.kind == "observation" and s.simulated]
         if mask_simulated_observations:
             for s in sims:
-                mask[s.start - p: s.end - p] = [0] * (s.end - s.start)
+                mask[s.start - p : s.end - p] = [0] * (s.end - s.start)
         if logprobs is not None:
             logprobs.append(recorder.logprobs(t))
         if len(mask) != len(completion) or (logprobs is not None and len(logprobs[-1]) != len(completion)):
@@ -267,11 +310,18 @@ def cot_config(config: RolloutConfig, max_completion_tokens: int | None = None) 
     return replace(config, tools=False, cut_actions=True, simulated=False, max_turn_tokens=turn)
 
 
-def make_rollout_func(*, search: SearchFn | None = None, schedule: Callable[[int], bool] | None = None,
-                      rollout_config: RolloutConfig = RolloutConfig(), ledger: CostLedger | None = None,
-                      engine_factory: EngineFactory | None = None, mask_simulated_observations: bool = True,
-                      max_batch: int = 64, prompt_modes: Mapping[str, str] | None = None,
-                      cot_rollout_config: RolloutConfig | None = None) -> Callable[[list, object], dict]:
+def make_rollout_func(
+    *,
+    search: SearchFn | None = None,
+    schedule: Callable[[int], bool] | None = None,
+    rollout_config: RolloutConfig = RolloutConfig(),
+    ledger: CostLedger | None = None,
+    engine_factory: EngineFactory | None = None,
+    mask_simulated_observations: bool = True,
+    max_batch: int = 64,
+    prompt_modes: Mapping[str, str] | None = None,
+    cot_rollout_config: RolloutConfig | None = None,
+) -> Callable[[list, object], dict]:
     """A TRL ``rollout_func(prompts, trainer)`` running :class:`agent.rollout.Rollout` with the live policy.
 
     ``prompts`` are the rendered prompt strings of the dataset (``training.grpo`` renders the CoA or CoT
@@ -301,12 +351,16 @@ def make_rollout_func(*, search: SearchFn | None = None, schedule: Callable[[int
         step = int(trainer.state.global_step)
         simulated = True if schedule is None else bool(schedule(step))
         if not all(isinstance(p, str) for p in prompts):
-            raise TypeError("rollout_func expects rendered prompt strings in the dataset's `prompt` column, "
-                            f"got {type(prompts[0]).__name__}")
+            raise TypeError(
+                "rollout_func expects rendered prompt strings in the dataset's `prompt` column, "
+                f"got {type(prompts[0]).__name__}"
+            )
         modes = [mode_of(p) for p in prompts]
         if not simulated and search is None and "coa" in modes:
-            raise ValueError(f"step {step} is scheduled in the real environment but no `search` function was given "
-                             "(pass search=..., or simulated_fraction=1.0 for a simulated-only run)")
+            raise ValueError(
+                f"step {step} is scheduled in the real environment but no `search` function was given "
+                "(pass search=..., or simulated_fraction=1.0 for a simulated-only run)"
+            )
         groups = check_groups(prompts, _num_generations(trainer))
         tokenizer = trainer.processing_class
         encoded = {p: tokenizer.encode(p, add_special_tokens=False) for p in dict.fromkeys(prompts)}
@@ -325,21 +379,34 @@ def make_rollout_func(*, search: SearchFn | None = None, schedule: Callable[[int
                         trajs[i] = t
         wall = time.perf_counter() - start
         out = rollout_outputs(trajs, prompts, recorder, mask_simulated_observations)
-        if out["logprobs"] is None and getattr(trainer, "use_vllm", False) and getattr(
-                trainer, "vllm_importance_sampling_correction", False):
-            raise RuntimeError("vllm_importance_sampling_correction needs the sampled tokens' log-probs, but the "
-                               "engine returned none (use VLLMEngine.from_llm(..., logprobs=True))")
+        if (
+            out["logprobs"] is None
+            and getattr(trainer, "use_vllm", False)
+            and getattr(trainer, "vllm_importance_sampling_correction", False)
+        ):
+            raise RuntimeError(
+                "vllm_importance_sampling_correction needs the sampled tokens' log-probs, but the "
+                "engine returned none (use VLLMEngine.from_llm(..., logprobs=True))"
+            )
         if ledger is not None:
             completion_tokens = sum(len(c) for c in out["completion_ids"])
-            ledger.records.append(StepCost(
-                step=step, mode="simulated" if simulated else "real", trajectories=len(trajs),
-                cot_trajectories=modes.count("cot"), distinct_prompts=len(encoded),
-                search_calls=sum(out["search_calls"]),
-                simulated_observations=sum(out["simulated_observations"]), refused_actions=sum(out["refused_actions"]),
-                generated_tokens=sum(out["generated_tokens"]),
-                environment_tokens=completion_tokens - sum(sum(t.policy_mask[t.prompt_len:]) for t in trajs),
-                trained_tokens=sum(sum(m) for m in out["env_mask"]),
-                answered=sum(t.answer is not None for t in trajs), wall_seconds=round(wall, 3)))
+            ledger.records.append(
+                StepCost(
+                    step=step,
+                    mode="simulated" if simulated else "real",
+                    trajectories=len(trajs),
+                    cot_trajectories=modes.count("cot"),
+                    distinct_prompts=len(encoded),
+                    search_calls=sum(out["search_calls"]),
+                    simulated_observations=sum(out["simulated_observations"]),
+                    refused_actions=sum(out["refused_actions"]),
+                    generated_tokens=sum(out["generated_tokens"]),
+                    environment_tokens=completion_tokens - sum(sum(t.policy_mask[t.prompt_len :]) for t in trajs),
+                    trained_tokens=sum(sum(m) for m in out["env_mask"]),
+                    answered=sum(t.answer is not None for t in trajs),
+                    wall_seconds=round(wall, 3),
+                )
+            )
         out["simulated"] = [simulated] * len(trajs)
         out["mode"] = modes
         return out

@@ -57,10 +57,21 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def launch_command(stage: int, model: str, data: str | Path, out: str | Path, settings, *, launcher: str = "python",
-                   num_processes: int = 1, accelerate_config: str | Path | None = None, labels: str | None = None,
-                   data_version: str = "", result_json: str | Path | None = None,
-                   resume_from: str | None = None) -> list[str]:
+def launch_command(
+    stage: int,
+    model: str,
+    data: str | Path,
+    out: str | Path,
+    settings,
+    *,
+    launcher: str = "python",
+    num_processes: int = 1,
+    accelerate_config: str | Path | None = None,
+    labels: str | None = None,
+    data_version: str = "",
+    result_json: str | Path | None = None,
+    resume_from: str | None = None,
+) -> list[str]:
     """The argv that trains ``stage`` on the Parquet table ``data`` into ``out``.
 
     ``launcher``: ``python`` (one process, this interpreter), ``accelerate`` (``accelerate launch`` with
@@ -75,9 +86,24 @@ def launch_command(stage: int, model: str, data: str | Path, out: str | Path, se
         raise ValueError(f"stage must be 1, 2 or 3, not {stage!r}")
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, not {num_processes}")
-    script = ["-m", "training.launch", "--stage", str(stage), "--model", str(model), "--data", str(data),
-              "--out", str(out), "--settings", _settings_json(settings), "--data-version", data_version,
-              "--result-json", str(result_json or default_result_json(out))]
+    script = [
+        "-m",
+        "training.launch",
+        "--stage",
+        str(stage),
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--settings",
+        _settings_json(settings),
+        "--data-version",
+        data_version,
+        "--result-json",
+        str(result_json or default_result_json(out)),
+    ]
     if labels:
         script += ["--labels", labels]
     if resume_from:
@@ -87,12 +113,27 @@ def launch_command(stage: int, model: str, data: str | Path, out: str | Path, se
             raise ValueError("launcher 'python' runs one process; use 'accelerate' or 'torchrun' for num_processes > 1")
         return [sys.executable, *script]
     if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
-                *script]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(num_processes),
+            *script,
+        ]
     cuda = _cuda_available()
     config = resolve_accelerate_config(accelerate_config or ("multi_gpu" if cuda else "cpu"))
-    argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-            "--num_processes", str(num_processes), "--quiet"]  # --quiet: no launcher traceback after the child's
+    argv = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--num_processes",
+        str(num_processes),
+        "--quiet",
+    ]  # --quiet: no launcher traceback after the child's
     if not cuda:
         argv.append("--cpu")
     return argv + script
@@ -117,8 +158,14 @@ def _result_path(argv: Sequence[str]) -> Path:
     return Path(argv[argv.index("--result-json") + 1])
 
 
-def run_launcher(argv: Sequence[str], log: Callable[[str], object] = print, *, cwd: str | Path = REPO_ROOT,
-                 env: dict | None = None, tail: int = TAIL_LINES):
+def run_launcher(
+    argv: Sequence[str],
+    log: Callable[[str], object] = print,
+    *,
+    cwd: str | Path = REPO_ROOT,
+    env: dict | None = None,
+    tail: int = TAIL_LINES,
+):
     """Run ``argv`` (from :func:`launch_command`), pass each output line to ``log`` as it arrives, return the
     :class:`~training.sft.TrainResult` the main process wrote.
 
@@ -136,8 +183,18 @@ def run_launcher(argv: Sequence[str], log: Callable[[str], object] = print, *, c
     child_env.setdefault("TQDM_MININTERVAL", "5")  # progress bars: one line per few seconds, not per refresh
     last: collections.deque[str] = collections.deque(maxlen=tail)
     first_traceback: list[str] = []  # torchrun prints its own traceback last; the child's root cause comes first
-    proc = subprocess.Popen(list(argv), cwd=str(cwd), env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1, start_new_session=True)
+    proc = subprocess.Popen(
+        list(argv),
+        cwd=str(cwd),
+        env=child_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+        bufsize=1,
+        start_new_session=True,
+    )
     try:
         assert proc.stdout is not None
         for raw in proc.stdout:  # universal newlines: tqdm's \r updates arrive as lines too
@@ -155,11 +212,15 @@ def run_launcher(argv: Sequence[str], log: Callable[[str], object] = print, *, c
         first = ""
         if first_traceback and first_traceback[0] not in last:
             first = f"--- first traceback ({len(first_traceback)} lines) ---\n" + "\n".join(first_traceback) + "\n"
-        raise LaunchError(f"training launcher exited with code {rc}: {' '.join(argv[:8])} ...\n{first}"
-                          f"--- last {len(last)} lines ---\n" + "\n".join(last))
+        raise LaunchError(
+            f"training launcher exited with code {rc}: {' '.join(argv[:8])} ...\n{first}"
+            f"--- last {len(last)} lines ---\n" + "\n".join(last)
+        )
     if not result_path.is_file():
-        raise LaunchError(f"training launcher exited 0 but wrote no result to {result_path}\n"
-                          f"--- last {len(last)} lines ---\n" + "\n".join(last))
+        raise LaunchError(
+            f"training launcher exited 0 but wrote no result to {result_path}\n"
+            f"--- last {len(last)} lines ---\n" + "\n".join(last)
+        )
     return TrainResult(**json.loads(result_path.read_text()))
 
 
@@ -227,21 +288,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = _settings(args.settings)
     if args.stage == 1:
-        rows = pq.read_table(args.data, columns=["pair_id", "context_ids", "chosen_ids", "chosen_mask", "rejected_ids",
-                                                 "rejected_mask"]).to_pylist()
+        rows = pq.read_table(
+            args.data, columns=["pair_id", "context_ids", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask"]
+        ).to_pylist()
     else:
         labels = args.labels or LABELS[args.stage]
         rows = pq.read_table(args.data, columns=["input_ids", labels]).to_pylist()
     if not rows:
         raise SystemExit(f"{args.data}: no rows to train on")
-    log.info("stage %d: %d rows from %s, model %s -> %s (rank %s of %s)", args.stage, len(rows), args.data, args.model,
-             args.out, os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1"))
+    log.info(
+        "stage %d: %d rows from %s, model %s -> %s (rank %s of %s)",
+        args.stage,
+        len(rows),
+        args.data,
+        args.model,
+        args.out,
+        os.environ.get("RANK", "0"),
+        os.environ.get("WORLD_SIZE", "1"),
+    )
     if args.stage == 1:
-        result = train_stage1(args.model, rows, args.out, settings, data_version=args.data_version,
-                              resume_from=args.resume_from)
+        result = train_stage1(
+            args.model, rows, args.out, settings, data_version=args.data_version, resume_from=args.resume_from
+        )
     else:
-        result = train_trajectory_sft(args.model, rows, labels, args.out, settings, stage=args.stage,
-                                      data_version=args.data_version, resume_from=args.resume_from)
+        result = train_trajectory_sft(
+            args.model,
+            rows,
+            labels,
+            args.out,
+            settings,
+            stage=args.stage,
+            data_version=args.data_version,
+            resume_from=args.resume_from,
+        )
     if _is_main_process():
         path = Path(args.result_json) if args.result_json else default_result_json(args.out)
         write_with(path, lambda tmp: tmp.write_text(json.dumps(asdict(result), indent=1)))

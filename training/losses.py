@@ -38,8 +38,9 @@ def sft1_loss(chosen_mean_logp, rejected_mean_logp, alpha: float):
     return -F.logsigmoid(chosen_mean_logp - rejected_mean_logp) + alpha * (-chosen_mean_logp)
 
 
-def continuation_labels(context_ids: Sequence[int], ids: Sequence[int], mask: Sequence[int],
-                        max_length: int) -> tuple[list[int], list[int]]:
+def continuation_labels(
+    context_ids: Sequence[int], ids: Sequence[int], mask: Sequence[int], max_length: int
+) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` for context + continuation, truncated to ``max_length``: labels are the
     continuation's ids where its mask is 1 and -100 on the context and on environment tokens."""
     if len(mask) != len(ids):
@@ -55,8 +56,11 @@ def collate_pairs(rows: Sequence[dict], pad_id: int, max_length: int) -> dict:
     rejected ones, right-padded (labels -100 and attention 0 on padding)."""
     import torch
 
-    seqs = [continuation_labels(r["context_ids"], r[f"{side}_ids"], r[f"{side}_mask"], max_length)
-            for side in ("chosen", "rejected") for r in rows]
+    seqs = [
+        continuation_labels(r["context_ids"], r[f"{side}_ids"], r[f"{side}_mask"], max_length)
+        for side in ("chosen", "rejected")
+        for r in rows
+    ]
     width = max(len(s) for s, _ in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)

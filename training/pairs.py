@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, replace
 
 from agent.protocol import ACTION_OPEN, THINK_CLOSE
 from agent.rollout import Rollout, RolloutConfig
-from evals.grading import score
+from qadata.answers import score
 
 SENTENCE_END = re.compile(r"[.!?](?=\s)")  # a sentence boundary inside the reasoning
 
@@ -73,7 +73,9 @@ class Pair:
     rejected_has_action: bool = False
     chosen_observation_spans: list[tuple[int, int]] = field(default_factory=list)  # within chosen_ids
     rejected_observation_spans: list[tuple[int, int]] = field(default_factory=list)  # within rejected_ids
-    chosen_mask: list[int] = field(default_factory=list)  # 1 = a policy token (in SFT-1's loss), aligned with chosen_ids
+    chosen_mask: list[int] = field(
+        default_factory=list
+    )  # 1 = a policy token (in SFT-1's loss), aligned with chosen_ids
     rejected_mask: list[int] = field(default_factory=list)  # the same for rejected_ids
 
 
@@ -99,7 +101,7 @@ def _token_at_char(decode: Callable[[list[int]], str], ids: list[int], char_pos:
 def first_sentence_juncture(row: dict, decode) -> int | None:
     """Token index (into the completion) right after the first sentence of the CoT's reasoning
     (None when the reasoning is empty: see :func:`cot_juncture`)."""
-    completion = row["token_ids"][row["prompt_tokens"]:]
+    completion = row["token_ids"][row["prompt_tokens"] :]
     text = decode(completion)
     end = text.find(THINK_CLOSE)
     reasoning = text[: end if end >= 0 else len(text)]
@@ -134,7 +136,9 @@ def _span(s) -> tuple[str, int, int]:
     return (s.kind, s.start, s.end) if hasattr(s, "kind") else (s["kind"], s["start"], s["end"])
 
 
-def continuation_mask(policy_mask: Sequence[int], spans: Sequence, start: int) -> tuple[list[int], list[tuple[int, int]]]:
+def continuation_mask(
+    policy_mask: Sequence[int], spans: Sequence, start: int
+) -> tuple[list[int], list[tuple[int, int]]]:
     """The continuation from token ``start`` on: its policy mask with every observation span zeroed (a
     simulated result is policy text but still an observation), and its observation spans, both relative
     to ``start``. ``spans`` are the rollout's :class:`~agent.rollout.Span` objects or their stored dicts."""
@@ -149,23 +153,33 @@ def continuation_mask(policy_mask: Sequence[int], spans: Sequence, start: int) -
 
 
 def _graded(text: str, golds: Sequence[str]) -> tuple[str | None, bool]:
-    from evals.grading import extract_boxed
+    from qadata.answers import extract_boxed
 
     answer = extract_boxed(text)
     return answer, bool(score(answer, golds).em)
 
 
-def mine_pairs(cot_rows: Sequence[dict], coa_rows: Sequence[dict], *, engine, search, coa_prompt_ids: Callable[[str], list[int]],
-               config: RolloutConfig, attempts: int = 4,
-               max_per_kind: int | None = None) -> tuple[list[Pair], list[Discarded]]:
+def mine_pairs(
+    cot_rows: Sequence[dict],
+    coa_rows: Sequence[dict],
+    *,
+    engine,
+    search,
+    coa_prompt_ids: Callable[[str], list[int]],
+    config: RolloutConfig,
+    attempts: int = 4,
+    max_per_kind: int | None = None,
+) -> tuple[list[Pair], list[Discarded]]:
     """Mine (a) pairs from wrong CoT rows and (b) pairs from wrong CoA rows; every wrong row ends up as a
     pair or as a :class:`Discarded` with the reason, so the counts reconcile. ``max_per_kind`` caps the
     rows mined per kind (in question-id order); the rest are discarded with that reason."""
     tok = engine.tokenizer
     lacking = [r["trajectory_id"] for r in [*cot_rows, *coa_rows] if r.get("policy_mask") is None]
     if lacking:
-        raise ValueError(f"mine_pairs needs each trajectory's policy_mask (the rejected side's loss mask); "
-                         f"{len(lacking)} rows lack it, e.g. {lacking[0]}")
+        raise ValueError(
+            f"mine_pairs needs each trajectory's policy_mask (the rejected side's loss mask); "
+            f"{len(lacking)} rows lack it, e.g. {lacking[0]}"
+        )
 
     def decode(ids):
         return tok.decode(list(ids), skip_special_tokens=False)
@@ -196,13 +210,15 @@ def mine_pairs(cot_rows: Sequence[dict], coa_rows: Sequence[dict], *, engine, se
                 seen[plan[0]] += 1
                 kept.append(plan)
             else:
-                discarded.append(Discarded(plan[2]["question_id"], plan[0], f"not mined: over max_per_kind={max_per_kind}"))
+                discarded.append(
+                    Discarded(plan[2]["question_id"], plan[0], f"not mined: over max_per_kind={max_per_kind}")
+                )
         plans = kept
     tasks_a, tasks_b = [], []
     contexts = {}
     for i, (kind, _rule, row, j) in enumerate(plans):
         prompt = coa_prompt_ids(row["question"])
-        prefix = row["token_ids"][row["prompt_tokens"]: row["prompt_tokens"] + j]
+        prefix = row["token_ids"][row["prompt_tokens"] : row["prompt_tokens"] + j]
         contexts[i] = (prompt, prefix)
         for k in range(attempts):
             if kind == "a":
@@ -210,8 +226,11 @@ def mine_pairs(cot_rows: Sequence[dict], coa_rows: Sequence[dict], *, engine, se
             else:
                 tasks_b.append((f"{i}/{k}", prompt + prefix))
     with_tool = Rollout(engine, search, replace(config, force_answer=True)).run(tasks_a) if tasks_a else []
-    no_tool = (Rollout(engine, None, replace(config, tools=False, cut_actions=True, force_answer=True)).run(tasks_b)
-               if tasks_b else [])
+    no_tool = (
+        Rollout(engine, None, replace(config, tools=False, cut_actions=True, force_answer=True)).run(tasks_b)
+        if tasks_b
+        else []
+    )
     by_plan: dict[int, list] = {}
     for t in with_tool + no_tool:
         by_plan.setdefault(int(t.task_id.split("/")[0]), []).append(t)
@@ -234,25 +253,44 @@ def mine_pairs(cot_rows: Sequence[dict], coa_rows: Sequence[dict], *, engine, se
                 chosen = (t, cont, answer)
                 break
         if chosen is None:
-            discarded.append(Discarded(row["question_id"], kind,
-                                       f"no correct {'action' if kind == 'a' else 'no-action'} continuation in {attempts} attempts"))
+            discarded.append(
+                Discarded(
+                    row["question_id"],
+                    kind,
+                    f"no correct {'action' if kind == 'a' else 'no-action'} continuation in {attempts} attempts",
+                )
+            )
             continue
         t, cont, answer = chosen
-        rejected = row["token_ids"][row["prompt_tokens"] + j:]
+        rejected = row["token_ids"][row["prompt_tokens"] + j :]
         rej_answer, rej_ok = _graded(decode(prefix + rejected), golds)
         chosen_mask, obs = continuation_mask(t.policy_mask, t.spans, base)
         if kind == "a":
             chosen_mask[: len(action_open)] = [1] * len(action_open)  # the inserted action: the chosen decision
         rejected_mask, rej_obs = continuation_mask(row["policy_mask"], row["spans"], row["prompt_tokens"] + j)
-        pairs.append(Pair(
-            pair_id=f"{row['trajectory_id']}#{kind}", question_id=row["question_id"], kind=kind, juncture_rule=rule,
-            prompt_ids=prompt, prefix_ids=prefix, chosen_ids=cont, rejected_ids=rejected,
-            chosen_correct=True, rejected_correct=rej_ok, chosen_answer=answer, rejected_answer=rej_answer,
-            source_trajectory=row["trajectory_id"],
-            chosen_has_action=decode(cont).lstrip().startswith(ACTION_OPEN),
-            rejected_has_action=decode(rejected).lstrip().startswith(ACTION_OPEN),
-            chosen_observation_spans=obs, rejected_observation_spans=rej_obs,
-            chosen_mask=chosen_mask, rejected_mask=rejected_mask))
+        pairs.append(
+            Pair(
+                pair_id=f"{row['trajectory_id']}#{kind}",
+                question_id=row["question_id"],
+                kind=kind,
+                juncture_rule=rule,
+                prompt_ids=prompt,
+                prefix_ids=prefix,
+                chosen_ids=cont,
+                rejected_ids=rejected,
+                chosen_correct=True,
+                rejected_correct=rej_ok,
+                chosen_answer=answer,
+                rejected_answer=rej_answer,
+                source_trajectory=row["trajectory_id"],
+                chosen_has_action=decode(cont).lstrip().startswith(ACTION_OPEN),
+                rejected_has_action=decode(rejected).lstrip().startswith(ACTION_OPEN),
+                chosen_observation_spans=obs,
+                rejected_observation_spans=rej_obs,
+                chosen_mask=chosen_mask,
+                rejected_mask=rejected_mask,
+            )
+        )
     return pairs, discarded
 
 
@@ -260,8 +298,9 @@ def _order_key(seed: int, pair_id: str) -> bytes:
     return hashlib.blake2b(f"{seed}/{pair_id}".encode(), digest_size=8).digest()
 
 
-def budget_pairs(pairs: Sequence[Pair], max_pairs: int | None, action_chosen_share: float,
-                 seed: int = 0) -> tuple[list[Pair], list[Discarded], dict]:
+def budget_pairs(
+    pairs: Sequence[Pair], max_pairs: int | None, action_chosen_share: float, seed: int = 0
+) -> tuple[list[Pair], list[Discarded], dict]:
     """Keep at most ``max_pairs`` pairs, ``action_chosen_share`` of them of kind (a) (action-chosen) and the
     rest of kind (b) (think-chosen); a kind short of its share leaves its room to the other. Which pairs of
     a kind are kept is a seeded hash order of the pair ids (deterministic, independent of the input
@@ -280,10 +319,18 @@ def budget_pairs(pairs: Sequence[Pair], max_pairs: int | None, action_chosen_sha
     for k in "ab":  # a kind short of its share leaves the room to the other
         keep[k] += min(avail[k] - keep[k], cap - keep["a"] - keep["b"])
     kept_ids = {p.pair_id for k in "ab" for p in by_kind[k][: keep[k]]}
-    reason = (f"over max_pairs budget (kind balance: action-chosen share {action_chosen_share:g} of "
-              f"max_pairs={max_pairs}; kept {keep['a']} a + {keep['b']} b)")
+    reason = (
+        f"over max_pairs budget (kind balance: action-chosen share {action_chosen_share:g} of "
+        f"max_pairs={max_pairs}; kept {keep['a']} a + {keep['b']} b)"
+    )
     kept = [p for p in pairs if p.pair_id in kept_ids]
     dropped = [Discarded(p.question_id, p.kind, reason) for p in pairs if p.pair_id not in kept_ids]
-    stats = {"max_pairs": max_pairs, "action_chosen_share": action_chosen_share, "requested": want,
-             "available": avail, "kept": keep, "dropped": {k: avail[k] - keep[k] for k in "ab"}}
+    stats = {
+        "max_pairs": max_pairs,
+        "action_chosen_share": action_chosen_share,
+        "requested": want,
+        "available": avail,
+        "kept": keep,
+        "dropped": {k: avail[k] - keep[k] for k in "ab"},
+    }
     return kept, dropped, stats

@@ -1,8 +1,8 @@
 """The RL reward: exact match of the boxed answer plus format penalties, kept apart so each is logged.
 
 ``total = em_weight * EM + missing_think + unbalanced + no_answer + over_budget`` where EM is the
-HotpotQA exact match (:func:`evals.grading.score`, best over the gold answers) of the last
-``\\boxed{...}`` after the last ``</think>`` (:func:`evals.grading.extract_boxed`, the same answer the
+HotpotQA exact match (:func:`qadata.answers.score`, best over the gold answers) of the last
+``\\boxed{...}`` after the last ``</think>`` (:func:`qadata.answers.extract_boxed`, the same answer the
 evaluation grades), and each penalty is ``-magnitude`` when its rule is broken, else 0:
 
 - ``missing_think``: the reasoning block is not both opened and closed. The CoA prompt *prefills*
@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 
 from agent.protocol import THINK_CLOSE, THINK_OPEN, parse
 from agent.rollout import SEARCH_LIMIT
-from evals.grading import extract_boxed, score
+from qadata.answers import extract_boxed, score
 
 COMPONENTS = ("em", "missing_think", "unbalanced", "no_answer", "over_budget")
 _TAG_ISSUES = ("nested", "unclosed", "stray")
@@ -53,8 +53,9 @@ class RewardSettings:
     def __post_init__(self) -> None:
         for name in COMPONENTS[1:]:
             if getattr(self, name) < 0:
-                raise ValueError(f"RewardSettings.{name} is a penalty magnitude and must be >= 0, "
-                                 f"got {getattr(self, name)}")
+                raise ValueError(
+                    f"RewardSettings.{name} is a penalty magnitude and must be >= 0, got {getattr(self, name)}"
+                )
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,14 @@ def think_left_open(prompt: str) -> bool:
     return prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE)
 
 
-def score_completion(completion: str, gold_answers: Sequence[str], *, think_open: bool,
-                     refused_actions: int | None = None,
-                     settings: RewardSettings = RewardSettings()) -> RewardBreakdown:
+def score_completion(
+    completion: str,
+    gold_answers: Sequence[str],
+    *,
+    think_open: bool,
+    refused_actions: int | None = None,
+    settings: RewardSettings = RewardSettings(),
+) -> RewardBreakdown:
     """Score one completion (the text after the prompt, special tokens kept).
 
     ``refused_actions`` comes from the trajectory; when unknown it is counted from the
@@ -94,8 +100,9 @@ def score_completion(completion: str, gold_answers: Sequence[str], *, think_open
     parsed = parse(completion, think_open=think_open)
     opened = think_open or THINK_OPEN in completion
     missing_think = not (opened and parsed.think_closed)
-    tag_issues = [i for i in parsed.issues
-                  if i.startswith(_TAG_ISSUES) or "inside unclosed" in i or "outside <think>" in i]
+    tag_issues = [
+        i for i in parsed.issues if i.startswith(_TAG_ISSUES) or "inside unclosed" in i or "outside <think>" in i
+    ]
     if not opened:  # a lone </think> is the missing opening, already penalised above
         tag_issues = [i for i in tag_issues if not i.startswith(f"stray {THINK_CLOSE}")]
     unbalanced = bool(tag_issues) or not all(s.closed for s in parsed.steps)
@@ -104,10 +111,12 @@ def score_completion(completion: str, gold_answers: Sequence[str], *, think_open
     em = 0.0 if no_answer else score(answer, list(gold_answers)).em
     if refused_actions is None:
         refused_actions = completion.count(SEARCH_LIMIT)
-    parts = dict(missing_think=-settings.missing_think * missing_think,
-                 unbalanced=-settings.unbalanced * unbalanced,
-                 no_answer=-settings.no_answer * no_answer,
-                 over_budget=-settings.over_budget * (refused_actions > 0))
+    parts = dict(
+        missing_think=-settings.missing_think * missing_think,
+        unbalanced=-settings.unbalanced * unbalanced,
+        no_answer=-settings.no_answer * no_answer,
+        over_budget=-settings.over_budget * (refused_actions > 0),
+    )
     parts = {k: v + 0.0 for k, v in parts.items()}  # -0.0 -> 0.0 in logs
     return RewardBreakdown(em=em, **parts, total=em * settings.em_weight + sum(parts.values()), answer=answer)
 
@@ -119,23 +128,27 @@ def _text(completion) -> str:
     return "".join(m["content"] for m in completion if isinstance(m, dict) and isinstance(m.get("content"), str))
 
 
-def breakdowns(prompts: Sequence, completions: Sequence, settings: RewardSettings = RewardSettings(),
-               **kwargs) -> list[RewardBreakdown]:
+def breakdowns(
+    prompts: Sequence, completions: Sequence, settings: RewardSettings = RewardSettings(), **kwargs
+) -> list[RewardBreakdown]:
     """Score a TRL batch. ``kwargs`` must carry ``gold_answers`` (one list per completion: a dataset
     column); the AutoCoA rollout also adds ``completion_text`` (exact, special tokens kept, where
     TRL's ``completions`` are decoded without them), ``think_open`` and ``refused_actions``."""
     golds = kwargs.get("gold_answers")
     if golds is None:
-        raise KeyError("reward functions need `gold_answers` for every completion (a dataset column, as "
-                       "training.grpo.train_grpo builds it, or a rollout_func extra field)")
+        raise KeyError(
+            "reward functions need `gold_answers` for every completion (a dataset column, as "
+            "training.grpo.train_grpo builds it, or a rollout_func extra field)"
+        )
     if len(golds) != len(completions):
         raise ValueError(f"{len(completions)} completions but {len(golds)} gold_answers entries")
     texts = kwargs.get("completion_text") or [_text(c) for c in completions]
     opens = kwargs.get("think_open") or [think_left_open(_text(p)) for p in prompts]
     refused = kwargs.get("refused_actions") or [None] * len(completions)
-    return [score_completion(t, [g] if isinstance(g, str) else g, think_open=bool(o), refused_actions=r,
-                             settings=settings)
-            for t, g, o, r in zip(texts, golds, opens, refused, strict=True)]
+    return [
+        score_completion(t, [g] if isinstance(g, str) else g, think_open=bool(o), refused_actions=r, settings=settings)
+        for t, g, o, r in zip(texts, golds, opens, refused, strict=True)
+    ]
 
 
 def trl_reward_funcs(settings: RewardSettings = RewardSettings()) -> list[Callable[..., list[float]]]:

@@ -77,7 +77,7 @@ class LengthBucketSampler:
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
         order.sort(key=lambda i: self.lengths[i])  # stable: equal lengths keep their shuffled order
-        cut = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        cut = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         short = cut.pop() if cut and len(cut[-1]) < self.batch_size else None
         rng.shuffle(cut)  # the short batch goes last: the DataLoader cuts the flat order every batch_size rows
         return cut + ([short] if short else [])
@@ -126,13 +126,27 @@ def _common_args(s: TrainSettings, out: Path) -> dict:
     import torch
 
     cuda = torch.cuda.is_available()
-    return dict(output_dir=str(out), max_steps=s.max_steps, learning_rate=s.learning_rate,
-                per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
-                warmup_steps=s.warmup_steps, weight_decay=s.weight_decay, seed=s.seed, logging_steps=1,
-                report_to=[], bf16=cuda, use_cpu=not cuda, gradient_checkpointing=s.gradient_checkpointing,
-                save_strategy="steps" if s.save_steps else "no", save_steps=s.save_steps or 500,
-                disable_tqdm=False, dataloader_num_workers=0, lr_scheduler_type=s.lr_scheduler,
-                include_num_input_tokens_seen="non_padding")  # real tokens trained on: tokens/s, packing gains
+    return dict(
+        output_dir=str(out),
+        max_steps=s.max_steps,
+        learning_rate=s.learning_rate,
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        warmup_steps=s.warmup_steps,
+        weight_decay=s.weight_decay,
+        seed=s.seed,
+        logging_steps=1,
+        report_to=[],
+        bf16=cuda,
+        use_cpu=not cuda,
+        gradient_checkpointing=s.gradient_checkpointing,
+        save_strategy="steps" if s.save_steps else "no",
+        save_steps=s.save_steps or 500,
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+        lr_scheduler_type=s.lr_scheduler,
+        include_num_input_tokens_seen="non_padding",
+    )  # real tokens trained on: tokens/s, packing gains
 
 
 def _load(model_path: str, s: TrainSettings):
@@ -161,7 +175,7 @@ def freeze_below(model, trainable_layers: int) -> int:
         raise ValueError(f"trainable_layers must be within 1..{len(layers)}, got {trainable_layers}")
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in layers[len(layers) - trainable_layers:]:
+    for layer in layers[len(layers) - trainable_layers :]:
         for p in layer.parameters():
             p.requires_grad_(True)
     norm = getattr(model.model, "norm", None)
@@ -260,8 +274,10 @@ def check_stage1_rows(pairs: Sequence[dict], max_length: int) -> dict:
 
     missing = [k for k in STAGE1_KEYS if pairs and k not in pairs[0]]
     if missing:
-        raise ValueError(f"SFT-1 trains on token ids and policy masks; the rows lack {missing} "
-                         "(materialise sft_stage1_data from contrastive_pairs with masks)")
+        raise ValueError(
+            f"SFT-1 trains on token ids and policy masks; the rows lack {missing} "
+            "(materialise sft_stage1_data from contrastive_pairs with masks)"
+        )
     counts = {"policy_tokens": 0, "env_tokens_excluded": 0}
     empty = []
     for p in pairs:
@@ -274,8 +290,10 @@ def check_stage1_rows(pairs: Sequence[dict], max_length: int) -> dict:
             kept = max(0, min(len(p[f"{side}_ids"]), max_length - len(p["context_ids"])))
             counts["env_tokens_excluded"] += sum(1 for m in list(p[f"{side}_mask"])[:kept] if not m)
     if empty:
-        raise ValueError(f"SFT-1: {len(empty)} continuation(s) have no policy token within max_length={max_length} "
-                         f"(context too long or all environment tokens): {', '.join(empty[:5])}")
+        raise ValueError(
+            f"SFT-1: {len(empty)} continuation(s) have no policy token within max_length={max_length} "
+            f"(context too long or all environment tokens): {', '.join(empty[:5])}"
+        )
     return counts
 
 
@@ -314,8 +332,14 @@ def _sft1_trainer_class():
                 stats = torch.cat(self._pair_stats)
                 self._pair_stats = []
                 pc, pr = stats[:, 0], stats[:, 1]
-                logs.update({"logps/chosen": float(pc.mean()), "logps/rejected": float(pr.mean()),
-                             "logps/margin": float((pc - pr).mean()), "logps/accuracy": float((pc > pr).float().mean())})
+                logs.update(
+                    {
+                        "logps/chosen": float(pc.mean()),
+                        "logps/rejected": float(pr.mean()),
+                        "logps/margin": float((pc - pr).mean()),
+                        "logps/accuracy": float((pc > pr).float().mean()),
+                    }
+                )
             super().log(logs, start_time)
 
     return SFT1Trainer
@@ -330,12 +354,23 @@ def stage1_trainer(model, tok, pairs: Sequence[dict], settings: TrainSettings, w
 
     args = TrainingArguments(remove_unused_columns=False, **_common_args(settings, Path(work_dir)))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    lengths = [min(len(p["context_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])), settings.max_length)
-               for p in pairs] if settings.length_buckets else None
-    return _sft1_trainer_class()(model=model, args=args, train_dataset=list(pairs), processing_class=tok,
-                                 data_collator=functools.partial(collate_pairs, pad_id=pad_id,
-                                                                 max_length=settings.max_length),
-                                 alpha=settings.alpha, lengths=lengths)
+    lengths = (
+        [
+            min(len(p["context_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])), settings.max_length)
+            for p in pairs
+        ]
+        if settings.length_buckets
+        else None
+    )
+    return _sft1_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=list(pairs),
+        processing_class=tok,
+        data_collator=functools.partial(collate_pairs, pad_id=pad_id, max_length=settings.max_length),
+        alpha=settings.alpha,
+        lengths=lengths,
+    )
 
 
 def __getattr__(name):  # transformers is imported lazily: the class is built once, on first use
@@ -348,8 +383,15 @@ def _history(trainer, key: str) -> list[float]:
     return [float(h[key]) for h in trainer.state.log_history if key in h and not math.isnan(float(h[key]))]
 
 
-def train_stage1(model_path: str, pairs: Sequence[dict], out: str | Path, settings: TrainSettings = TrainSettings(),
-                 *, data_version: str = "", resume_from: str | None = None) -> TrainResult:
+def train_stage1(
+    model_path: str,
+    pairs: Sequence[dict],
+    out: str | Path,
+    settings: TrainSettings = TrainSettings(),
+    *,
+    data_version: str = "",
+    resume_from: str | None = None,
+) -> TrainResult:
     """SFT-1 on ``pairs`` (``sft_stage1_data`` rows: ``context_ids``, ``chosen_ids``/``chosen_mask``,
     ``rejected_ids``/``rejected_mask``), token-exact; no packing (each pair is one chosen + one rejected row)."""
     out = Path(out)
@@ -362,21 +404,51 @@ def train_stage1(model_path: str, pairs: Sequence[dict], out: str | Path, settin
     trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - t0
     probe_end = probe_loss_pairs(model, pairs, settings.alpha, settings.max_length)
-    result = TrainResult(str(out), trainer.state.global_step, _history(trainer, "loss"), wall,
-                         metrics={"probe_loss_start": probe_start, "probe_loss_end": probe_end, **tokens},
-                         logps_chosen=_history(trainer, "logps/chosen"), logps_rejected=_history(trainer, "logps/rejected"))
-    _save(trainer, model, tok, out, {"stage": 1, "base_model": model_path, "root_model": root_model(model_path), "data_version": data_version,
-                                     "settings": asdict(settings), "steps": result.steps, "loss_curve": result.loss_curve,
-                                     "logps_chosen": result.logps_chosen, "logps_rejected": result.logps_rejected,
-                                     "logps_margin": _history(trainer, "logps/margin"),
-                                     "logps_accuracy": _history(trainer, "logps/accuracy"),
-                                     **result.metrics, "wall_seconds": wall, "examples": len(pairs)})
+    result = TrainResult(
+        str(out),
+        trainer.state.global_step,
+        _history(trainer, "loss"),
+        wall,
+        metrics={"probe_loss_start": probe_start, "probe_loss_end": probe_end, **tokens},
+        logps_chosen=_history(trainer, "logps/chosen"),
+        logps_rejected=_history(trainer, "logps/rejected"),
+    )
+    _save(
+        trainer,
+        model,
+        tok,
+        out,
+        {
+            "stage": 1,
+            "base_model": model_path,
+            "root_model": root_model(model_path),
+            "data_version": data_version,
+            "settings": asdict(settings),
+            "steps": result.steps,
+            "loss_curve": result.loss_curve,
+            "logps_chosen": result.logps_chosen,
+            "logps_rejected": result.logps_rejected,
+            "logps_margin": _history(trainer, "logps/margin"),
+            "logps_accuracy": _history(trainer, "logps/accuracy"),
+            **result.metrics,
+            "wall_seconds": wall,
+            "examples": len(pairs),
+        },
+    )
     return result
 
 
-def train_trajectory_sft(model_path: str, rows: Sequence[dict], labels_key: str, out: str | Path,
-                         settings: TrainSettings = TrainSettings(), *, stage: int, data_version: str = "",
-                         resume_from: str | None = None) -> TrainResult:
+def train_trajectory_sft(
+    model_path: str,
+    rows: Sequence[dict],
+    labels_key: str,
+    out: str | Path,
+    settings: TrainSettings = TrainSettings(),
+    *,
+    stage: int,
+    data_version: str = "",
+    resume_from: str | None = None,
+) -> TrainResult:
     """SFT-2 (``labels_stage2``) or SFT-3 (``labels_stage3``) on pre-tokenised trajectories."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -399,8 +471,11 @@ def train_trajectory_sft(model_path: str, rows: Sequence[dict], labels_key: str,
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return labelled_positions_loss(model, inputs)
 
-    lengths = [min(len(r["input_ids"]), settings.max_length) for r in rows] \
-        if settings.length_buckets and not settings.packing else None
+    lengths = (
+        [min(len(r["input_ids"]), settings.max_length) for r in rows]
+        if settings.length_buckets and not settings.packing
+        else None
+    )
     trainer = _Trainer(model=model, args=args, train_dataset=ds, processing_class=tok, lengths=lengths)
     probe_start = probe_loss_trajectories(model, rows, labels_key, settings.max_length)
     t0 = time.perf_counter()
@@ -408,12 +483,35 @@ def train_trajectory_sft(model_path: str, rows: Sequence[dict], labels_key: str,
     wall = time.perf_counter() - t0
     probe_end = probe_loss_trajectories(model, rows, labels_key, settings.max_length)
     tokens = sum(sum(1 for x in r[labels_key] if x != -100) for r in rows)
-    result = TrainResult(str(out), trainer.state.global_step, _history(trainer, "loss"), wall,
-                         metrics={"trained_tokens_per_epoch": tokens,
-                                  "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
-                                  "probe_loss_start": probe_start, "probe_loss_end": probe_end})
-    _save(trainer, model, tok, out, {"stage": stage, "base_model": model_path, "root_model": root_model(model_path), "data_version": data_version,
-                                     "labels": labels_key, "settings": asdict(settings), "steps": result.steps,
-                                     "loss_curve": result.loss_curve, **result.metrics, "wall_seconds": wall,
-                                     "examples": len(rows)})
+    result = TrainResult(
+        str(out),
+        trainer.state.global_step,
+        _history(trainer, "loss"),
+        wall,
+        metrics={
+            "trained_tokens_per_epoch": tokens,
+            "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
+            "probe_loss_start": probe_start,
+            "probe_loss_end": probe_end,
+        },
+    )
+    _save(
+        trainer,
+        model,
+        tok,
+        out,
+        {
+            "stage": stage,
+            "base_model": model_path,
+            "root_model": root_model(model_path),
+            "data_version": data_version,
+            "labels": labels_key,
+            "settings": asdict(settings),
+            "steps": result.steps,
+            "loss_curve": result.loss_curve,
+            **result.metrics,
+            "wall_seconds": wall,
+            "examples": len(rows),
+        },
+    )
     return result

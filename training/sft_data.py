@@ -25,16 +25,28 @@ def stage1_rows(pairs: Sequence[dict], max_length: int) -> list[dict]:
     rows = []
     for p in pairs:
         if p.get("chosen_mask") is None or p.get("rejected_mask") is None:
-            raise ValueError(f"pair {p['pair_id']} has no chosen_mask/rejected_mask: re-mine contrastive_pairs "
-                             "(SFT-1 keeps observations out of the loss through these masks)")
+            raise ValueError(
+                f"pair {p['pair_id']} has no chosen_mask/rejected_mask: re-mine contrastive_pairs "
+                "(SFT-1 keeps observations out of the loss through these masks)"
+            )
         context = list(p["prompt_ids"]) + list(p["prefix_ids"])
         room = max(0, max_length - len(context))
-        rows.append({"pair_id": p["pair_id"], "question_id": p["question_id"], "kind": p["kind"],
-                     "context_ids": context, "chosen_ids": list(p["chosen_ids"])[:room],
-                     "chosen_mask": list(p["chosen_mask"])[:room],
-                     "rejected_ids": list(p["rejected_ids"])[:room], "rejected_mask": list(p["rejected_mask"])[:room],
-                     "prompt": p["prompt_text"] + p["prefix_text"], "chosen": p["chosen_text"], "rejected": p["rejected_text"],
-                     "truncated": len(context) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) > max_length})
+        rows.append(
+            {
+                "pair_id": p["pair_id"],
+                "question_id": p["question_id"],
+                "kind": p["kind"],
+                "context_ids": context,
+                "chosen_ids": list(p["chosen_ids"])[:room],
+                "chosen_mask": list(p["chosen_mask"])[:room],
+                "rejected_ids": list(p["rejected_ids"])[:room],
+                "rejected_mask": list(p["rejected_mask"])[:room],
+                "prompt": p["prompt_text"] + p["prefix_text"],
+                "chosen": p["chosen_text"],
+                "rejected": p["rejected_text"],
+                "truncated": len(context) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) > max_length,
+            }
+        )
     return rows
 
 
@@ -45,15 +57,23 @@ def labels_for(row: dict, *, include_observations: bool) -> list[int]:
     return [t if m else IGNORE for t, m in zip(ids, mask)]
 
 
-def select_mix(cot_rows: Sequence[dict], coa_rows: Sequence[dict], *, coa: int, cot: int, seed: int) -> tuple[list[dict], dict]:
+def select_mix(
+    cot_rows: Sequence[dict], coa_rows: Sequence[dict], *, coa: int, cot: int, seed: int
+) -> tuple[list[dict], dict]:
     """Up to ``coa`` correct CoA and ``cot`` correct CoT trajectories (seeded choice); stats say what was available."""
     good_coa = sorted((r for r in coa_rows if r["em"] >= 1.0), key=lambda r: r["trajectory_id"])
     good_cot = sorted((r for r in cot_rows if r["em"] >= 1.0), key=lambda r: r["trajectory_id"])
     rng = random.Random(seed)
     pick_coa = rng.sample(good_coa, min(coa, len(good_coa)))
     pick_cot = rng.sample(good_cot, min(cot, len(good_cot)))
-    stats = {"correct_coa_available": len(good_coa), "correct_cot_available": len(good_cot),
-             "coa_requested": coa, "cot_requested": cot, "coa_selected": len(pick_coa), "cot_selected": len(pick_cot)}
+    stats = {
+        "correct_coa_available": len(good_coa),
+        "correct_cot_available": len(good_cot),
+        "coa_requested": coa,
+        "cot_requested": cot,
+        "coa_selected": len(pick_coa),
+        "cot_selected": len(pick_cot),
+    }
     return pick_coa + pick_cot, stats
 
 
@@ -63,11 +83,22 @@ def stage23_rows(selected: Sequence[dict], max_length: int) -> list[dict]:
         ids = list(r["token_ids"])
         l2 = labels_for(r, include_observations=False)
         l3 = labels_for(r, include_observations=True)
-        rows.append({"trajectory_id": r["trajectory_id"], "question_id": r["question_id"], "pool": r["pool"],
-                     "input_ids": ids[:max_length], "labels_stage2": l2[:max_length], "labels_stage3": l3[:max_length],
-                     "env_tokens": sum(1 for a, b in zip(l2[:max_length], l3[:max_length]) if a == IGNORE and b != IGNORE),
-                     "length": min(len(ids), max_length), "truncated": len(ids) > max_length,
-                     "prompt": r["prompt"], "text": r["text"], "spans": r["spans"]})
+        rows.append(
+            {
+                "trajectory_id": r["trajectory_id"],
+                "question_id": r["question_id"],
+                "pool": r["pool"],
+                "input_ids": ids[:max_length],
+                "labels_stage2": l2[:max_length],
+                "labels_stage3": l3[:max_length],
+                "env_tokens": sum(1 for a, b in zip(l2[:max_length], l3[:max_length]) if a == IGNORE and b != IGNORE),
+                "length": min(len(ids), max_length),
+                "truncated": len(ids) > max_length,
+                "prompt": r["prompt"],
+                "text": r["text"],
+                "spans": r["spans"],
+            }
+        )
     return rows
 
 
@@ -100,7 +131,17 @@ def write_sharegpt(rows: Sequence[dict], path) -> int:
 
 def llamafactory_dataset_info(name: str, file_name: str) -> dict:
     """The ``dataset_info.json`` entry LLaMA-Factory needs for the sharegpt export."""
-    return {name: {"file_name": file_name, "formatting": "sharegpt",
-                   "columns": {"messages": "conversations", "system": "system"},
-                   "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human",
-                            "assistant_tag": "gpt", "observation_tag": "observation"}}}
+    return {
+        name: {
+            "file_name": file_name,
+            "formatting": "sharegpt",
+            "columns": {"messages": "conversations", "system": "system"},
+            "tags": {
+                "role_tag": "from",
+                "content_tag": "value",
+                "user_tag": "human",
+                "assistant_tag": "gpt",
+                "observation_tag": "observation",
+            },
+        }
+    }

@@ -34,8 +34,7 @@ def table_metadata(table: pa.Table, *, preview_columns: list[str] | None = None,
     md = {
         "dagster/row_count": table.num_rows,
         "preview": dg.MetadataValue.md(markdown_table(preview, cols)),
-        "dagster/column_schema": dg.TableSchema(
-            columns=[dg.TableColumn(f.name, str(f.type)) for f in table.schema]),
+        "dagster/column_schema": dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in table.schema]),
     }
     md.update(extra)
     return md

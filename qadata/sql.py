@@ -7,7 +7,7 @@ from pathlib import Path
 
 import duckdb
 
-from pipelines.paths import discover_tables
+from qadata.paths import discover_tables
 
 # Statement types a read-only session may run; everything else (COPY, CREATE, INSERT, ATTACH, SET,
 # INSTALL, EXPORT, ...) is refused before execution.
@@ -29,8 +29,7 @@ def _ident(name: str) -> str:
 
 def connect(home: str | Path) -> tuple[duckdb.DuckDBPyConnection, dict[str, tuple[str, bool]]]:
     """An in-memory DuckDB session with one view per asset table and its configuration locked."""
-    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
-                                            "autoload_known_extensions": False})
+    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     tables = discover_tables(home)
     for name, (glob, partitioned) in tables.items():
         # DDL cannot take bound parameters; the path is quoted as a literal and the name as an identifier

@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from pipelines.paths import artifacts_dir, default_home
+from qadata.paths import artifacts_dir, default_home
 from retrieval.engine import HttpSearchEngine, LocalSearchEngine, SearchEngine
 
 

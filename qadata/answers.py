@@ -90,7 +90,7 @@ def extract_boxed(text: str) -> str | None:
     """
     text = strip_observations(text)
     end_think = text.rfind("</think>")
-    tail = text[end_think + len("</think>"):] if end_think >= 0 else text
+    tail = text[end_think + len("</think>") :] if end_think >= 0 else text
     answer = None
     for match in _BOXED.finditer(tail):
         depth, i = 1, match.end()
@@ -98,5 +98,5 @@ def extract_boxed(text: str) -> str | None:
             depth += {"{": 1, "}": -1}.get(tail[i], 0)
             i += 1
         if depth == 0:
-            answer = tail[match.end(): i - 1].strip()
+            answer = tail[match.end() : i - 1].strip()
     return answer

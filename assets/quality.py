@@ -22,13 +22,14 @@ Expectation = tuple[str, dict]
 
 # every quarantine table (``*_rejected``) has this shape
 REJECTED_EXPECTATIONS = [
-    ("ExpectTableColumnsToMatchSet", {"column_set": ["source", "split", "source_file", "source_row", "reason", "raw"],
-                                      "exact_match": True}),
+    (
+        "ExpectTableColumnsToMatchSet",
+        {"column_set": ["source", "split", "source_file", "source_row", "reason", "raw"], "exact_match": True},
+    ),
     ("ExpectColumnValuesToNotBeNull", {"column": "reason"}),
     ("ExpectColumnValuesToNotBeNull", {"column": "source_file"}),
     ("ExpectColumnValuesToBeBetween", {"column": "source_row", "min_value": 0}),
 ]
-
 
 
 def _gx_context():
@@ -56,8 +57,11 @@ def validate(df: pd.DataFrame, suite_name: str, expectations: Sequence[Expectati
     with _lock:
         name = f"{suite_name}_{len(ctx.data_sources.all())}"
         ds = ctx.data_sources.add_pandas(name)
-        batch = ds.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name).get_batch(
-            batch_parameters={"dataframe": df})
+        batch = (
+            ds.add_dataframe_asset(name)
+            .add_batch_definition_whole_dataframe(name)
+            .get_batch(batch_parameters={"dataframe": df})
+        )
         suite = gx.ExpectationSuite(name=name)
         for cls_name, kwargs in expectations:
             suite.add_expectation(getattr(gx.expectations, cls_name)(**kwargs))
@@ -68,14 +72,26 @@ def validate(df: pd.DataFrame, suite_name: str, expectations: Sequence[Expectati
         col = cfg.kwargs.get("column") or ",".join(cfg.kwargs.get("column_list", []) or [])
         key = f"{cfg.type}[{col}]" if col else cfg.type
         unexpected = res.result.get("unexpected_count")
-        details[key] = "ok" if res.success else f"FAILED (unexpected: {unexpected}, sample: {res.result.get('partial_unexpected_list', [])[:3]})"
+        details[key] = (
+            "ok"
+            if res.success
+            else f"FAILED (unexpected: {unexpected}, sample: {res.result.get('partial_unexpected_list', [])[:3]})"
+        )
     return bool(result.success), details
 
 
-def gx_check(df: pd.DataFrame, suite_name: str, expectations: Sequence[Expectation],
-             severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR, **extra_md) -> dg.AssetCheckResult:
+def gx_check(
+    df: pd.DataFrame,
+    suite_name: str,
+    expectations: Sequence[Expectation],
+    severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR,
+    **extra_md,
+) -> dg.AssetCheckResult:
     ok, details = validate(df, suite_name, expectations)
-    md = {"rows": len(df), "suite": suite_name,
-          "expectations": dg.MetadataValue.md("\n".join(f"- `{k}`: {v}" for k, v in details.items()))}
+    md = {
+        "rows": len(df),
+        "suite": suite_name,
+        "expectations": dg.MetadataValue.md("\n".join(f"- `{k}`: {v}" for k, v in details.items())),
+    }
     md.update(extra_md)
     return dg.AssetCheckResult(passed=ok, severity=severity, metadata=md)

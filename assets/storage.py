@@ -15,8 +15,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.paths import artifacts_dir, table_path
 from qadata.io import atomic_write_parquet
+from qadata.paths import artifacts_dir, table_path
 
 
 class ParquetIOManager(dg.ConfigurableIOManager):
@@ -36,21 +36,25 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         if isinstance(obj, pd.DataFrame):
             obj = pa.Table.from_pandas(obj, preserve_index=False)
         if not isinstance(obj, pa.Table):
-            raise TypeError(f"{context.asset_key.to_user_string()}: ParquetIOManager stores pyarrow Tables or "
-                            f"pandas DataFrames, got {type(obj).__name__}")
+            raise TypeError(
+                f"{context.asset_key.to_user_string()}: ParquetIOManager stores pyarrow Tables or "
+                f"pandas DataFrames, got {type(obj).__name__}"
+            )
         paths = self._paths(context)
         if len(paths) != 1:
             raise ValueError(f"{context.asset_key.to_user_string()}: one output cannot fill {len(paths)} partitions")
         atomic_write_parquet(paths[0], obj)
-        context.add_output_metadata({"parquet_path": dg.MetadataValue.path(str(paths[0])),
-                                     "dagster/row_count": obj.num_rows})
+        context.add_output_metadata(
+            {"parquet_path": dg.MetadataValue.path(str(paths[0])), "dagster/row_count": obj.num_rows}
+        )
 
     def load_input(self, context: dg.InputContext):
         paths = self._paths(context)
         missing = [p for p in paths if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"{context.asset_key.to_user_string()}: not materialised yet "
-                                    f"(no {missing[0]}); materialise it first")
+            raise FileNotFoundError(
+                f"{context.asset_key.to_user_string()}: not materialised yet (no {missing[0]}); materialise it first"
+            )
         table = pa.concat_tables([pq.read_table(p) for p in paths], promote_options="default")
         typ = getattr(context.dagster_type, "typing_type", None)
         if typ is pd.DataFrame:
