@@ -1,4 +1,4 @@
-"""Evaluation reports over the graded predictions of ``assets/evals.py``: Table 1 (``eval_table``), its
+"""Evaluation reports over the graded predictions of ``assets/evaluation.py``: Table 1 (``eval_table``), its
 intervals and paired tests (``eval_comparisons``), Figure 3 (``action_analysis``) and the world-model
 fidelity of the SFT-3 and RL checkpoints."""
 
@@ -16,7 +16,7 @@ from pydantic import Field
 from agent.engines import load_engine, release_engines
 from agent.models import EMBEDDED_MODEL
 from agent.rollout import Rollout, RolloutConfig, search_tool
-from assets.evals import (
+from assets.evaluation import (
     EMBEDDED,
     EMBEDDED_JUDGE_NOTE,
     FIDELITY_METHODS,

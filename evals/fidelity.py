@@ -3,7 +3,7 @@
 For one query we have the text the policy wrote as its own search result (the internal world model,
 used in RL stage 1) and the text the real search engine returns for the same query. We measure:
 
-* ``token_f1`` — bag-of-tokens F1 between the two texts, tokens from ``qadata.answers.normalize_answer``
+* ``token_f1`` — bag-of-tokens F1 between the two texts, tokens from ``qadata.answers.normalise_answer``
   (the SQuAD/HotpotQA normalisation: lower-case, no punctuation, no articles);
 * ``rouge_l`` — ROUGE-L F1 (longest common token subsequence; P = LCS/|simulated|,
   R = LCS/|real|, F = 2PR/(P+R), as the ``rouge-score`` package computes it), same tokens;
@@ -34,13 +34,13 @@ import pandas as pd
 from agent.engine_api import GenRequest
 from agent.protocol import ACTION_CLOSE, ACTION_OPEN, OBS_CLOSE, OBS_OPEN
 from agent.rollout import close_simulated_block
-from qadata.answers import normalize_answer
+from qadata.answers import normalise_answer
 
 _UNCHECKABLE = ("", "yes", "no", "noanswer")
 
 
 def tokens(text: str) -> list[str]:
-    return normalize_answer(text).split()
+    return normalise_answer(text).split()
 
 
 def token_f1(candidate: str, reference: str) -> float:
@@ -90,11 +90,11 @@ def contains_answer(text: str, answers: Iterable[str | None]) -> bool:
     Like cover-EM, but on token boundaries: plain substring matching would find "no" in "north"
     and "1" in "1990". Answers normalising to yes/no/noanswer or to nothing are skipped.
     """
-    padded = f" {normalize_answer(text)} "
+    padded = f" {normalise_answer(text)} "
     for answer in answers:
         if answer is None:
             continue
-        norm = normalize_answer(answer)
+        norm = normalise_answer(answer)
         if norm not in _UNCHECKABLE and f" {norm} " in padded:
             return True
     return False

@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from evals import stats
-from evals.benchmarks import benchmark_sort_key
+from evals.datasets import benchmark_sort_key
 from evals.fidelity import aggregate_fidelity
 
 AVG = "avg"
@@ -40,7 +40,7 @@ BENCHMARK_LABELS = {
 TABLE1_BENCHMARKS = ("nq", "triviaqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle", "fanout")
 # the paper's Average is over these six; an average over other benchmarks is not compared with it
 PAPER_AVERAGE_BENCHMARKS = ("nq", "triviaqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
-# our Table 1 rows (assets/evals.py evaluates them): three baselines, then one per checkpoint
+# our Table 1 rows (assets/evaluation.py evaluates them): three baselines, then one per checkpoint
 TABLE1_METHODS = (
     "base_cot",
     "react_base",

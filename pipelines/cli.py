@@ -144,16 +144,20 @@ def run_evaluation(
     """Evaluation in one process: the questions of each benchmark, then every (method, benchmark)
     prediction partition grouped by method (each policy loads once), then the reports. Methods whose
     checkpoint is not materialised are left out (their evaluation is simply not in the table)."""
-    from assets import evals
+    from assets import evaluation
     from pipelines.definitions import EVAL_PREDICTIONS_JOB, EVAL_QUESTIONS_JOB, EVAL_REPORTS_JOB
     from qadata.paths import table_path
 
     home = Path(defs.resources["storage"].home)
     suffix = "_paper" if profile == "paper" else ""
     base_profile = "embedded" if profile == "paper" else profile
-    benchmarks = benchmarks or list(evals.BENCHMARKS)
+    benchmarks = benchmarks or list(evaluation.BENCHMARKS)
     if methods is None:
-        methods = [m for m in evals.METHODS if m in evals.BASELINES or table_path(home, [f"{m}_checkpoint"]).is_file()]
+        methods = [
+            m
+            for m in evaluation.METHODS
+            if m in evaluation.BASELINES or table_path(home, [f"{m}_checkpoint"]).is_file()
+        ]
     results = []
 
     def run(job_name: str, ops: set[str], partition: str | None, label: str):
@@ -170,7 +174,7 @@ def run_evaluation(
 
     for b in benchmarks:
         run(EVAL_QUESTIONS_JOB, {"eval_questions"}, b, f"questions {b}")
-    for key in evals.prediction_partitions_by_method(methods, benchmarks):
+    for key in evaluation.prediction_partitions_by_method(methods, benchmarks):
         run(EVAL_PREDICTIONS_JOB, {"eval_predictions"}, str(key), f"predictions {key}")
     run(EVAL_REPORTS_JOB, {"eval_table", "action_analysis", "world_model_fidelity"}, None, "reports")
     return results

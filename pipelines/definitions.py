@@ -8,13 +8,13 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from assets import data, evals, pairs, retrieval, rl, sft, sft_data, trajectories
+from assets import data, evaluation, pairs, rl, search, sft, sft_data, trajectories
 from assets.resources import SearchEngineResource
 from assets.storage import ParquetIOManager, StorageResource
 from pipelines.sensors import build_incoming_sensor
 from qadata.paths import REPO_ROOT, default_home
 
-ASSET_MODULES = [data, retrieval, pairs, sft_data, sft, rl]
+ASSET_MODULES = [data, search, pairs, sft_data, sft, rl]
 PROFILES_DIR = REPO_ROOT / "configs"
 
 
@@ -55,15 +55,15 @@ def build_definitions(home: str | Path | None = None, shards: int | None = None)
     assets, checks = assets + traj_assets, checks + traj_checks
     # evaluation declares lineage only to the checkpoint assets that exist in this code location
     existing = {k.to_user_string() for a in assets for k in a.keys}
-    eval_assets, eval_checks = evals.build(existing)
+    eval_assets, eval_checks = evaluation.build(existing)
     assets, checks = assets + eval_assets, checks + eval_checks
-    evaluation = dg.AssetSelection.groups(evals.GROUP)
+    eval_selection = dg.AssetSelection.groups(evaluation.GROUP)
     # a job runs one partitions definition: the unpartitioned stages in one, the sharded synthesis in another
     synthesis = dg.AssetSelection.assets(*traj_assets)
     # three jobs in run order: what synthesis needs, synthesis (partitioned), what comes after it
     before = synthesis.upstream().required_multi_asset_neighbors()
     unpartitioned = before - synthesis
-    after = dg.AssetSelection.all() - before - evaluation  # a job runs one partitions definition
+    after = dg.AssetSelection.all() - before - eval_selection  # a job runs one partitions definition
 
     def ops_of(selection: dg.AssetSelection) -> set[str]:
         """Op names of a selection: a job's baked config may name only its own ops."""

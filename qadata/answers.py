@@ -1,6 +1,6 @@
 """Answer extraction and the HotpotQA/SQuAD answer metrics (EM, F1, cover-EM).
 
-``normalize_answer``, ``exact_match`` and ``f1`` follow the official HotpotQA scorer's definitions
+``normalise_answer``, ``exact_match`` and ``f1`` follow the official HotpotQA scorer's definitions
 to the letter (lower-case; drop ASCII punctuation; drop the articles a/an/the; collapse
 whitespace; F1 is zero when exactly one side is yes/no/noanswer). Unicode letters and non-ASCII
 punctuation are kept, as the official scorer keeps them. With several gold answers each metric is
@@ -22,7 +22,7 @@ _BOXED = re.compile(r"\\boxed\s*\{")
 _OBSERVATION = re.compile(r"<search_result>.*?(?:</search_result>|\Z)", re.S)
 
 
-def normalize_answer(text: str) -> str:
+def normalise_answer(text: str) -> str:
     text = text.lower()
     text = "".join(ch for ch in text if ch not in _PUNCT)
     text = _ARTICLES.sub(" ", text)
@@ -30,11 +30,11 @@ def normalize_answer(text: str) -> str:
 
 
 def exact_match(prediction: str, gold: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(gold)
+    return normalise_answer(prediction) == normalise_answer(gold)
 
 
 def f1_precision_recall(prediction: str, gold: str) -> tuple[float, float, float]:
-    pred, ref = normalize_answer(prediction), normalize_answer(gold)
+    pred, ref = normalise_answer(prediction), normalise_answer(gold)
     if (pred in _SPECIAL or ref in _SPECIAL) and pred != ref:
         return 0.0, 0.0, 0.0
     pred_tokens, ref_tokens = pred.split(), ref.split()
@@ -51,8 +51,8 @@ def f1(prediction: str, gold: str) -> float:
 
 def cover_exact_match(prediction: str, gold: str) -> bool:
     """Search-R1/FlashRAG "cover EM": the normalised gold occurs inside the normalised prediction."""
-    ref = normalize_answer(gold)
-    return bool(ref) and ref in normalize_answer(prediction)
+    ref = normalise_answer(gold)
+    return bool(ref) and ref in normalise_answer(prediction)
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def test_libraries_import_no_dagster():
         "import sys; import qadata.loaders, qadata.world, qadata.sampling, qadata.corpus, retrieval.bm25, "
         "retrieval.engine, retrieval.server, retrieval.metrics, agent, agent.synthesis, agent.validate, "
         "agent.vllm_engine, agent.http_engine, agent.engines, training, training.pairs, training.sft, "
-        "training.sft_data, training.launch, training.grpo, training.rewards, evals, evals.benchmarks, "
+        "training.sft_data, training.launch, training.grpo, training.rewards, evals, evals.datasets, "
         "evals.judge, evals.report, evals.fidelity, evals.react; "
         "print('dagster' in sys.modules)"
     )

@@ -12,7 +12,7 @@ import pytest
 
 from agent import engines
 from agent.engine_api import EngineSpec
-from assets import eval_reports, evals
+from assets import eval_reports, evaluation
 from assets.storage import StorageResource
 from evals import report
 from pipelines.definitions import build_definitions
@@ -61,7 +61,7 @@ def _defs(home) -> dg.Definitions:
     existing = {k.to_user_string() for k in base.resolve_asset_graph().get_all_asset_keys()}
     if "eval_predictions" in existing:  # already wired into the project's Definitions
         return base
-    assets, checks = evals.build(existing)
+    assets, checks = evaluation.build(existing)
     jobs = [
         dg.define_asset_job(
             "evaluation_questions", selection=dg.AssetSelection.assets("eval_questions", "eval_questions_rejected")
@@ -139,7 +139,7 @@ def run(home, one_thread):
     )
     if AUTOCOA_TEST.is_file():
         go("evaluation_questions", QUESTIONS, "nq")
-    for key in evals.prediction_partitions_by_method((*EVALUATED, "sft_stage1"), ["embedded"]):
+    for key in evaluation.prediction_partitions_by_method((*EVALUATED, "sft_stage1"), ["embedded"]):
         go("evaluation_predictions", PREDICT, str(key))
     results["engines_after_predictions"] = engines.loaded_engines()
     go("evaluation_reports", REPORTS)
@@ -314,7 +314,8 @@ def test_eval_comparisons_check_catches_pairs_on_different_questions(tmp_path):
                 tmp_path,
                 "eval_predictions",
                 pa.Table.from_pylist(
-                    [{k: r.get(k) for k in evals.PREDICTION_SCHEMA.names} for r in sub], schema=evals.PREDICTION_SCHEMA
+                    [{k: r.get(k) for k in evaluation.PREDICTION_SCHEMA.names} for r in sub],
+                    schema=evaluation.PREDICTION_SCHEMA,
                 ),
                 f"embedded|{m}",
             )
@@ -411,9 +412,9 @@ def test_release_engines_closes_and_drops_all_but_kept(monkeypatch):
 
 
 def test_partition_run_order_groups_by_method():
-    keys = [str(k) for k in evals.prediction_partitions_by_method()]
-    assert len(keys) == len(evals.METHODS) * len(evals.BENCHMARKS) == len(set(keys))
-    assert keys[: len(evals.BENCHMARKS)] == [f"{b}|base_cot" for b in evals.BENCHMARKS]
+    keys = [str(k) for k in evaluation.prediction_partitions_by_method()]
+    assert len(keys) == len(evaluation.METHODS) * len(evaluation.BENCHMARKS) == len(set(keys))
+    assert keys[: len(evaluation.BENCHMARKS)] == [f"{b}|base_cot" for b in evaluation.BENCHMARKS]
 
 
 def test_checkpoint_template_is_the_zero_shot_agent_prompt(tmp_path):
@@ -421,20 +422,23 @@ def test_checkpoint_template_is_the_zero_shot_agent_prompt(tmp_path):
     demonstrated on CPU); what RL recorded (it may have been guided by examples) does not change that."""
     meta = tmp_path / "meta.json"
     meta.write_text(json.dumps({"root_model": "/models/SmolLM2-135M-Instruct", "template": "coa-smollm2-fewshot-v1"}))
-    t = evals.checkpoint_template(str(tmp_path))
+    t = evaluation.checkpoint_template(str(tmp_path))
     assert t.id == "coa-smollm2-v1" and not t.shots
     meta.write_text(json.dumps({"root_model": "/models/SmolLM2-135M-Instruct"}))
-    assert evals.checkpoint_template(str(tmp_path)).id == "coa-smollm2-v1"
+    assert evaluation.checkpoint_template(str(tmp_path)).id == "coa-smollm2-v1"
     meta.write_text(
         json.dumps({"root_model": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "template": "coa-r1-fewshot-v1"})
     )
-    assert evals.checkpoint_template(str(tmp_path)).id == "coa-r1-v1"
+    assert evaluation.checkpoint_template(str(tmp_path)).id == "coa-r1-v1"
     meta.unlink()
     with pytest.raises(dg.Failure, match="meta.json not found"):
-        evals.checkpoint_template(str(tmp_path))
+        evaluation.checkpoint_template(str(tmp_path))
 
 
 def test_library_method_names_match_the_evaluated_methods():
     # evals.report (no Dagster) names the methods for the paper-table validator and the paired tests
-    assert report.TABLE1_METHODS == evals.METHODS
-    assert set(report.PREDECESSOR) == set(evals.CHECKPOINT_METHODS) and report.REFERENCE_METHOD in evals.BASELINES
+    assert report.TABLE1_METHODS == evaluation.METHODS
+    assert (
+        set(report.PREDECESSOR) == set(evaluation.CHECKPOINT_METHODS)
+        and report.REFERENCE_METHOD in evaluation.BASELINES
+    )

@@ -13,7 +13,7 @@ import pytest
 from agent.engine_api import GenResult, cut_at_stop
 from agent.protocol import parse
 from agent.rollout import Rollout, RolloutConfig, Span, Trajectory, render_observation
-from evals import benchmarks as bm
+from evals import datasets as bm
 from evals.fidelity import (
     aggregate_fidelity,
     compare_observation,

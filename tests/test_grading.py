@@ -2,7 +2,7 @@
 
 import pytest
 
-from qadata.answers import cover_exact_match, exact_match, extract_boxed, f1, normalize_answer, score
+from qadata.answers import cover_exact_match, exact_match, extract_boxed, f1, normalise_answer, score
 
 
 @pytest.mark.parametrize(
@@ -17,8 +17,8 @@ from qadata.answers import cover_exact_match, exact_match, extract_boxed, f1, no
         ("", ""),
     ],
 )
-def test_normalize_answer(text, want):
-    assert normalize_answer(text) == want
+def test_normalise_answer(text, want):
+    assert normalise_answer(text) == want
 
 
 def test_exact_match_and_f1_hand_checked():

@@ -23,7 +23,7 @@ from assets.pairs import NOT_MATERIALISED, _table
 from assets.resources import SearchEngineResource
 from assets.storage import StorageResource
 from assets.trajectories import EngineConfig, _progress
-from evals import benchmarks as bm
+from evals import datasets as bm
 from evals.judge import DEFAULT_JUDGE_PROMPT, JUDGE_PROMPTS, JudgeItem, judge
 from evals.react import react_rollout_config, react_template_for
 from qadata.paths import SHARED_DATA, partition_dirname, tables_dir
