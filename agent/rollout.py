@@ -56,25 +56,47 @@ AFTER_LAST_ACTION = ("force", "refuse")
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    max_actions: int = 5  # T
-    max_context: int = 2048  # N, in tokens, prompt included
-    max_turn_tokens: int = 512
-    answer_tokens: int = 24
-    temperature: float = 0.6
-    top_p: float = 0.95
-    search_k: int = 3
-    simulated: bool = False
-    tools: bool = True  # False: CoT (no tool); the policy generates to the end, an action is not executed
-    seed: int | None = None
-    # the policy ended (EOS) without a boxed answer: drop the EOS and prompt the box, as at the budget
-    # (Algorithm 1's forced answer, applied to every unanswered end; finish_reason says "forced")
-    force_answer: bool = False
-    # tools off: an action the policy opens ends its reasoning there (the opened tag is cut) and the
-    # answer is forced, so a no-tool trajectory never contains an action (finish_reason "action_cut")
-    cut_actions: bool = False
-    # after the T-th observation: "force" the answer at once (Algorithm 1: the loop ends when t reaches T),
-    # or "refuse": let the policy reason on and refuse a (T+1)-th action with SEARCH_LIMIT
-    after_last_action: str = "force"
+    """Settings of one rollout (Algorithm 1). The single source of truth: the Dagster stages expose these fields
+    (with this help) through :func:`assets.settings.rollout_settings`, each with its own defaults."""
+
+    max_actions: int = field(default=5, metadata={"help": "T: searches allowed per trajectory."})
+    max_context: int = field(default=2048, metadata={"help": "N: tokens per trajectory, prompt included."})
+    max_turn_tokens: int = field(
+        default=512, metadata={"help": "Tokens the policy may write before its next action (one turn)."}
+    )
+    answer_tokens: int = field(default=24, metadata={"help": "Tokens allowed for a forced answer."})
+    temperature: float = field(default=0.6, metadata={"help": "Sampling temperature of the policy (0 = greedy)."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling."})
+    search_k: int = field(default=3, metadata={"help": "Passages per search result."})
+    simulated: bool = field(
+        default=False, metadata={"help": "The policy writes its own search results (RL-1's simulated environment)."}
+    )
+    tools: bool = field(
+        default=True,
+        metadata={"help": "False: CoT (no tool); the policy generates to the end, an action is not executed."},
+    )
+    seed: int | None = field(default=None, metadata={"help": "Sampling seed."})
+    force_answer: bool = field(
+        default=False,
+        metadata={
+            "help": "A trajectory that ends (EOS) without \\boxed{} has the EOS dropped and is prompted for the "
+            "answer, as at the budget (Algorithm 1's forced answer); finish_reason 'forced' marks it."
+        },
+    )
+    cut_actions: bool = field(
+        default=False,
+        metadata={
+            "help": "Tools off: an action the policy opens ends its reasoning there (the opened tag is cut) and "
+            "the answer is forced, so a no-tool trajectory never contains an action (finish_reason 'action_cut')."
+        },
+    )
+    after_last_action: str = field(
+        default="force",
+        metadata={
+            "help": "After the T-th observation: 'force' the answer at once (Algorithm 1), or 'refuse': let the "
+            "policy reason on and refuse a (T+1)-th action with SEARCH_LIMIT."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.after_last_action not in AFTER_LAST_ACTION:

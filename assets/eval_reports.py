@@ -15,7 +15,7 @@ from pydantic import Field
 
 from agent.engines import load_engine, release_engines
 from agent.models import EMBEDDED_MODEL
-from agent.rollout import Rollout, RolloutConfig, search_tool
+from agent.rollout import Rollout, search_tool
 from assets.evaluation import (
     EMBEDDED,
     EMBEDDED_JUDGE_NOTE,
@@ -33,6 +33,7 @@ from assets.evaluation import (
 from assets.metadata import bar_plot, markdown_table, table_metadata, timed
 from assets.pairs import NOT_MATERIALISED, _table
 from assets.resources import SearchEngineResource
+from assets.settings import rollout_settings
 from assets.storage import StorageResource
 from assets.trajectories import EngineConfig
 from evals import report
@@ -570,6 +571,18 @@ def action_analysis_counts_match_predictions(storage: StorageResource) -> dg.Ass
 
 
 # -- world_model_fidelity -----------------------------------------------------------------------
+FidelityRollout = rollout_settings(
+    "FidelityRollout",
+    "Rollout settings of the fidelity run (simulated environment: the policy writes its own search results).",
+    temperature=0.0,
+    max_actions=2,
+    max_context=1536,
+    max_turn_tokens=128,  # per turn, and per simulated search result
+    force_answer=True,
+    search_k=2,  # passages the real search returns per query (embedded 2, paper 3)
+)
+
+
 class FidelityConfig(dg.Config):
     n: int | None = Field(
         4, description="Held-out questions per checkpoint: the first n of eval_questions 'embedded'; None = all."
@@ -577,12 +590,9 @@ class FidelityConfig(dg.Config):
     engine: EngineConfig = Field(
         default_factory=EngineConfig, description="Engine settings; the model is each checkpoint in turn."
     )
-    max_actions: int = Field(2, description="T: simulated searches per trajectory.")
-    max_context: int = Field(1536, description="N: tokens per trajectory, prompt included.")
-    max_turn_tokens: int = Field(128, description="Tokens per turn, and per simulated search result.")
-    answer_tokens: int = Field(24, description="Tokens allowed for a forced answer.")
-    temperature: float = Field(0.0, description="Sampling temperature (0 = greedy).")
-    search_k: int = Field(2, description="Passages the real search returns per query (embedded 2, paper 3).")
+    rollout: FidelityRollout = Field(
+        default_factory=FidelityRollout, description="Rollout settings: agent.rollout.RolloutConfig."
+    )
     seed: int = Field(0, description="Sampling seed.")
     probe: bool = Field(
         True,
@@ -664,18 +674,8 @@ def build_fidelity(existing: Collection[str]):
         search_engine: SearchEngineResource,
     ) -> dg.Output[pa.Table]:
         questions = _questions(eval_questions)[: config.n] if config.n is not None else _questions(eval_questions)
-        rcfg = RolloutConfig(
-            max_actions=config.max_actions,
-            max_context=config.max_context,
-            max_turn_tokens=config.max_turn_tokens,
-            answer_tokens=config.answer_tokens,
-            temperature=config.temperature,
-            search_k=config.search_k,
-            seed=config.seed,
-            simulated=True,
-            force_answer=True,
-        )
-        search = search_tool(search_engine.get_engine(), config.search_k)
+        rcfg = config.rollout.build(seed=config.seed, simulated=True)
+        search = search_tool(search_engine.get_engine(), config.rollout.search_k)
         md: dict = {}
         rows, skipped, runs = [], [], []
         with timed(md):
@@ -684,7 +684,7 @@ def build_fidelity(existing: Collection[str]):
                 if ckpt is None:
                     skipped.append(f"{method}_checkpoint")
                     continue
-                spec = dataclasses.replace(config.engine.spec(config.max_context), model=ckpt)
+                spec = dataclasses.replace(config.engine.spec(config.rollout.max_context), model=ckpt)
                 release_engines(keep={spec})
                 engine = load_engine(spec, storage.artifact_dir("models"))
                 template = checkpoint_template(ckpt)
@@ -698,8 +698,8 @@ def build_fidelity(existing: Collection[str]):
                         engine,
                         prompts,
                         [q.question for q in questions],
-                        max_tokens=config.max_turn_tokens,
-                        temperature=config.temperature,
+                        max_tokens=config.rollout.max_turn_tokens,
+                        temperature=config.rollout.temperature,
                         seed=config.seed,
                     )
                     probes = _probe_rows(method, ckpt, questions, sims, search)

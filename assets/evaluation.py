@@ -21,6 +21,7 @@ from agent.synthesis import RunInfo, synthesize
 from assets.metadata import table_metadata, timed
 from assets.pairs import NOT_MATERIALISED, _table
 from assets.resources import SearchEngineResource
+from assets.settings import rollout_settings
 from assets.storage import StorageResource
 from assets.trajectories import EngineConfig, _progress
 from evals import datasets as bm
@@ -423,6 +424,18 @@ def eval_questions_counts_reconcile(
 
 
 # -- eval_predictions ---------------------------------------------------------------------------
+EvalRollout = rollout_settings(
+    "EvalRollout",
+    "Rollout settings of every evaluated method (greedy; base_cot uses cot_max_tokens and no tool).",
+    temperature=0.0,
+    top_p=1.0,
+    max_actions=5,  # 4-hop questions need 4; paper: up to 10
+    max_turn_tokens=96,
+    force_answer=True,
+    search_k=2,  # embedded 2, as the training data; paper 3
+)
+
+
 class EvalPredictionsConfig(dg.Config):
     profile: str = Field("embedded", description="Profile name recorded with every row.")
     engine: EngineConfig = Field(
@@ -452,16 +465,11 @@ class EvalPredictionsConfig(dg.Config):
             "gets a verdict; false: free text, anything but yes/no is stored as unparsable."
         ),
     )
-    temperature: float = Field(0.0, description="Sampling temperature of the policy (0 = greedy, reproducible).")
-    top_p: float = Field(1.0, description="Nucleus sampling.")
     seed: int = Field(0, description="Sampling seed.")
-    max_actions: int = Field(5, description="T: searches allowed (4-hop questions need 4; paper: up to 10).")
-    max_context: int = Field(2048, description="N: tokens per trajectory, prompt included.")
-    max_turn_tokens: int = Field(96, description="Tokens the policy may write before its next action.")
+    rollout: EvalRollout = Field(
+        default_factory=EvalRollout, description="Rollout settings of the policy: agent.rollout.RolloutConfig."
+    )
     cot_max_tokens: int = Field(160, description="Tokens a base_cot answer may write.")
-    answer_tokens: int = Field(24, description="Tokens allowed for a forced answer.")
-    force_answer: bool = Field(True, description="A trajectory ending without \\boxed{} is prompted for the answer.")
-    search_k: int = Field(2, description="Passages per search (embedded 2, as the training data; paper 3).")
 
 
 def checkpoint_template(checkpoint: str) -> PromptTemplate:
@@ -488,17 +496,7 @@ def _checkpoint(storage: StorageResource, method: str) -> str | None:
 def _policy(
     method: str, model_name: str, checkpoint: str | None, config: EvalPredictionsConfig
 ) -> tuple[PromptTemplate, RolloutConfig]:
-    rcfg = RolloutConfig(
-        max_actions=config.max_actions,
-        max_context=config.max_context,
-        max_turn_tokens=config.max_turn_tokens,
-        answer_tokens=config.answer_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        search_k=config.search_k,
-        seed=config.seed,
-        force_answer=config.force_answer,
-    )
+    rcfg = config.rollout.build(seed=config.seed)
     if method == "base_cot":  # no tool: an action the model opens ends its reasoning and the answer is forced
         return template_for("cot", model_name), dataclasses.replace(
             rcfg, tools=False, cut_actions=True, max_turn_tokens=config.cot_max_tokens
@@ -576,13 +574,13 @@ def build_eval_predictions(existing: Collection[str]):
         md: dict = {}
         models = storage.artifact_dir("models")
         with timed(md):
-            base = (config.base_engine if method == "react_base" else config.engine).spec(config.max_context)
+            base = (config.base_engine if method == "react_base" else config.engine).spec(config.rollout.max_context)
             policy_spec = dataclasses.replace(base, model=checkpoint) if checkpoint else base
             judge_spec = config.judge.spec()
             released = release_engines(keep={policy_spec, judge_spec})  # the previous method's checkpoint
             engine = load_engine(policy_spec, models)
             template, rcfg = _policy(method, engine.model_name, checkpoint, config)
-            search = search_tool(search_engine.get_engine(), config.search_k) if rcfg.tools else None
+            search = search_tool(search_engine.get_engine(), config.rollout.search_k) if rcfg.tools else None
             info = RunInfo(
                 pool=template.mode,
                 round="eval",
@@ -682,8 +680,8 @@ def build_eval_predictions(existing: Collection[str]):
             }
         )
         if method in ("react_base", "react_reasoning") and config.base_engine.spec(
-            config.max_context
-        ) == config.engine.spec(config.max_context):
+            config.rollout.max_context
+        ) == config.engine.spec(config.rollout.max_context):
             md["note"] = (
                 "react_base and react_reasoning run the same model here: this profile configures one model "
                 "(set base_engine to a pretrained base model, as the paper profile does, to separate them)"

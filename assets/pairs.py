@@ -10,9 +10,10 @@ from pydantic import Field
 
 from agent.engines import load_engine, release_engines
 from agent.prompts import TEMPLATES, template_for
-from agent.rollout import RolloutConfig, search_tool
+from agent.rollout import search_tool
 from assets.metadata import bar_plot, markdown_table, table_metadata, timed
 from assets.resources import SearchEngineResource
+from assets.settings import rollout_settings
 from assets.storage import StorageResource
 from assets.trajectories import TeacherEngineConfig
 from qadata.paths import partition_dirname, tables_dir
@@ -66,6 +67,16 @@ TRAJ_COLUMNS = [
 ]
 
 
+PairsRollout = rollout_settings(
+    "PairsRollout",
+    "Rollout settings of the teacher's continuations from each juncture.",
+    temperature=0.6,
+    max_actions=5,  # 4-hop questions need 4; paper profile: 10
+    max_turn_tokens=128,  # paper profile: 8192
+    search_k=2,  # as the trajectories; paper profile: 3
+)
+
+
 class PairsConfig(dg.Config):
     round: str = Field("r000", description="Synthesis round whose trajectories are mined.")
     engine: TeacherEngineConfig = Field(
@@ -76,13 +87,9 @@ class PairsConfig(dg.Config):
     )
     template_id: str | None = Field(None, description="CoA template for the shared context; default: by model family.")
     attempts: int = Field(4, description="Continuations sampled per juncture; the first correct one is kept.")
-    temperature: float = Field(0.6, description="Sampling temperature of the continuations.")
-    max_actions: int = Field(
-        5, description="T for the action continuations (4-hop questions need 4; paper profile: 10)."
+    rollout: PairsRollout = Field(
+        default_factory=PairsRollout, description="Rollout settings of the continuations: agent.rollout.RolloutConfig."
     )
-    max_context: int = Field(2048, description="N, tokens per continuation sequence.")
-    max_turn_tokens: int = Field(128, description="Tokens per turn (paper profile: 8192).")
-    search_k: int = Field(2, description="Passages per search (as the trajectories; paper profile: 3).")
     seed: int = Field(0, description="Seed of the continuations.")
     max_per_kind: int | None = Field(
         None,
@@ -141,16 +148,9 @@ def contrastive_pairs(
             f"{'cot' if cot is None else 'coa'}_trajectories partitions; synthesise it first"
         )
     with timed(md):
-        engine = load_engine(config.engine.spec(config.max_context), storage.artifact_dir("models"))
+        engine = load_engine(config.engine.spec(config.rollout.max_context), storage.artifact_dir("models"))
         template = TEMPLATES[config.template_id] if config.template_id else template_for("coa", engine.model_name)
-        rcfg = RolloutConfig(
-            max_actions=config.max_actions,
-            max_context=config.max_context,
-            max_turn_tokens=config.max_turn_tokens,
-            temperature=config.temperature,
-            search_k=config.search_k,
-            seed=config.seed,
-        )
+        rcfg = config.rollout.build(seed=config.seed)
         cot_rows, coa_rows = cot.to_pylist(), coa.to_pylist()
         wrong = sum(1 for r in cot_rows if r["em"] < 1) + sum(1 for r in coa_rows if r["em"] < 1)
         context.log.info(
@@ -164,7 +164,7 @@ def contrastive_pairs(
             cot_rows,
             coa_rows,
             engine=engine,
-            search=search_tool(search_engine.get_engine(), config.search_k),
+            search=search_tool(search_engine.get_engine(), config.rollout.search_k),
             coa_prompt_ids=lambda q: template.prompt_ids(engine.tokenizer, q),
             config=rcfg,
             attempts=config.attempts,

@@ -1,6 +1,7 @@
 """Synthesis stage: CoT and CoA trajectories written by the teacher, one partition per (round, shard)."""
 
 import collections
+import dataclasses
 import glob
 import os
 import time
@@ -14,10 +15,11 @@ from agent import validate
 from agent.engine_api import EngineSpec
 from agent.engines import load_engine
 from agent.prompts import TEMPLATES, template_for
-from agent.rollout import RolloutConfig, search_tool
+from agent.rollout import search_tool
 from agent.synthesis import RunInfo, round_seed, shard_of, synthesize
 from assets.metadata import bar_plot, latest_metadata, markdown_table, table_metadata, timed
 from assets.resources import SearchEngineResource
+from assets.settings import rollout_settings
 from assets.storage import StorageResource
 from qadata.paths import partition_dirname, tables_dir
 
@@ -93,6 +95,17 @@ class TeacherEngineConfig(EngineConfig):
     )
 
 
+TrajectoryRollout = rollout_settings(
+    "TrajectoryRollout",
+    "Rollout settings of the teacher's trajectories (the CoT pool uses cot_max_tokens as its turn budget, no tools).",
+    temperature=0.6,
+    max_actions=5,
+    max_turn_tokens=256,
+    force_answer=True,
+    search_k=2,  # embedded: 2 passages keep trajectories short for CPU training; paper profile: 3
+)
+
+
 class TrajectoryConfig(dg.Config):
     profile: str = Field("embedded", description="Profile name recorded with every row.")
     engine: TeacherEngineConfig = Field(
@@ -105,25 +118,11 @@ class TrajectoryConfig(dg.Config):
     seed: int | None = Field(
         None, description="Sampling seed; default: derived from the round's name, so each round differs."
     )
-    temperature: float = Field(0.6, description="Sampling temperature (paper: 0.6).")
-    top_p: float = Field(0.95, description="Nucleus sampling.")
-    max_actions: int = Field(5, description="T: searches allowed per trajectory (paper: up to 10).")
-    max_context: int = Field(2048, description="N: tokens per trajectory, prompt included.")
-    max_turn_tokens: int = Field(256, description="Tokens the policy may write before its next action (CoA).")
+    rollout: TrajectoryRollout = Field(
+        default_factory=TrajectoryRollout,
+        description="Rollout settings (T, N, turn budget, sampling, passages per search): agent.rollout.RolloutConfig.",
+    )
     cot_max_tokens: int = Field(512, description="Tokens a CoT trajectory may write.")
-    answer_tokens: int = Field(24, description="Tokens allowed for a forced answer.")
-    force_answer: bool = Field(
-        True,
-        description=(
-            "A trajectory that ends without \\boxed{} is prompted for the answer (as at the budget, Algorithm 1); "
-            "finish_reason 'forced' marks it."
-        ),
-    )
-    search_k: int = Field(
-        2,
-        description="Passages per search (embedded: 2, which keeps trajectories short for CPU "
-        "training; paper profile: 3).",
-    )
     max_questions: int | None = Field(None, description="Cap on questions per shard (quick runs).")
     answer_rate_floor: float = Field(0.5, description="The non-empty-answer check warns below this share.")
 
@@ -186,7 +185,7 @@ def _metadata(table: pa.Table, stats: dict, info: RunInfo, config: TrajectoryCon
             "mean_actions": round(sum(actions) / n, 3) if n else 0.0,
             "answer_rate": round(answered, 4),
             "answer_rate_floor": config.answer_rate_floor,
-            "max_actions": config.max_actions,
+            "max_actions": config.rollout.max_actions,
             "generated_tokens": stats["generated_tokens"],
             "tokens_per_second": round(stats["generated_tokens_per_second"], 2),
             "search_calls": stats["search_calls"],
@@ -245,24 +244,15 @@ def build_trajectory_asset(pool: str, partitions: dg.MultiPartitionsDefinition):
             questions = questions[: config.max_questions]
         md: dict = {}
         with timed(md):
-            engine = load_engine(config.engine.spec(config.max_context), storage.artifact_dir("models"))
+            engine = load_engine(config.engine.spec(config.rollout.max_context), storage.artifact_dir("models"))
             template = TEMPLATES[config.template_id] if config.template_id else template_for(pool, engine.model_name)
             if template.mode != pool:
                 raise dg.Failure(f"{pool}_trajectories: template {template.id!r} is a {template.mode} template")
             seed = config.seed if config.seed is not None else round_seed(round_key)
-            rcfg = RolloutConfig(
-                max_actions=config.max_actions,
-                max_context=config.max_context,
-                max_turn_tokens=config.max_turn_tokens if pool == "coa" else config.cot_max_tokens,
-                answer_tokens=config.answer_tokens,
-                temperature=config.temperature,
-                top_p=config.top_p,
-                search_k=config.search_k,
-                tools=pool == "coa",
-                seed=seed,
-                force_answer=config.force_answer,
-            )
-            search = search_tool(search_engine.get_engine(), config.search_k) if pool == "coa" else None
+            rcfg = config.rollout.build(tools=pool == "coa", seed=seed)
+            if pool == "cot":
+                rcfg = dataclasses.replace(rcfg, max_turn_tokens=config.cot_max_tokens)
+            search = search_tool(search_engine.get_engine(), config.rollout.search_k) if pool == "coa" else None
             info = RunInfo(
                 pool=pool,
                 round=round_key,

@@ -59,7 +59,10 @@ def test_profiles_parse_against_the_job_config():
             ResolvedRunConfig.build(job, profile_config(profile, ops))
     assert load_profile("paper")["ops"]["question_sample"]["config"]["total"] == 20000
     teacher = load_profile("paper")["ops"]["coa_trajectories"]["config"]
-    assert teacher["engine"]["model"] == "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B" and teacher["temperature"] == 0.6
+    assert (
+        teacher["engine"]["model"] == "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"
+        and teacher["rollout"]["temperature"] == 0.6
+    )
     rl = load_profile("paper")["ops"]["sft123_rl12_checkpoint"]["config"]
     assert (rl["questions_per_step"], rl["num_generations"], rl["learning_rate"], rl["max_steps"]) == (48, 5, 7e-7, 96)
     assert round(rl["simulated_fraction"] * rl["max_steps"]) == 80  # 80 simulated steps, then 16 real

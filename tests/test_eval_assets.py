@@ -32,11 +32,8 @@ PREDICT = {
             "engine": TF,
             "base_engine": TF,
             "judge": TF,
-            "max_actions": 1,
-            "max_context": 1000,
-            "max_turn_tokens": 32,
+            "rollout": {"max_actions": 1, "max_context": 1000, "max_turn_tokens": 32, "answer_tokens": 10},
             "cot_max_tokens": 40,
-            "answer_tokens": 10,
         }
     }
 }
@@ -45,10 +42,7 @@ REPORTS = {
         "config": {
             "engine": TF,
             "n": 2,
-            "max_actions": 1,
-            "max_context": 900,
-            "max_turn_tokens": 32,
-            "answer_tokens": 12,
+            "rollout": {"max_actions": 1, "max_context": 900, "max_turn_tokens": 32, "answer_tokens": 12},
         }
     }
 }

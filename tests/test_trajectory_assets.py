@@ -19,11 +19,8 @@ from qadata.paths import REPO_ROOT, table_path
 from qadata.sql import run_query
 
 ROLLOUT = {
-    "max_turn_tokens": 40,
+    "rollout": {"max_turn_tokens": 40, "max_context": 900, "max_actions": 2, "answer_tokens": 12},
     "cot_max_tokens": 48,
-    "max_context": 900,
-    "max_actions": 2,
-    "answer_tokens": 12,
     "engine": {"kind": "transformers"},
 }
 BASE = {
@@ -62,9 +59,7 @@ PAIRS = {
             "engine": {"kind": "transformers"},
             "attempts": 1,
             "max_per_kind": 2,
-            "max_turn_tokens": 40,
-            "max_context": 900,
-            "max_actions": 2,
+            "rollout": {"max_turn_tokens": 40, "max_context": 900, "max_actions": 2},
         }
     }
 }
@@ -206,7 +201,11 @@ def test_killed_run_resumes_without_redoing_finished_shards(tmp_path, embedded_c
     (home / "artifacts" / "models").mkdir(parents=True)
     (home / "artifacts" / "models" / embedded_checkpoint.name).symlink_to(embedded_checkpoint)
     config = tmp_path / "tiny.yaml"
-    quick = {**ROLLOUT, "max_turn_tokens": 16, "cot_max_tokens": 16, "max_actions": 1, "answer_tokens": 6}
+    quick = {
+        **ROLLOUT,
+        "rollout": {**ROLLOUT["rollout"], "max_turn_tokens": 16, "max_actions": 1, "answer_tokens": 6},
+        "cot_max_tokens": 16,
+    }
     config.write_text(
         yaml.safe_dump(
             {
