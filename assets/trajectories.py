@@ -445,8 +445,8 @@ def build_resynthesis_schedule(job, *, running: bool, cron: str = "0 4 * * 1"):
     """Weekly: add a new round (a new seed, derived from its name) and request one run per shard.
 
     Old rounds are never touched; compare rounds with SQL over the ``round`` column. Off unless the
-    deployment's profile is ``paper`` (``AUTOCOA_PROFILE``); "Test schedule" in the UI, or adding a
-    round key in the launchpad, runs it by hand.
+    profile's ``definitions: {weekly_resynthesis: running}`` turns it on (the paper profile does); "Test
+    schedule" in the UI, or adding a round key in the launchpad, runs it by hand.
     """
 
     @dg.schedule(

@@ -112,14 +112,10 @@ def run_synthesis(instance, defs, home: Path, *, profile: str, round_key: str, e
     from pipelines.definitions import SYNTHESIS_JOB, SYNTHESIS_OPS
     from qadata.paths import table_path
 
-    job = defs.resolve_job_def(f"{SYNTHESIS_JOB}_paper" if profile == "paper" else SYNTHESIS_JOB)
+    job = defs.resolve_job_def(SYNTHESIS_JOB)
     if not instance.has_dynamic_partition("synthesis_rounds", round_key):
         instance.add_dynamic_partitions("synthesis_rounds", [round_key])
-    run_config = (
-        _run_config(profile, SYNTHESIS_OPS, extra)
-        if profile != "paper"
-        else _deep_merge(_run_config("embedded", SYNTHESIS_OPS, extra), {})
-    )
+    run_config = _run_config(profile, SYNTHESIS_OPS, extra)
     done = {op: instance.get_materialized_partitions(dg.AssetKey(op)) for op in SYNTHESIS_OPS}
     shards = job.partitions_def.get_partitions_def_for_dimension("shard").get_partition_keys()
     outcomes = []
@@ -149,8 +145,6 @@ def run_evaluation(
     from qadata.paths import table_path
 
     home = Path(defs.resources["storage"].home)
-    suffix = "_paper" if profile == "paper" else ""
-    base_profile = "embedded" if profile == "paper" else profile
     benchmarks = benchmarks or list(evaluation.BENCHMARKS)
     if methods is None:
         methods = [
@@ -161,12 +155,12 @@ def run_evaluation(
     results = []
 
     def run(job_name: str, ops: set[str], partition: str | None, label: str):
-        job = defs.resolve_job_def(job_name + suffix)
+        job = defs.resolve_job_def(job_name)
         print(f"evaluation {label} ...", flush=True)
         res = job.execute_in_process(
             instance=instance,
             partition_key=partition,
-            run_config=_run_config(base_profile, ops, extra),
+            run_config=_run_config(profile, ops, extra),
             raise_on_error=False,
         )
         results.append(res)
@@ -278,25 +272,21 @@ def cmd_run(args) -> int:
 
     from tabulate import tabulate
 
-    from pipelines.definitions import build_definitions
+    from pipelines.definitions import BEFORE_JOB, build_definitions
     from qadata.paths import discover_tables
 
     run_started = time.perf_counter()
     home = Path(args.home)
     instance = _instance(home)
-    defs = build_definitions(home)
+    defs = build_definitions(home, profile=args.profile)
     extra = {}
     if args.config:
         import yaml
 
         extra = yaml.safe_load(Path(args.config).read_text()) or {}
-    job = defs.resolve_job_def("autocoa_paper" if args.profile == "paper" else "autocoa_embedded")
+    job = defs.resolve_job_def(BEFORE_JOB)
     base_ops = {n.name for n in job.graph.node_defs}
-    run_config = (
-        _deep_merge(_run_config("embedded", base_ops, extra), {})
-        if args.profile == "paper"
-        else _run_config(args.profile, base_ops, extra)
-    )
+    run_config = _run_config(args.profile, base_ops, extra)
     print(f"materialising the unpartitioned assets ({args.profile} profile) into {home} ...", flush=True)
     result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
     results = [result]
@@ -310,13 +300,9 @@ def cmd_run(args) -> int:
         if all(st != "FAILED" for _, st, _ in synthesis):
             from pipelines.definitions import AFTER_JOB
 
-            after = defs.resolve_job_def(f"{AFTER_JOB}_paper" if args.profile == "paper" else AFTER_JOB)
+            after = defs.resolve_job_def(AFTER_JOB)
             after_ops = {n.name for n in after.graph.node_defs}
-            after_config = (
-                _run_config("embedded", after_ops, extra)
-                if args.profile == "paper"
-                else _run_config(args.profile, after_ops, extra)
-            )
+            after_config = _run_config(args.profile, after_ops, extra)
             # the stages that read a round read the one just synthesised
             for op in ("contrastive_pairs", "sft_stage23_data"):
                 if op in after_ops:
@@ -509,7 +495,15 @@ def cmd_ui(args) -> int:
     ensure_dagster_home(Path(args.home))
     os.environ["AUTOCOA_HOME"] = str(args.home)
     dagster = Path(sys.executable).with_name("dagster")
-    cmd = [str(dagster), "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
+    if args.profile == "embedded":  # workspace.yaml: the embedded code location
+        location = ["-w", str(REPO_ROOT / "workspace.yaml")]
+    else:  # the profile's code location (pipelines.definitions builds defs_<profile> from configs/<profile>.yaml)
+        from pipelines.definitions import profile_names
+
+        if args.profile not in profile_names():
+            raise SystemExit(f"unknown profile {args.profile!r} (profiles: {', '.join(profile_names())})")
+        location = ["-m", "pipelines.definitions", "-a", f"defs_{args.profile}"]
+    cmd = [str(dagster), "dev", *location, "-h", args.host, "-p", str(args.port)]
     print("starting:", " ".join(cmd), flush=True)
     os.chdir(REPO_ROOT)
     os.execv(cmd[0], cmd)
@@ -527,7 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="materialise every asset and print where the outputs are")
-    r.add_argument("--profile", default="embedded", help="embedded (default, CPU), shared (../shared/data), paper")
+    r.add_argument(
+        "--profile",
+        default="embedded",
+        help="embedded (default, CPU), or configs/<name>.yaml: shared (../shared/data), paper (GPU box), ci",
+    )
     r.add_argument(
         "--config", help="YAML run config merged over the profile (e.g. ops: {coa_trajectories: {config: ...}})"
     )
@@ -582,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on 127.0.0.1")
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=3000)
+    u.add_argument("--profile", default="embedded", help="the code location's profile (configs/<name>.yaml)")
     u.set_defaults(func=cmd_ui)
     return p
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import functools
 from pathlib import Path
 
 import dagster as dg
@@ -18,15 +18,33 @@ ASSET_MODULES = [data, search, pairs, sft_data, sft, rl]
 PROFILES_DIR = REPO_ROOT / "configs"
 
 
-def load_profile(name: str) -> dict:
-    """Run config of a named profile (``configs/<name>.yaml``); ``embedded`` is the defaults (empty)."""
+DEFINITION_KEYS = ("definitions",)  # a profile's top-level keys that configure the Definitions, not a run
+
+
+def _profile_file(name: str) -> dict:
     if name == "embedded":
         return {}
     path = PROFILES_DIR / f"{name}.yaml"
     if not path.is_file():
-        known = ["embedded"] + sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
-        raise ValueError(f"unknown profile {name!r}: no {path} (known: {', '.join(known)})")
+        raise ValueError(f"unknown profile {name!r}: no {path} (known: {', '.join(profile_names())})")
     return yaml.safe_load(path.read_text()) or {}
+
+
+def profile_names() -> list[str]:
+    """Every profile: ``embedded`` (the defaults) and one per ``configs/<name>.yaml`` with an ``ops`` section."""
+    names = [p.stem for p in sorted(PROFILES_DIR.glob("*.yaml")) if "ops" in (yaml.safe_load(p.read_text()) or {})]
+    return ["embedded", *names]
+
+
+def load_profile(name: str) -> dict:
+    """Run config of a named profile (``configs/<name>.yaml`` without its ``definitions`` section); ``embedded``
+    is the defaults (empty)."""
+    return {k: v for k, v in _profile_file(name).items() if k not in DEFINITION_KEYS}
+
+
+def profile_options(name: str) -> dict:
+    """The profile's ``definitions`` section: settings of the Definitions themselves (e.g. which schedules run)."""
+    return _profile_file(name).get("definitions") or {}
 
 
 def profile_config(name: str, ops: set[str] | None = None) -> dict:
@@ -47,8 +65,16 @@ EVAL_QUESTIONS_JOB, EVAL_PREDICTIONS_JOB, EVAL_REPORTS_JOB = (
 SYNTHESIS_OPS = {f"{p}_trajectories" for p in trajectories.POOLS}
 
 
-def build_definitions(home: str | Path | None = None, shards: int | None = None) -> dg.Definitions:
+BEFORE_JOB = "autocoa_before_synthesis"
+
+
+def build_definitions(
+    home: str | Path | None = None, shards: int | None = None, profile: str = "embedded"
+) -> dg.Definitions:
+    """The code location of one profile: every job carries the profile's run config (``configs/<profile>.yaml``;
+    ``embedded``: the assets' defaults), so a job launched from the UI or the CLI runs that profile."""
     home = str(Path(home).resolve()) if home else str(default_home())
+    options = profile_options(profile)
     assets = dg.load_assets_from_modules(ASSET_MODULES)
     checks = dg.load_asset_checks_from_modules(ASSET_MODULES)
     traj_assets, traj_checks, traj_partitions = trajectories.build(shards)
@@ -65,79 +91,57 @@ def build_definitions(home: str | Path | None = None, shards: int | None = None)
     unpartitioned = before - synthesis
     after = dg.AssetSelection.all() - before - eval_selection  # a job runs one partitions definition
 
-    def ops_of(selection: dg.AssetSelection) -> set[str]:
-        """Op names of a selection: a job's baked config may name only its own ops."""
+    def job(name: str, selection: dg.AssetSelection, description: str, **kw) -> dg.UnresolvedAssetJobDefinition:
+        """A job with the profile's config for its own ops baked in (a job rejects config for ops it lacks)."""
         keys = selection.resolve(assets)
-        return {a.op.name for a in assets if set(a.keys) & keys}
+        ops = {a.op.name for a in assets if set(a.keys) & keys}
+        return dg.define_asset_job(
+            name,
+            selection=selection,
+            config=profile_config(profile, ops) or None,
+            description=f"{description} Profile: {profile}.",
+            tags={"autocoa/profile": profile},
+            **kw,
+        )
 
-    embedded_job = dg.define_asset_job(
-        "autocoa_embedded",
-        selection=unpartitioned,
-        description="Materialise every unpartitioned asset on the embedded default (CPU, generated data, SmolLM2); "
-        "then run trajectory_synthesis for each shard (`autocoa run` does both).",
+    before_job = job(
+        BEFORE_JOB,
+        unpartitioned,
+        "Materialise every unpartitioned asset synthesis needs (world or HotpotQA, sample, corpus, index); then run "
+        "trajectory_synthesis for each shard (`autocoa run` does both).",
     )
-    paper_job = dg.define_asset_job(
-        "autocoa_paper",
-        selection=unpartitioned,
-        config=profile_config("paper", ops_of(unpartitioned)),
-        description="Materialise every unpartitioned asset with the paper profile (paper sizes and models; needs a GPU box).",
-    )
-    synthesis_job = dg.define_asset_job(
+    synthesis_job = job(
         SYNTHESIS_JOB,
-        selection=synthesis,
+        synthesis,
+        "CoT and CoA trajectories for one (round, shard) partition. Backfill every shard of a round to synthesise "
+        "it; a failed shard reruns alone.",
         partitions_def=traj_partitions,
-        description="CoT and CoA trajectories for one (round, shard) partition, embedded defaults. "
-        "Backfill every shard of a round to synthesise it; a failed shard reruns alone.",
     )
-    synthesis_paper_job = dg.define_asset_job(
-        f"{SYNTHESIS_JOB}_paper",
-        selection=synthesis,
-        partitions_def=traj_partitions,
-        config=profile_config("paper", SYNTHESIS_OPS),
-        description="Trajectory synthesis with the paper profile's teacher (vLLM, DeepSeek-R1-Distill-Qwen-32B).",
-    )
-    after_job = dg.define_asset_job(
+    after_job = job(
         AFTER_JOB,
-        selection=after,
-        description="Everything downstream of synthesis (contrastive pairs, SFT data, SFT and RL checkpoints), embedded defaults.",
+        after,
+        "Everything downstream of synthesis (contrastive pairs, SFT data, SFT and RL checkpoints).",
     )
-    after_paper_job = dg.define_asset_job(
-        f"{AFTER_JOB}_paper",
-        selection=after,
-        config=profile_config("paper", ops_of(after)),
-        description="Everything downstream of synthesis with the paper profile.",
-    )
-    eval_jobs = []
-    for name, selection, desc in (
-        (
+    eval_jobs = [
+        job(
             EVAL_QUESTIONS_JOB,
             dg.AssetSelection.assets("eval_questions", "eval_questions_rejected"),
             "Held-out evaluation questions of one benchmark partition (embedded world, NQ, TriviaQA, ...).",
         ),
-        (
+        job(
             EVAL_PREDICTIONS_JOB,
             dg.AssetSelection.assets("eval_predictions"),
             "One method x benchmark partition of the evaluation: rollouts, EM/F1/cover-EM, LLM-judge verdicts.",
         ),
-        (
+        job(
             EVAL_REPORTS_JOB,
             dg.AssetSelection.assets("eval_table", "eval_comparisons", "action_analysis", "world_model_fidelity"),
             "Table 1 with its intervals and paired tests, Figure 3 and the world-model fidelity table from every "
             "materialised prediction partition.",
         ),
-    ):
-        eval_jobs.append(dg.define_asset_job(name, selection=selection, description=desc + " Embedded defaults."))
-        eval_jobs.append(
-            dg.define_asset_job(
-                f"{name}_paper",
-                selection=selection,
-                config=profile_config("paper", ops_of(selection)),
-                description=desc + " Paper profile.",
-            )
-        )
-    profile = os.environ.get("AUTOCOA_PROFILE", "embedded")
+    ]
     resynthesis = trajectories.build_resynthesis_schedule(
-        synthesis_paper_job if profile == "paper" else synthesis_job, running=profile == "paper"
+        synthesis_job, running=options.get("weekly_resynthesis", "stopped") == "running"
     )
     checks_job = dg.define_asset_job(
         "data_checks",
@@ -153,18 +157,9 @@ def build_definitions(home: str | Path | None = None, shards: int | None = None)
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
-        jobs=[
-            embedded_job,
-            paper_job,
-            checks_job,
-            synthesis_job,
-            synthesis_paper_job,
-            after_job,
-            after_paper_job,
-            *eval_jobs,
-        ],
+        jobs=[before_job, checks_job, synthesis_job, after_job, *eval_jobs],
         schedules=[nightly_checks, resynthesis],
-        sensors=[build_incoming_sensor(home, embedded_job)],
+        sensors=[build_incoming_sensor(home, before_job)],
         resources={
             "io_manager": ParquetIOManager(home=home),
             "storage": StorageResource(home=home),
@@ -174,3 +169,17 @@ def build_definitions(home: str | Path | None = None, shards: int | None = None)
 
 
 defs = build_definitions()
+
+
+@functools.cache
+def _profile_definitions(profile: str) -> dg.Definitions:
+    return build_definitions(profile=profile)
+
+
+def __getattr__(name: str) -> dg.Definitions:
+    """``defs_<profile>``: the code location of another profile, e.g. ``dagster dev -m pipelines.definitions -a
+    defs_paper`` (``autocoa ui --profile paper``). One profile per running code location: Dagster refuses to
+    launch an asset two loaded locations both define."""
+    if name.startswith("defs_") and name[5:] in profile_names():
+        return _profile_definitions(name[5:])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r} (profiles: {', '.join(profile_names())})")

@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--materialize",
         metavar="JOB",
-        help="first launch JOB from the UI (e.g. autocoa_embedded) and "
+        help="first launch JOB from the UI (e.g. autocoa_before_synthesis) and "
         "require it to succeed, so the screenshot shows materialised assets",
     )
     args = ap.parse_args(argv)

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from pipelines.definitions import build_definitions, load_profile
 
 EXPECTED_ASSETS = {
@@ -33,7 +35,7 @@ def test_definitions_name_the_expected_assets(tmp_path):
     checked = {k.asset_key.to_user_string() for k in graph.asset_check_keys}
     # every table that is not a quarantine table has checks beside it
     assert EXPECTED_ASSETS - {"hotpotqa_raw_rejected", "corpus_rejected"} <= checked
-    for job in ("autocoa_embedded", "autocoa_paper", "data_checks"):
+    for job in ("autocoa_before_synthesis", "autocoa_after_synthesis", "trajectory_synthesis", "data_checks"):
         assert defs.resolve_job_def(job) is not None
 
 
@@ -51,10 +53,10 @@ def test_profiles_parse_against_the_job_config():
     from pipelines.definitions import profile_config
 
     defs = build_definitions("/tmp/unused-autocoa-home")
-    for job_name in ("autocoa_embedded", "trajectory_synthesis", "autocoa_after_synthesis"):
+    for job_name in ("autocoa_before_synthesis", "trajectory_synthesis", "autocoa_after_synthesis"):
         job = defs.resolve_job_def(job_name)
         ops = {n.name for n in job.graph.node_defs}
-        for profile in ("shared", "paper"):
+        for profile in ("shared", "paper", "ci"):
             # raises DagsterInvalidConfigError when a profile names a field the assets do not have
             ResolvedRunConfig.build(job, profile_config(profile, ops))
     assert load_profile("paper")["ops"]["question_sample"]["config"]["total"] == 20000
@@ -69,19 +71,34 @@ def test_profiles_parse_against_the_job_config():
 
 
 def test_every_job_and_its_baked_config_resolve():
-    # what `dagster dev` does when it loads the code location: a bad baked profile config fails here
-    defs = build_definitions("/tmp/unused-autocoa-home")
-    jobs = defs.get_repository_def().get_all_jobs()
-    names = {j.name for j in jobs}
-    assert {
-        "autocoa_embedded",
-        "autocoa_paper",
-        "trajectory_synthesis",
-        "trajectory_synthesis_paper",
-        "autocoa_after_synthesis",
-        "autocoa_after_synthesis_paper",
-        "data_checks",
-    } <= names
+    # what `dagster dev` does when it loads a profile's code location: a bad baked profile config fails here
+    from pipelines.definitions import profile_names
+
+    assert {"embedded", "shared", "paper", "ci"} <= set(profile_names())
+    for profile in profile_names():
+        defs = build_definitions("/tmp/unused-autocoa-home", profile=profile)
+        jobs = defs.get_repository_def().get_all_jobs()
+        names = {j.name for j in jobs}
+        # one job per stage in every profile: no per-profile copies
+        assert {"autocoa_before_synthesis", "trajectory_synthesis", "autocoa_after_synthesis", "data_checks"} <= names
+        assert not any(n.endswith("_paper") for n in names), names
+    paper = build_definitions("/tmp/unused-autocoa-home", profile="paper")
+    job = paper.get_repository_def().get_job("autocoa_before_synthesis")
+    assert job.tags["autocoa/profile"] == "paper"
+    assert job.run_config["ops"]["question_sample"]["config"]["total"] == 20000  # the profile baked into the job
+    schedules = {s.name: s for s in paper.get_repository_def().schedule_defs}
+    assert schedules["weekly_resynthesis"].default_status.value == "RUNNING"  # from paper.yaml's definitions
+    embedded = build_definitions("/tmp/unused-autocoa-home").get_repository_def()
+    assert {s.name: s for s in embedded.schedule_defs}["weekly_resynthesis"].default_status.value == "STOPPED"
+
+
+def test_a_profiles_code_location_is_an_attribute_of_the_definitions_module():
+    import pipelines.definitions as d
+
+    assert d.defs_paper is d.defs_paper  # built once
+    assert d.defs_paper.get_repository_def().get_job("autocoa_before_synthesis").tags["autocoa/profile"] == "paper"
+    with pytest.raises(AttributeError, match="profiles: embedded"):
+        d.defs_nosuchprofile  # noqa: B018
 
 
 def test_libraries_import_no_dagster():

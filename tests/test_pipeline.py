@@ -24,7 +24,7 @@ SMALL_WORLD = {
 }
 
 
-def _run(home, run_config=None, job="autocoa_embedded"):
+def _run(home, run_config=None, job="autocoa_before_synthesis"):
     defs = build_definitions(home)
     return defs.resolve_job_def(job).execute_in_process(
         instance=dg.DagsterInstance.ephemeral(), run_config=run_config or {}, raise_on_error=False
@@ -90,7 +90,7 @@ def test_unreadable_source_fails_the_asset_naming_file_and_line(tmp_path):
 def test_shared_profile_on_real_hotpotqa(tmp_path, shared_data):
     from pipelines.definitions import profile_config
 
-    job = build_definitions(tmp_path).resolve_job_def("autocoa_embedded")
+    job = build_definitions(tmp_path).resolve_job_def("autocoa_before_synthesis")
     result = _run(tmp_path, profile_config("shared", {n.name for n in job.graph.node_defs}))
     assert result.success
     checks = _checks(result)
