@@ -44,23 +44,49 @@ def _instance(home: Path):
     return dg.DagsterInstance.get()
 
 
+SKIPPED = "skipped (not materialised)"
+
+
 def _check_rows(result) -> list[dict]:
+    """One row per check evaluation of a run; ``status``: passed, skipped (its data is absent), warn or failed."""
     partition = result.dagster_run.tags.get("dagster/partition", "")
     rows = []
     for ev in result.get_asset_check_evaluations():
+        skipped = ev.passed and "skipped" in ev.metadata
+        status = "skipped" if skipped else "passed" if ev.passed else ev.severity.value.lower()
         rows.append(
             {
                 "asset": ev.asset_key.to_user_string(),
                 "partition": partition,
                 "check": ev.check_name,
-                "result": ("skipped (not materialised)" if "skipped" in ev.metadata else "passed")
-                if ev.passed
-                else f"FAILED ({ev.severity.value})",
+                "result": SKIPPED if skipped else "passed" if ev.passed else f"FAILED ({ev.severity.value})",
                 "severity": ev.severity.value,
                 "passed": ev.passed,
+                "status": "failed" if status == "error" else status,
             }
         )
     return rows
+
+
+def _skipped_rows(check_keys) -> list[dict]:
+    """Rows for checks not run because their asset has never been materialised in this home."""
+    return [
+        {
+            "asset": k.asset_key.to_user_string(),
+            "partition": "",
+            "check": k.name,
+            "result": SKIPPED,
+            "severity": "",
+            "passed": True,
+            "status": "skipped",
+        }
+        for k in check_keys
+    ]
+
+
+def check_counts(rows: list[dict]) -> dict[str, int]:
+    """How many checks passed, were skipped (data absent: never counted as passed), warned and failed."""
+    return {s: sum(1 for r in rows if r["status"] == s) for s in ("passed", "skipped", "warn", "failed")}
 
 
 def _print_checks(rows: list[dict]) -> None:
@@ -371,26 +397,40 @@ next:
 
 
 def cmd_check(args) -> int:
+
     from pipelines.definitions import build_definitions
 
     home = Path(args.home)
     instance = _instance(home)
     defs = build_definitions(home)
-    result = defs.resolve_job_def("data_checks").execute_in_process(
-        instance=instance, run_config=CONSOLE_INFO, raise_on_error=False
-    )
-    rows = _check_rows(result)
+    job = defs.resolve_job_def("data_checks")
+    # a check runs only where its asset has been materialised in this home; the others are reported as skipped
+    all_checks = set(defs.resolve_asset_graph().asset_check_keys)
+    assets = {k.asset_key for k in all_checks}
+    materialised = {a for a in assets if instance.get_latest_materialization_event(a) is not None}
+    runnable = {k for k in all_checks if k.asset_key in materialised}
+    rows = _skipped_rows(sorted(all_checks - runnable, key=lambda k: (k.asset_key.to_user_string(), k.name)))
+    failures: list[str] = []
+    if runnable:
+        result = job.get_subset(asset_check_selection=runnable).execute_in_process(
+            instance=instance, run_config=CONSOLE_INFO, raise_on_error=False
+        )
+        rows += _check_rows(result)
+        failures = _failed_steps(result)
+    rows.sort(key=lambda r: (r["asset"], r["check"]))
     _print_checks(rows)
-    failures = _failed_steps(result)
-    errors = [r for r in rows if not r["passed"] and (r["severity"] == "ERROR" or args.strict)]
-    warns = [r for r in rows if not r["passed"] and r["severity"] == "WARN"]
+    counts = check_counts(rows)
+    errors = [r for r in rows if r["status"] == "failed" or (args.strict and r["status"] == "warn")]
     for f in failures:
         print(f"check could not run: {f}", file=sys.stderr)
     print(
-        f"\n{len(rows)} checks: {len(rows) - len(errors) - len(warns)} passed, {len(errors)} failed, "
-        f"{len(warns)} warnings" + (f", {len(failures)} could not run" if failures else "")
+        f"\n{len(rows)} checks: {counts['passed']} passed, {counts['skipped']} skipped (data not materialised), "
+        f"{counts['failed']} failed, {counts['warn']} warnings"
+        + (f", {len(failures)} could not run" if failures else "")
     )
-    return 1 if errors or failures or not rows else 0
+    if not runnable:
+        print("nothing is materialised in this home: no check could run (autocoa run materialises the graph)")
+    return 1 if errors or failures or not rows or not runnable else 0
 
 
 def cmd_sql(args) -> int:

@@ -202,6 +202,16 @@ def test_check_fails_on_bad_data(cli_home, tmp_path, monkeypatch, capsys):
     assert "question_sample_pools_disjoint" in out and "FAILED" in out
 
 
+def test_check_on_an_empty_home_skips_every_check_and_passes_none(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "empty"
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)  # the CLI makes <home>/dagster_home
+    assert cli.main(["--home", str(home), "check"]) == 1  # nothing could be verified
+    out = capsys.readouterr().out
+    n = len(build_definitions(home).resolve_asset_graph().asset_check_keys)
+    assert f"{n} checks: 0 passed, {n} skipped (data not materialised), 0 failed" in out
+    assert "nothing is materialised" in out
+
+
 def test_flashrag_corpus_file_with_bad_lines(tmp_path):
     src = write_jsonl(
         tmp_path / "wiki.jsonl",
