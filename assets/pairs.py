@@ -287,10 +287,7 @@ NOT_MATERIALISED = dg.AssetCheckResult(passed=True, metadata={"skipped": "not ma
         "and each side's loss mask is aligned with its ids and 0 on every observation token."
     ),
 )
-def contrastive_pairs_well_formed(storage: StorageResource) -> dg.AssetCheckResult:
-    contrastive_pairs = _table(storage, "contrastive_pairs")
-    if contrastive_pairs is None:
-        return NOT_MATERIALISED
+def contrastive_pairs_well_formed(contrastive_pairs: pa.Table) -> dg.AssetCheckResult:
     bad = []
     for r in contrastive_pairs.to_pylist():
         if r["chosen_ids"] == r["rejected_ids"]:
@@ -320,10 +317,7 @@ def contrastive_pairs_well_formed(storage: StorageResource) -> dg.AssetCheckResu
         "The shared prefix is the source trajectory's own tokens (both sides start from the same prefix, token-exact)."
     ),
 )
-def contrastive_pairs_share_the_prefix(storage: StorageResource) -> dg.AssetCheckResult:
-    contrastive_pairs = _table(storage, "contrastive_pairs")
-    if contrastive_pairs is None:
-        return NOT_MATERIALISED
+def contrastive_pairs_share_the_prefix(contrastive_pairs: pa.Table, storage: StorageResource) -> dg.AssetCheckResult:
     bad, checked = [], 0
     by_round = collections.defaultdict(list)
     for r in contrastive_pairs.select(["pair_id", "round", "kind", "source_trajectory", "prefix_ids"]).to_pylist():
@@ -351,10 +345,7 @@ def contrastive_pairs_share_the_prefix(storage: StorageResource) -> dg.AssetChec
 @dg.asset_check(
     asset="contrastive_pairs", description="No question yields both an (a) and a (b) pair (conflicting lessons)."
 )
-def contrastive_pairs_no_conflicting_kinds(storage: StorageResource) -> dg.AssetCheckResult:
-    contrastive_pairs = _table(storage, "contrastive_pairs")
-    if contrastive_pairs is None:
-        return NOT_MATERIALISED
+def contrastive_pairs_no_conflicting_kinds(contrastive_pairs: pa.Table) -> dg.AssetCheckResult:
     kinds = collections.defaultdict(set)
     for r in contrastive_pairs.select(["question_id", "kind"]).to_pylist():
         kinds[r["question_id"]].add(r["kind"])
@@ -367,17 +358,17 @@ def contrastive_pairs_no_conflicting_kinds(storage: StorageResource) -> dg.Asset
 
 
 @dg.asset_check(
-    asset="contrastive_pairs", blocking=True, description="Counts reconcile: wrong trajectories = pairs + discarded."
+    asset="contrastive_pairs",
+    blocking=True,
+    additional_ins={"contrastive_pairs_discarded": dg.AssetIn()},
+    description="Counts reconcile: wrong trajectories = pairs + discarded.",
 )
 def contrastive_pairs_counts_reconcile(
-    context: dg.AssetCheckExecutionContext, storage: StorageResource
+    context: dg.AssetCheckExecutionContext, contrastive_pairs: pa.Table, contrastive_pairs_discarded: pa.Table
 ) -> dg.AssetCheckResult:
     from assets.metadata import latest_metadata
 
-    contrastive_pairs = _table(storage, "contrastive_pairs")
-    discarded = _table(storage, "contrastive_pairs_discarded")
-    if contrastive_pairs is None or discarded is None:
-        return NOT_MATERIALISED
+    discarded = contrastive_pairs_discarded
     wrong = latest_metadata(context.instance, "contrastive_pairs").get("wrong_trajectories", -1)
     ok = wrong == contrastive_pairs.num_rows + discarded.num_rows
     return dg.AssetCheckResult(

@@ -11,9 +11,8 @@ from pydantic import Field
 from agent.engines import resolve_model
 from agent.rollout import search_tool
 from assets.metadata import markdown_table, table_metadata
-from assets.pairs import NOT_MATERIALISED, _table
 from assets.resources import SearchEngineResource
-from assets.sft import _checkpoint_of, _loss_plot
+from assets.sft import checkpoint_path, loss_plot
 from assets.storage import StorageResource
 from training.grpo import GrpoSettings, cot_per_step, train_grpo
 from training.grpo_rollout import PAPER_SIMULATED_FRACTION
@@ -251,7 +250,7 @@ def _train(
         "wall_seconds": round(result.wall_seconds, 2),
         "cost_totals": dg.MetadataValue.json(totals),
         "cost_per_step": dg.MetadataValue.md(markdown_table(result.cost, cost_cols)),
-        "reward_curve": _loss_plot(
+        "reward_curve": loss_plot(
             {"reward": curve, **{f"reward/{k}": v for k, v in result.reward_components.items()}, "kl": result.kl_curve},
             f"{asset.replace('_checkpoint', '')} GRPO",
         ),
@@ -282,13 +281,14 @@ def rl_stage2_only_checkpoint(
     )
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"}, deps=["sft_stage3_checkpoint"])
+@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"})
 def sft123_rl1_checkpoint(
     context: dg.AssetExecutionContext,
     config: RlConfig,
     storage: StorageResource,
     search_engine: SearchEngineResource,
     rl_questions: pa.Table,
+    sft_stage3_checkpoint: pa.Table,
 ) -> dg.Output[pa.Table]:
     """RL-1 from SFT-3: GRPO in the simulated environment, the policy writing its own search results (no real call)."""
     return _train(
@@ -298,19 +298,20 @@ def sft123_rl1_checkpoint(
         search_engine,
         rl_questions,
         asset="sft123_rl1_checkpoint",
-        start=_checkpoint_of(storage, "sft_stage3_checkpoint"),
+        start=checkpoint_path(sft_stage3_checkpoint, "sft_stage3_checkpoint"),
         fraction=1.0,
         steps=config.max_steps,
     )
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"}, deps=["sft_stage3_checkpoint", "search_index"])
+@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"}, deps=["search_index"])
 def sft123_rl12_checkpoint(
     context: dg.AssetExecutionContext,
     config: RlConfig,
     storage: StorageResource,
     search_engine: SearchEngineResource,
     rl_questions: pa.Table,
+    sft_stage3_checkpoint: pa.Table,
 ) -> dg.Output[pa.Table]:
     """RL-1 then RL-2 from SFT-3: one GRPO run, simulated for the configured share of steps, then real search."""
     return _train(
@@ -320,19 +321,20 @@ def sft123_rl12_checkpoint(
         search_engine,
         rl_questions,
         asset="sft123_rl12_checkpoint",
-        start=_checkpoint_of(storage, "sft_stage3_checkpoint"),
+        start=checkpoint_path(sft_stage3_checkpoint, "sft_stage3_checkpoint"),
         fraction=config.simulated_fraction,
         steps=config.max_steps,
     )
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"}, deps=["sft_stage2_checkpoint", "search_index"])
+@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"}, deps=["search_index"])
 def sft12_rl2_checkpoint(
     context: dg.AssetExecutionContext,
     config: RlConfig,
     storage: StorageResource,
     search_engine: SearchEngineResource,
     rl_questions: pa.Table,
+    sft_stage2_checkpoint: pa.Table,
 ) -> dg.Output[pa.Table]:
     """RL-2 from SFT-2 (no world-model stage): GRPO in the real environment."""
     return _train(
@@ -342,7 +344,7 @@ def sft12_rl2_checkpoint(
         search_engine,
         rl_questions,
         asset="sft12_rl2_checkpoint",
-        start=_checkpoint_of(storage, "sft_stage2_checkpoint"),
+        start=checkpoint_path(sft_stage2_checkpoint, "sft_stage2_checkpoint"),
         fraction=0.0,
         steps=config.max_steps,
     )
@@ -356,10 +358,7 @@ RL_CHECKPOINTS = [
 ]
 
 
-def _meta(storage: StorageResource, asset: str) -> tuple[dict, dict] | None:
-    manifest = _table(storage, asset)
-    if manifest is None:
-        return None
+def _meta(manifest: pa.Table) -> tuple[dict, dict]:
     row = manifest.to_pylist()[0]
     return row, json.loads((Path(row["path"]) / "meta.json").read_text())
 
@@ -373,12 +372,10 @@ def _build_checks(asset: str):
             "The checkpoint loads back with transformers and its reward, per-component reward, KL and loss logs are finite."
         ),
     )
-    def loads_with_finite_logs(storage: StorageResource) -> dg.AssetCheckResult:
+    def loads_with_finite_logs(manifest: pa.Table) -> dg.AssetCheckResult:
         from transformers import AutoModelForCausalLM
 
-        found = _meta(storage, asset)
-        if found is None:
-            return NOT_MATERIALISED
+        found = _meta(manifest)
         row, meta = found
         model = AutoModelForCausalLM.from_pretrained(row["path"])
         curves = {
@@ -408,10 +405,8 @@ def _build_checks(asset: str):
             "Real search calls happen only in real-environment steps (none at all for RL-1) and simulated results only in simulated ones."
         ),
     )
-    def real_calls_match_the_regime(storage: StorageResource) -> dg.AssetCheckResult:
-        found = _meta(storage, asset)
-        if found is None:
-            return NOT_MATERIALISED
+    def real_calls_match_the_regime(manifest: pa.Table) -> dg.AssetCheckResult:
+        found = _meta(manifest)
         _, meta = found
         cost = meta["cost"]
         sim_calls = sum(c["search_calls"] for c in cost if c["mode"] == "simulated")
@@ -442,10 +437,8 @@ def _build_checks(asset: str):
             "(x num_generations trajectories, tool off); the rest CoA."
         ),
     )
-    def cot_share_matches_the_config(storage: StorageResource) -> dg.AssetCheckResult:
-        found = _meta(storage, asset)
-        if found is None:
-            return NOT_MATERIALISED
+    def cot_share_matches_the_config(manifest: pa.Table) -> dg.AssetCheckResult:
+        found = _meta(manifest)
         _, meta = found
         want = meta["cot_per_step"] * meta["settings"]["num_generations"]
         got = [c.get("cot_trajectories", -1) for c in meta["cost"]]

@@ -10,7 +10,6 @@ from pydantic import Field
 
 from agent.engines import resolve_model
 from assets.metadata import plot_markdown, table_metadata
-from assets.pairs import NOT_MATERIALISED, _table
 from assets.storage import StorageResource
 from training.sft import TrainSettings, train_stage1, train_trajectory_sft
 
@@ -135,7 +134,7 @@ class Sft3Config(SftConfig):
     )
 
 
-def _loss_plot(curves: dict[str, list[float]], title: str) -> dg.MetadataValue:
+def loss_plot(curves: dict[str, list[float]], title: str) -> dg.MetadataValue:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,7 +180,7 @@ def _output(context, result, stage: str, base: str, examples: int, extra_curves:
         "wall_seconds": round(result.wall_seconds, 2),
         "examples": examples,
         **{k: round(float(v), 4) for k, v in result.metrics.items() if k.startswith("probe_loss")},
-        "loss_curve": _loss_plot({"loss": curve, **(extra_curves or {})}, f"{stage} training"),
+        "loss_curve": loss_plot({"loss": curve, **(extra_curves or {})}, f"{stage} training"),
     }
     return dg.Output(table, metadata=md)
 
@@ -229,20 +228,23 @@ def _base(storage: StorageResource, model: str) -> str:
     return resolve_model(model, storage.artifact_dir("models"))[0]
 
 
-def _checkpoint_of(storage: StorageResource, asset: str) -> str:
-    manifest = _table(storage, asset)
-    if manifest is None:
-        raise dg.Failure(f"{asset} is not materialised yet")
-    return manifest.column("path")[0].as_py()
+def checkpoint_path(manifest: pa.Table, asset: str) -> str:
+    """The checkpoint directory a manifest row points at (one row: path)."""
+    if manifest.num_rows != 1:
+        raise dg.Failure(f"{asset}: its manifest has {manifest.num_rows} rows, expected one; re-materialise it")
+    path = manifest.column("path")[0].as_py()
+    if not Path(path).is_dir():
+        raise dg.Failure(f"{asset}: its manifest points at {path}, which does not exist; re-materialise it")
+    return path
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"}, deps=["sft_stage1_data"])
+@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"})
 def sft_stage1_checkpoint(
-    context: dg.AssetExecutionContext, config: Sft1Config, storage: StorageResource
+    context: dg.AssetExecutionContext, config: Sft1Config, storage: StorageResource, sft_stage1_data: pa.Table
 ) -> dg.Output[pa.Table]:
     """SFT-1: the base model trained on the contrastive pairs (−logσ(P̄c − P̄r) + α·(−P̄c)); also the stage-1-only ablation."""
-    data = _table(storage, "sft_stage1_data")
-    if data is None or data.num_rows == 0:
+    data = sft_stage1_data
+    if data.num_rows == 0:
         raise dg.Failure(
             "sft_stage1_checkpoint: sft_stage1_data has no pairs to train on (see contrastive_pairs_discarded)"
         )
@@ -268,10 +270,9 @@ def sft_stage1_checkpoint(
 
 
 def _trajectory_stage(
-    context, config: SftConfig, storage: StorageResource, asset: str, base: str, labels: str, stage: int
+    context, config: SftConfig, storage: StorageResource, asset: str, base: str, labels: str, stage: int, data: pa.Table
 ) -> dg.Output:
-    data = _table(storage, "sft_stage23_data")
-    if data is None or data.num_rows == 0:
+    if data.num_rows == 0:
         raise dg.Failure(f"{asset}: sft_stage23_data has no correct trajectories to train on")
     result = _train(
         context,
@@ -287,9 +288,13 @@ def _trajectory_stage(
     return _output(context, result, asset.replace("_checkpoint", ""), base, data.num_rows)
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"}, deps=["sft_stage1_checkpoint", "sft_stage23_data"])
+@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"})
 def sft_stage2_checkpoint(
-    context: dg.AssetExecutionContext, config: SftConfig, storage: StorageResource
+    context: dg.AssetExecutionContext,
+    config: SftConfig,
+    storage: StorageResource,
+    sft_stage1_checkpoint: pa.Table,
+    sft_stage23_data: pa.Table,
 ) -> dg.Output[pa.Table]:
     """SFT-2: from the stage-1 checkpoint, trajectory SFT with the search results masked out of the loss."""
     return _trajectory_stage(
@@ -297,15 +302,20 @@ def sft_stage2_checkpoint(
         config,
         storage,
         "sft_stage2_checkpoint",
-        _checkpoint_of(storage, "sft_stage1_checkpoint"),
+        checkpoint_path(sft_stage1_checkpoint, "sft_stage1_checkpoint"),
         "labels_stage2",
         2,
+        sft_stage23_data,
     )
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"}, deps=["sft_stage2_checkpoint", "sft_stage23_data"])
+@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"})
 def sft_stage3_checkpoint(
-    context: dg.AssetExecutionContext, config: Sft3Config, storage: StorageResource
+    context: dg.AssetExecutionContext,
+    config: Sft3Config,
+    storage: StorageResource,
+    sft_stage2_checkpoint: pa.Table,
+    sft_stage23_data: pa.Table,
 ) -> dg.Output[pa.Table]:
     """SFT-3: from the stage-2 checkpoint, the same data with search results in the loss (the internal world model)."""
     return _trajectory_stage(
@@ -313,19 +323,27 @@ def sft_stage3_checkpoint(
         config,
         storage,
         "sft_stage3_checkpoint",
-        _checkpoint_of(storage, "sft_stage2_checkpoint"),
+        checkpoint_path(sft_stage2_checkpoint, "sft_stage2_checkpoint"),
         "labels_stage3",
         3,
+        sft_stage23_data,
     )
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"}, deps=["sft_stage23_data"])
+@dg.asset(group_name=GROUP, kinds={"pytorch", "safetensors"})
 def sft_stage2_only_checkpoint(
-    context: dg.AssetExecutionContext, config: SftConfig, storage: StorageResource
+    context: dg.AssetExecutionContext, config: SftConfig, storage: StorageResource, sft_stage23_data: pa.Table
 ) -> dg.Output[pa.Table]:
     """Ablation (Table 1): stage-2 trajectory SFT straight from the base model, without the contrastive stage."""
     return _trajectory_stage(
-        context, config, storage, "sft_stage2_only_checkpoint", _base(storage, config.base_model), "labels_stage2", 2
+        context,
+        config,
+        storage,
+        "sft_stage2_only_checkpoint",
+        _base(storage, config.base_model),
+        "labels_stage2",
+        2,
+        sft_stage23_data,
     )
 
 
@@ -342,13 +360,10 @@ def _build_checks(asset: str):
             "training than before, and its parameters differ from the start model's."
         ),
     )
-    def loads_and_learned(storage: StorageResource) -> dg.AssetCheckResult:
+    def loads_and_learned(manifest: pa.Table) -> dg.AssetCheckResult:
         import torch
         from transformers import AutoModelForCausalLM
 
-        manifest = _table(storage, asset)
-        if manifest is None:
-            return NOT_MATERIALISED
         row = manifest.to_pylist()[0]
         meta = json.loads((Path(row["path"]) / "meta.json").read_text())
         curve = meta["loss_curve"]
@@ -380,7 +395,7 @@ def _build_checks(asset: str):
         name="answers_a_smoke_prompt",
         description=("Greedy generation on a smoke question yields a parsable trajectory with a boxed answer (WARN)."),
     )
-    def answers_a_smoke_prompt(storage: StorageResource) -> dg.AssetCheckResult:
+    def answers_a_smoke_prompt(manifest: pa.Table) -> dg.AssetCheckResult:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -388,9 +403,6 @@ def _build_checks(asset: str):
         from agent.prompts import agent_template
         from agent.protocol import parse
 
-        manifest = _table(storage, asset)
-        if manifest is None:
-            return NOT_MATERIALISED
         path = manifest.column("path")[0].as_py()
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)

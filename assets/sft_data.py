@@ -9,7 +9,7 @@ from pydantic import Field
 
 from agent.synthesis import SPAN
 from assets.metadata import table_metadata, timed
-from assets.pairs import NOT_MATERIALISED, _table, read_round
+from assets.pairs import read_round
 from assets.storage import StorageResource
 from qadata.io import atomic_directory, atomic_write_json
 from training.sft_data import (
@@ -73,14 +73,12 @@ class Stage1DataConfig(dg.Config):
     max_length: int = Field(2048, description="Longest context + continuation; longer ones are truncated and flagged.")
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "parquet"}, deps=["contrastive_pairs"])
+@dg.asset(group_name=GROUP, kinds={"python", "parquet"})
 def sft_stage1_data(
-    context: dg.AssetExecutionContext, config: Stage1DataConfig, storage: StorageResource
+    context: dg.AssetExecutionContext, config: Stage1DataConfig, contrastive_pairs: pa.Table
 ) -> dg.Output[pa.Table]:
     """The contrastive pairs as SFT-1 examples: context c = prompt + shared prefix, then each continuation's ids and policy-token mask."""
-    pairs = _table(storage, "contrastive_pairs")
-    if pairs is None:
-        raise dg.Failure("sft_stage1_data: contrastive_pairs is not materialised yet")
+    pairs = contrastive_pairs
     md: dict = {}
     with timed(md):
         table = pa.Table.from_pylist(stage1_rows(pairs.to_pylist(), config.max_length), schema=STAGE1_SCHEMA)
@@ -166,17 +164,11 @@ def sft_stage23_data(
     return dg.Output(table, metadata=md)
 
 
-def _stage23(storage):
-    return _table(storage, "sft_stage23_data")
-
-
 @dg.asset_check(
     asset=sft_stage23_data, blocking=True, description="Only correct trajectories (EM = 1) are in the SFT mix."
 )
-def sft_stage23_only_correct(storage: StorageResource) -> dg.AssetCheckResult:
-    t = _stage23(storage)
-    if t is None:
-        return NOT_MATERIALISED
+def sft_stage23_only_correct(sft_stage23_data: pa.Table) -> dg.AssetCheckResult:
+    t = sft_stage23_data
     wrong = [r["trajectory_id"] for r in t.select(["trajectory_id", "em"]).to_pylist() if r["em"] < 1.0]
     return dg.AssetCheckResult(
         passed=not wrong, metadata={"rows": t.num_rows, "wrong": len(wrong), "examples": "\n".join(wrong[:5])}
@@ -188,12 +180,10 @@ def sft_stage23_only_correct(storage: StorageResource) -> dg.AssetCheckResult:
     blocking=True,
     description=("The mix is what was configured: min(requested, available) CoA and CoT trajectories."),
 )
-def sft_stage23_mix_ratio(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+def sft_stage23_mix_ratio(context: dg.AssetCheckExecutionContext, sft_stage23_data: pa.Table) -> dg.AssetCheckResult:
     from assets.metadata import latest_metadata
 
-    t = _stage23(storage)
-    if t is None:
-        return NOT_MATERIALISED
+    t = sft_stage23_data
     md = latest_metadata(context.instance, "sft_stage23_data")
     pools = collections.Counter(t.column("pool").to_pylist())
     want_coa = min(md.get("coa_requested", -1), md.get("correct_coa_available", -1))
@@ -212,10 +202,8 @@ def sft_stage23_mix_ratio(context: dg.AssetCheckExecutionContext, storage: Stora
         "Every observation token is masked (-100) in the stage-2 labels and none is in the stage-3 labels; prompts masked in both."
     ),
 )
-def sft_stage23_observation_masks(storage: StorageResource) -> dg.AssetCheckResult:
-    t = _stage23(storage)
-    if t is None:
-        return NOT_MATERIALISED
+def sft_stage23_observation_masks(sft_stage23_data: pa.Table) -> dg.AssetCheckResult:
+    t = sft_stage23_data
     bad, checked = [], 0
     for r in t.select(["trajectory_id", "input_ids", "labels_stage2", "labels_stage3", "spans"]).to_pylist():
         n = len(r["input_ids"])
@@ -239,12 +227,10 @@ def sft_stage23_observation_masks(storage: StorageResource) -> dg.AssetCheckResu
 @dg.asset_check(
     asset=sft_stage23_data, description="No sequence over max_length; truncations are counted (WARN when any)."
 )
-def sft_stage23_lengths(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+def sft_stage23_lengths(context: dg.AssetCheckExecutionContext, sft_stage23_data: pa.Table) -> dg.AssetCheckResult:
     from assets.metadata import latest_metadata
 
-    t = _stage23(storage)
-    if t is None:
-        return NOT_MATERIALISED
+    t = sft_stage23_data
     limit = latest_metadata(context.instance, "sft_stage23_data").get("max_length", 2048)
     over = sum(1 for n in t.column("length").to_pylist() if n > limit)
     truncated = sum(t.column("truncated").to_pylist())
@@ -258,15 +244,14 @@ def sft_stage23_lengths(context: dg.AssetCheckExecutionContext, storage: Storage
 @dg.asset_check(
     asset=sft_stage1_data,
     blocking=True,
+    additional_ins={"contrastive_pairs": dg.AssetIn()},
     description=(
         "Every contrastive pair became exactly one SFT-1 example whose context is the pair's prompt + shared prefix ids "
         "and whose loss masks are the pair's."
     ),
 )
-def sft_stage1_data_matches_the_pairs(storage: StorageResource) -> dg.AssetCheckResult:
-    data, pairs = _table(storage, "sft_stage1_data"), _table(storage, "contrastive_pairs")
-    if data is None or pairs is None:
-        return NOT_MATERIALISED
+def sft_stage1_data_matches_the_pairs(sft_stage1_data: pa.Table, contrastive_pairs: pa.Table) -> dg.AssetCheckResult:
+    data, pairs = sft_stage1_data, contrastive_pairs
     by_id = {
         p["pair_id"]: p
         for p in pairs.select(["pair_id", "prompt_ids", "prefix_ids", "chosen_mask", "rejected_mask"]).to_pylist()
