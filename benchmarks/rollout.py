@@ -238,7 +238,7 @@ tokens/s. On a CPU prefill is as costly per token as decoding, so this is where 
 GPU: not measured in this session (no GPU machine was lent to it).
 {END}"""
     print(md)
-    _write_section(args.out, md)
+    write_section(args.out, md)
     return 0
 
 
@@ -252,7 +252,7 @@ def _installed(dist: str) -> bool:
         return False
 
 
-def _write_section(path: Path, md: str) -> None:
+def write_section(path: Path, md: str) -> None:
     """Replace the section ``md`` delimits (its own ``<!-- name:begin -->`` … ``<!-- name:end -->`` markers,
     taken from ``md``) in ``path``, or append it; other benchmarks' sections are left as they are."""
     found = re.match(r"\s*<!-- ([\w-]+):begin -->", md)

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     import torch
 
     from agent.models import ensure_embedded_checkpoint
-    from benchmarks.rollout import _write_section
+    from benchmarks.rollout import write_section
     from training.sft import TrainSettings, train_trajectory_sft
     from training.sft_data import stage23_rows
 
@@ -115,7 +115,7 @@ max length leaves little padding to remove).
 GPU (R1-Distill-Qwen-1.5B-shaped model, MFU): not measured in this session (no GPU machine was lent to it).
 {END}"""
     print(md)
-    _write_section(args.out, md)
+    write_section(args.out, md)
     return 0
 
 

@@ -3,7 +3,7 @@
 
 import pytest
 
-from benchmarks.rollout import _write_section
+from benchmarks.rollout import write_section
 
 
 def test_write_section_replaces_only_its_own_section(tmp_path):
@@ -12,12 +12,12 @@ def test_write_section_replaces_only_its_own_section(tmp_path):
         "# Benchmarks\n\n<!-- rollout:begin -->\nrollout numbers\n<!-- rollout:end -->\n\n"
         "<!-- sft:begin -->\nold sft\n<!-- sft:end -->\n"
     )
-    _write_section(path, "<!-- sft:begin -->\nnew sft\n<!-- sft:end -->")
-    _write_section(path, "<!-- evaluation:begin -->\neval numbers\n<!-- evaluation:end -->")
-    _write_section(path, "<!-- sft:begin -->\nnewer sft\n<!-- sft:end -->")
+    write_section(path, "<!-- sft:begin -->\nnew sft\n<!-- sft:end -->")
+    write_section(path, "<!-- evaluation:begin -->\neval numbers\n<!-- evaluation:end -->")
+    write_section(path, "<!-- sft:begin -->\nnewer sft\n<!-- sft:end -->")
     text = path.read_text()
     assert "rollout numbers" in text and "eval numbers" in text and "newer sft" in text
     assert "old sft" not in text and "new sft\n" not in text and text.count("<!-- sft:begin -->") == 1
     assert text.index("rollout numbers") < text.index("newer sft") < text.index("eval numbers")  # stays in place
     with pytest.raises(ValueError, match="must start with"):
-        _write_section(path, "## no markers")
+        write_section(path, "## no markers")

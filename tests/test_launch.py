@@ -56,7 +56,7 @@ def test_every_shipped_accelerate_config_loads():
             ds["gradient_accumulation_steps"] == "auto"
             and ds["zero_optimization"]["offload_optimizer"]["device"] == "none"
         )
-    # ZeRO-3 checkpoints are gathered into one 16-bit state dict on save (training.sft._save)
+    # ZeRO-3 checkpoints are gathered into one 16-bit state dict on save (training.sft.save_checkpoint)
     assert (
         json.loads((REPO_ROOT / "configs/deepspeed/zero3.json").read_text())["zero_optimization"][
             "stage3_gather_16bit_weights_on_model_save"

@@ -51,7 +51,7 @@ from training.grpo_rollout import (
     make_rollout_func,
 )
 from training.rewards import COMPONENTS, RewardSettings, trl_reward_funcs, trl_reward_weights
-from training.sft import _history, _load, _save, root_model
+from training.sft import load_model, log_history, root_model, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ def train_grpo(
             "which need a `search` function"
         )
     out = Path(out)
-    model, tok = _load(model_path, settings)
+    model, tok = load_model(model_path, settings)
     templates = {
         "coa": template or template_for("coa", root_model(model_path)),
         "cot": cot_template or template_for("cot", root_model(model_path)),
@@ -388,10 +388,10 @@ def train_grpo(
         str(out),
         trainer.state.global_step,
         schedule.simulated_steps,
-        _history(trainer, "reward"),
-        {name: _history(trainer, f"rewards/{name}/mean") for name in COMPONENTS},
-        _history(trainer, "kl"),
-        _history(trainer, "loss"),
+        log_history(trainer, "reward"),
+        {name: log_history(trainer, f"rewards/{name}/mean") for name in COMPONENTS},
+        log_history(trainer, "kl"),
+        log_history(trainer, "loss"),
         ledger.rows(),
         ledger.totals(),
         wall,
@@ -404,7 +404,7 @@ def train_grpo(
         result.cost_totals,
     )
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    _save(
+    save_checkpoint(
         trainer,
         policy,
         tok,

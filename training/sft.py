@@ -149,7 +149,8 @@ def _common_args(s: TrainSettings, out: Path) -> dict:
     )  # real tokens trained on: tokens/s, packing gains
 
 
-def _load(model_path: str, s: TrainSettings):
+def load_model(model_path: str, s: TrainSettings):
+    """Tokenizer (pad = EOS when unset) and model, with LoRA or the frozen lower layers ``s`` asks for."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -198,7 +199,8 @@ def labelled_positions_loss(model, inputs) -> object:
     return F.cross_entropy(logits.float(), targets)
 
 
-def _save(trainer, model, tok, out: Path, meta: dict) -> None:
+def save_checkpoint(trainer, model, tok, out: Path, meta: dict) -> None:
+    """Write the checkpoint directory atomically: safetensors, tokenizer and ``meta.json``."""
     # Multi-process launches (training.launch): ZeRO-3 shards are gathered on every rank (a collective),
     # then only the main process writes, and the others wait for it.
     acc = trainer.accelerator
@@ -379,7 +381,8 @@ def __getattr__(name):  # transformers is imported lazily: the class is built on
     raise AttributeError(name)
 
 
-def _history(trainer, key: str) -> list[float]:
+def log_history(trainer, key: str) -> list[float]:
+    """The finite values of ``key`` in the trainer's log history, in step order."""
     return [float(h[key]) for h in trainer.state.log_history if key in h and not math.isnan(float(h[key]))]
 
 
@@ -397,7 +400,7 @@ def train_stage1(
     out = Path(out)
     pairs = [{k: p[k] for k in ("pair_id", *STAGE1_KEYS) if k in p} for p in pairs]
     tokens = check_stage1_rows(pairs, settings.max_length)
-    model, tok = _load(model_path, settings)
+    model, tok = load_model(model_path, settings)
     trainer = stage1_trainer(model, tok, pairs, settings, Path(str(out) + ".work"))
     probe_start = probe_loss_pairs(model, pairs, settings.alpha, settings.max_length)
     t0 = time.perf_counter()
@@ -407,13 +410,13 @@ def train_stage1(
     result = TrainResult(
         str(out),
         trainer.state.global_step,
-        _history(trainer, "loss"),
+        log_history(trainer, "loss"),
         wall,
         metrics={"probe_loss_start": probe_start, "probe_loss_end": probe_end, **tokens},
-        logps_chosen=_history(trainer, "logps/chosen"),
-        logps_rejected=_history(trainer, "logps/rejected"),
+        logps_chosen=log_history(trainer, "logps/chosen"),
+        logps_rejected=log_history(trainer, "logps/rejected"),
     )
-    _save(
+    save_checkpoint(
         trainer,
         model,
         tok,
@@ -428,8 +431,8 @@ def train_stage1(
             "loss_curve": result.loss_curve,
             "logps_chosen": result.logps_chosen,
             "logps_rejected": result.logps_rejected,
-            "logps_margin": _history(trainer, "logps/margin"),
-            "logps_accuracy": _history(trainer, "logps/accuracy"),
+            "logps_margin": log_history(trainer, "logps/margin"),
+            "logps_accuracy": log_history(trainer, "logps/accuracy"),
             **result.metrics,
             "wall_seconds": wall,
             "examples": len(pairs),
@@ -454,7 +457,7 @@ def train_trajectory_sft(
     from trl import SFTConfig, SFTTrainer
 
     out = Path(out)
-    model, tok = _load(model_path, settings)
+    model, tok = load_model(model_path, settings)
     work = Path(str(out) + ".work")
     args = SFTConfig(max_length=settings.max_length, packing=settings.packing, **_common_args(settings, work))
     ds = Dataset.from_list([{"input_ids": list(r["input_ids"]), "labels": list(r[labels_key])} for r in rows])
@@ -486,7 +489,7 @@ def train_trajectory_sft(
     result = TrainResult(
         str(out),
         trainer.state.global_step,
-        _history(trainer, "loss"),
+        log_history(trainer, "loss"),
         wall,
         metrics={
             "trained_tokens_per_epoch": tokens,
@@ -495,7 +498,7 @@ def train_trajectory_sft(
             "probe_loss_end": probe_end,
         },
     )
-    _save(
+    save_checkpoint(
         trainer,
         model,
         tok,
