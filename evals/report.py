@@ -22,6 +22,8 @@ import pyarrow as pa
 from evals import stats
 from evals.datasets import benchmark_sort_key
 from evals.fidelity import aggregate_fidelity
+from evals.predict import METHODS
+from qadata.paths import table_path
 
 AVG = "avg"
 METRIC_LABELS = {"em": "EM", "judge": "LLM", "f1": "F1", "cover_em": "CEM"}
@@ -40,20 +42,9 @@ BENCHMARK_LABELS = {
 TABLE1_BENCHMARKS = ("nq", "triviaqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle", "fanout")
 # the paper's Average is over these six; an average over other benchmarks is not compared with it
 PAPER_AVERAGE_BENCHMARKS = ("nq", "triviaqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
-# our Table 1 rows (assets/evaluation.py evaluates them): three baselines, then one per checkpoint
-TABLE1_METHODS = (
-    "base_cot",
-    "react_base",
-    "react_reasoning",
-    "sft_stage1",
-    "sft_stage2",
-    "sft_stage3",
-    "sft_stage2_only",
-    "rl_stage2_only",
-    "sft123_rl1",
-    "sft123_rl12",
-    "sft12_rl2",
-)
+# our Table 1 rows (evals/predict.py says how each is evaluated): three baselines, then one per checkpoint
+TABLE1_METHODS = METHODS
+TABLE1_METRICS = ("em", "judge")  # EM and LLM-judged accuracy; metric names hold no underscore (flattened columns)
 REFERENCE_METHOD = "react_reasoning"
 PREDECESSOR = {
     "sft_stage1": "base_cot",
@@ -757,6 +748,25 @@ def plot_intervals(
     )
     fig.tight_layout()
     return _png(fig, path)
+
+
+# -- DuckDB views -----------------------------------------------------------------------------------------
+def duckdb_views(home: str | Path) -> str:
+    """SQL for a plain ``duckdb`` shell: views over the evaluation tables of ``home`` and Table 1 recomputed in SQL."""
+    from qadata.sql import ident, sql_literal  # imports duckdb
+
+    preds = str(table_path(home, ["eval_predictions"]).parent / "partition=*" / "data.parquet")
+    return (
+        "-- DuckDB views over the evaluation tables: `duckdb -init views.sql`, or execute this file in a session.\n"
+        "-- `autocoa sql` already offers eval_predictions, eval_table and action_analysis as views.\n"
+        f"CREATE OR REPLACE VIEW {ident('eval_predictions')} AS SELECT * FROM read_parquet("
+        f"{sql_literal(preds)}, hive_partitioning = true, union_by_name = true);\n"
+        f"CREATE OR REPLACE VIEW {ident('eval_table')} AS SELECT * FROM read_parquet("
+        f"{sql_literal(str(table_path(home, ['eval_table'])))});\n"
+        "-- Table 1 recomputed in SQL, long form: percent per (method, benchmark)\n"
+        "CREATE OR REPLACE VIEW eval_scores AS SELECT method, benchmark, count(*) AS questions, 100 * avg(em) AS em,\n"
+        "  100 * avg(coalesce(judge::INTEGER, 0)) AS judge FROM eval_predictions GROUP BY ALL ORDER BY ALL;\n"
+    )
 
 
 # -- the whole report ----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from agent.engine_api import EngineSpec
 from assets import eval_reports, evaluation
 from assets.storage import StorageResource
 from evals import report
+from evals.predict import BASELINES, CHECKPOINT_METHODS, METHODS, PREDICTION_SCHEMA
 from pipelines.definitions import build_definitions
 from qadata.paths import SHARED_DATA, table_path
 from qadata.sql import run_query
@@ -114,7 +115,9 @@ def run(home, one_thread):
     instance = dg.DagsterInstance.ephemeral()
     defs = _defs(home)
     assert (
-        defs.resolve_job_def("autocoa_embedded").execute_in_process(instance=instance, run_config={"ops": BASE}).success
+        defs.resolve_job_def("autocoa_before_synthesis")
+        .execute_in_process(instance=instance, run_config={"ops": BASE})
+        .success
     )
     results = {}
 
@@ -250,7 +253,7 @@ def test_eval_table_recomputes_from_predictions(run, home):
     assert len(md["paper_average_flags"].value) == 10
     assert "autocoa sql" in md["sql"].value
     assert json.loads(json.dumps(md["partitions_not_evaluated"].value)) == ["embedded|sft_stage1"]
-    t1 = eval_reports.unflatten_table1(pq.read_table(table_path(home, ["eval_table"])))
+    t1 = report.unflatten_table1(pq.read_table(table_path(home, ["eval_table"])))
     assert list(t1.columns) == [("embedded", "em"), ("embedded", "judge"), ("avg", "em"), ("avg", "judge")]
 
 
@@ -308,8 +311,8 @@ def test_eval_comparisons_check_catches_pairs_on_different_questions(tmp_path):
                 tmp_path,
                 "eval_predictions",
                 pa.Table.from_pylist(
-                    [{k: r.get(k) for k in evaluation.PREDICTION_SCHEMA.names} for r in sub],
-                    schema=evaluation.PREDICTION_SCHEMA,
+                    [{k: r.get(k) for k in PREDICTION_SCHEMA.names} for r in sub],
+                    schema=PREDICTION_SCHEMA,
                 ),
                 f"embedded|{m}",
             )
@@ -411,28 +414,8 @@ def test_partition_run_order_groups_by_method():
     assert keys[: len(evaluation.BENCHMARKS)] == [f"{b}|base_cot" for b in evaluation.BENCHMARKS]
 
 
-def test_checkpoint_template_is_the_zero_shot_agent_prompt(tmp_path):
-    """Trained checkpoints are evaluated with the plain agent instruction, no worked examples (issue: the method
-    demonstrated on CPU); what RL recorded (it may have been guided by examples) does not change that."""
-    meta = tmp_path / "meta.json"
-    meta.write_text(json.dumps({"root_model": "/models/SmolLM2-135M-Instruct", "template": "coa-smollm2-fewshot-v1"}))
-    t = evaluation.checkpoint_template(str(tmp_path))
-    assert t.id == "coa-smollm2-v1" and not t.shots
-    meta.write_text(json.dumps({"root_model": "/models/SmolLM2-135M-Instruct"}))
-    assert evaluation.checkpoint_template(str(tmp_path)).id == "coa-smollm2-v1"
-    meta.write_text(
-        json.dumps({"root_model": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "template": "coa-r1-fewshot-v1"})
-    )
-    assert evaluation.checkpoint_template(str(tmp_path)).id == "coa-r1-v1"
-    meta.unlink()
-    with pytest.raises(dg.Failure, match="meta.json not found"):
-        evaluation.checkpoint_template(str(tmp_path))
-
-
 def test_library_method_names_match_the_evaluated_methods():
-    # evals.report (no Dagster) names the methods for the paper-table validator and the paired tests
-    assert report.TABLE1_METHODS == evaluation.METHODS
-    assert (
-        set(report.PREDECESSOR) == set(evaluation.CHECKPOINT_METHODS)
-        and report.REFERENCE_METHOD in evaluation.BASELINES
-    )
+    # evals.report (no Dagster) names the methods for the paper-table validator and the paired tests; the
+    # Dagster partitions (and the CLI, through assets.evaluation) use the library's methods
+    assert report.TABLE1_METHODS == METHODS == evaluation.METHODS
+    assert set(report.PREDECESSOR) == set(CHECKPOINT_METHODS) and report.REFERENCE_METHOD in BASELINES

@@ -11,8 +11,8 @@ from assets.settings import STAGE_FIXED, dataclass_config, rollout_settings
 
 
 def test_every_stage_exposes_the_dataclass_fields_with_their_help():
-    from assets.eval_reports import FidelityRollout
     from assets.evaluation import EvalRollout
+    from assets.fidelity import FidelityRollout
     from assets.pairs import PairsRollout
     from assets.trajectories import TrajectoryRollout
 
