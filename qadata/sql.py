@@ -1,4 +1,10 @@
-"""Read-only DuckDB SQL over every materialised table (one view per asset, partitions included)."""
+"""Read-only DuckDB SQL over every materialised table (one view per asset, partitions included).
+
+Two fences: statements that would write, attach, install or reconfigure are refused before they run
+(:func:`check_read_only`), and the session itself can read only the home's ``tables/`` directory
+(DuckDB's ``enable_external_access = false`` with that directory allowed, then the configuration locked), so
+``read_csv('/etc/passwd')`` or ``glob('/etc/*')`` fail with a permission error while the views keep working.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from pathlib import Path
 
 import duckdb
 
-from qadata.paths import discover_tables
+from qadata.paths import discover_tables, tables_dir
 
 # Statement types a read-only session may run; everything else (COPY, CREATE, INSERT, ATTACH, SET,
 # INSTALL, EXPORT, ...) is refused before execution.
@@ -19,22 +25,28 @@ class ReadOnlyViolation(PermissionError):
     """The SQL would write, attach, install or reconfigure something."""
 
 
-def _sql_literal(text: str) -> str:
+def sql_literal(text: str) -> str:
+    """``text`` as a single-quoted SQL string literal."""
     return "'" + text.replace("'", "''") + "'"
 
 
-def _ident(name: str) -> str:
+def ident(name: str) -> str:
+    """``name`` as a double-quoted SQL identifier."""
     return '"' + name.replace('"', '""') + '"'
 
 
 def connect(home: str | Path) -> tuple[duckdb.DuckDBPyConnection, dict[str, tuple[str, bool]]]:
-    """An in-memory DuckDB session with one view per asset table and its configuration locked."""
+    """An in-memory DuckDB session with one view per asset table, file access confined to the home's tables and
+    its configuration locked."""
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    allowed = str(Path(tables_dir(home)).resolve()) + "/"
+    con.execute(f"SET allowed_directories = [{sql_literal(allowed)}]")
+    con.execute("SET enable_external_access = false")
     tables = discover_tables(home)
     for name, (glob, partitioned) in tables.items():
         # DDL cannot take bound parameters; the path is quoted as a literal and the name as an identifier
         opts = ", hive_partitioning = true, union_by_name = true" if partitioned else ""
-        con.execute(f"CREATE VIEW {_ident(name)} AS SELECT * FROM read_parquet({_sql_literal(glob)}{opts})")
+        con.execute(f"CREATE VIEW {ident(name)} AS SELECT * FROM read_parquet({sql_literal(glob)}{opts})")
     con.execute("SET lock_configuration = true")
     return con, tables
 
