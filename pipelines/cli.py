@@ -434,6 +434,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_sql(args) -> int:
+    import duckdb
+
     from qadata.sql import ReadOnlyViolation, run_query
 
     try:
@@ -441,17 +443,28 @@ def cmd_sql(args) -> int:
     except (ReadOnlyViolation, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except duckdb.PermissionException as exc:
+        print(
+            f"error: autocoa sql reads only the tables under {Path(args.home) / 'tables'} "
+            f"(one view per asset: autocoa tables): {exc}",
+            file=sys.stderr,
+        )
+        return 2
     except Exception as exc:  # noqa: BLE001 - DuckDB's message names the table or column at fault
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if rel is None:
         return 0
-    if args.csv:
-        rel.write_csv(args.csv)
-        print(f"wrote {args.csv}")
-    elif args.parquet:
-        rel.write_parquet(args.parquet)
-        print(f"wrote {args.parquet}")
+    if args.csv or args.parquet:  # written here, not by DuckDB: the session may not touch files outside the home
+        import pyarrow.parquet as pq
+
+        table = rel.fetch_arrow_table()
+        target = args.csv or args.parquet
+        if args.csv:  # pandas quotes only where needed, as DuckDB's COPY did
+            table.to_pandas().to_csv(target, index=False)
+        else:
+            pq.write_table(table, target)
+        print(f"wrote {target} ({table.num_rows} rows)")
     else:
         rel.show(max_rows=args.max_rows, max_width=args.max_width)
     return 0

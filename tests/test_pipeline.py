@@ -187,6 +187,25 @@ def test_sql_cli_cannot_write(cli_home, tmp_path, capsys, statement):
     assert duckdb.connect().sql("select 1").fetchall() == [(1,)]
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "select * from read_csv('/etc/passwd')",
+        "select * from read_text('/etc/hostname')",
+        "select * from glob('/etc/*')",
+        "select * from read_parquet('{outside}')",
+    ],
+)
+def test_sql_cli_reads_only_the_homes_tables(cli_home, tmp_path, capsys, query):
+    outside = tmp_path / "outside.parquet"
+    pq.write_table(pa.table({"secret": [1]}), outside)
+    assert cli.main(["--home", str(cli_home), "sql", query.format(outside=outside)]) == 2
+    err = capsys.readouterr().err
+    assert "reads only the tables under" in err and "disabled by configuration" in err
+    # the views over the home keep working in the same kind of session
+    assert cli.main(["--home", str(cli_home), "sql", "select count(*) from question_sample"]) == 0
+
+
 def test_check_fails_on_bad_data(cli_home, tmp_path, monkeypatch, capsys):
     home = tmp_path / "home"
     shutil.copytree(cli_home, home)
