@@ -11,7 +11,6 @@ from pydantic import Field
 
 from agent.engines import load_engine, release_engines
 from agent.rollout import search_tool
-from assets import eval_reports, fidelity
 from assets.eval_common import GROUP, _checkpoint, _partition_files, _question_ids, _result, _scoped
 from assets.metadata import table_metadata, timed
 from assets.pairs import NOT_MATERIALISED, _table
@@ -374,8 +373,9 @@ def eval_predictions_judge_parsable(
 
 
 def build(existing: Collection[str]) -> tuple[list, list]:
-    """Every evaluation asset and check, the reports' and fidelity's included (pipelines/definitions.py loads the
-    stage through this); ``existing``: the asset keys the Definitions hold (checkpoint lineage)."""
+    """The evaluation questions and predictions with their checks; ``existing``: the asset keys the Definitions
+    hold (checkpoint lineage). The reports (assets/eval_reports.py) and the fidelity run (assets/fidelity.py)
+    have their own ``build``; pipelines/definitions.py wires all three."""
     assets = [eval_questions, build_eval_predictions(existing)]
     checks = [
         eval_questions_ids_unique,
@@ -384,7 +384,4 @@ def build(existing: Collection[str]) -> tuple[list, list]:
         eval_predictions_match_questions,
         eval_predictions_judge_parsable,
     ]
-    for module in (eval_reports, fidelity):
-        more_assets, more_checks = module.build(existing)
-        assets, checks = assets + more_assets, checks + more_checks
     return assets, checks

@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from assets import data, evaluation, pairs, rl, search, sft, sft_data, trajectories
+from assets import data, eval_reports, evaluation, fidelity, pairs, rl, search, sft, sft_data, trajectories
 from assets.resources import SearchEngineResource
 from assets.storage import ParquetIOManager, StorageResource
 from pipelines.sensors import build_incoming_sensor
@@ -81,8 +81,9 @@ def build_definitions(
     assets, checks = assets + traj_assets, checks + traj_checks
     # evaluation declares lineage only to the checkpoint assets that exist in this code location
     existing = {k.to_user_string() for a in assets for k in a.keys}
-    eval_assets, eval_checks = evaluation.build(existing)
-    assets, checks = assets + eval_assets, checks + eval_checks
+    for stage in (evaluation, eval_reports, fidelity):
+        stage_assets, stage_checks = stage.build(existing)
+        assets, checks = assets + stage_assets, checks + stage_checks
     eval_selection = dg.AssetSelection.groups(evaluation.GROUP)
     # a job runs one partitions definition: the unpartitioned stages in one, the sharded synthesis in another
     synthesis = dg.AssetSelection.assets(*traj_assets)

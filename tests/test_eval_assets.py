@@ -51,25 +51,8 @@ EVALUATED = ("base_cot", "react_base", "react_reasoning", "sft_stage3")
 
 
 def _defs(home) -> dg.Definitions:
-    """The project's Definitions plus the evaluation assets and jobs, wired as pipelines/definitions.py should."""
-    base = build_definitions(home)
-    existing = {k.to_user_string() for k in base.resolve_asset_graph().get_all_asset_keys()}
-    if "eval_predictions" in existing:  # already wired into the project's Definitions
-        return base
-    assets, checks = evaluation.build(existing)
-    jobs = [
-        dg.define_asset_job(
-            "evaluation_questions", selection=dg.AssetSelection.assets("eval_questions", "eval_questions_rejected")
-        ),
-        dg.define_asset_job("evaluation_predictions", selection=dg.AssetSelection.assets("eval_predictions")),
-        dg.define_asset_job(
-            "evaluation_reports",
-            selection=dg.AssetSelection.assets(
-                "eval_table", "eval_comparisons", "action_analysis", "world_model_fidelity"
-            ),
-        ),
-    ]
-    return dg.Definitions.merge(base, dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs))
+    """The project's Definitions (the evaluation assets and jobs are wired in pipelines/definitions.py)."""
+    return build_definitions(home)
 
 
 def _errors(result) -> list:
