@@ -521,10 +521,10 @@ def rl_questions(
 def rl_questions_disjoint_from_sft(
     context: dg.AssetCheckExecutionContext, storage: StorageResource
 ) -> dg.AssetCheckResult:
-    from assets.pairs import NOT_MATERIALISED, _table
+    from assets.storage import NOT_MATERIALISED, read_table
 
     rl_questions, question_sample, hotpotqa_raw = (
-        _table(storage, a) for a in ("rl_questions", "question_sample", "hotpotqa_raw")
+        read_table(storage, a) for a in ("rl_questions", "question_sample", "hotpotqa_raw")
     )
     if rl_questions is None:
         return NOT_MATERIALISED

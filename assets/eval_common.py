@@ -10,15 +10,14 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from assets.pairs import _table
-from assets.storage import StorageResource
+from assets.storage import StorageResource, read_table
 from evals.predict import PREDICTION_SCHEMA
 from qadata.paths import partition_dirname, tables_dir
 
 GROUP = "evaluation"
 
 
-def _partition_files(storage: StorageResource, asset: str, partition: str | None = None) -> dict[str, str]:
+def partition_files(storage: StorageResource, asset: str, partition: str | None = None) -> dict[str, str]:
     """``{partition key: parquet path}`` of one partition (when on disk) or of every materialised one."""
     base = tables_dir(storage.home) / asset
     if partition is not None:
@@ -30,25 +29,25 @@ def _partition_files(storage: StorageResource, asset: str, partition: str | None
     }
 
 
-def _scoped(context, storage: StorageResource, asset: str) -> tuple[dict[str, pa.Table], str]:
+def scoped_partitions(context, storage: StorageResource, asset: str) -> tuple[dict[str, pa.Table], str]:
     """The partitions a check looks at: the run's partition, else every materialised one."""
     partition = context.run.tags.get("dagster/partition")
-    files = _partition_files(storage, asset, partition)
+    files = partition_files(storage, asset, partition)
     scope = f"partition {partition}" if partition else "all partitions"
     return {k: pq.read_table(f) for k, f in files.items()}, f"{scope} ({len(files)} files)"
 
 
-def _read_predictions(storage: StorageResource) -> tuple[pa.Table, dict[str, int]]:
+def read_predictions(storage: StorageResource) -> tuple[pa.Table, dict[str, int]]:
     """Every materialised eval_predictions partition in one table, and the row count per partition."""
-    files = _partition_files(storage, "eval_predictions")
+    files = partition_files(storage, "eval_predictions")
     tables = {k: pq.read_table(f) for k, f in files.items()}
     rows = pa.concat_tables(list(tables.values())) if tables else PREDICTION_SCHEMA.empty_table()
     return rows, {k: t.num_rows for k, t in tables.items()}
 
 
-def _checkpoint(storage: StorageResource, method: str) -> str | None:
+def checkpoint_of(storage: StorageResource, method: str) -> str | None:
     """The directory of ``<method>_checkpoint`` (None: not materialised)."""
-    manifest = _table(storage, f"{method}_checkpoint")
+    manifest = read_table(storage, f"{method}_checkpoint")
     if manifest is None or manifest.num_rows == 0:
         return None
     path = manifest.column("path")[0].as_py()
@@ -57,7 +56,7 @@ def _checkpoint(storage: StorageResource, method: str) -> str | None:
     return path
 
 
-def _result(
+def check_result(
     checked: int, problems: list[str], scope: str, severity=dg.AssetCheckSeverity.ERROR, **extra
 ) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
@@ -73,14 +72,14 @@ def _result(
     )
 
 
-def _question_ids(storage: StorageResource) -> dict[str, list[str]]:
+def question_ids(storage: StorageResource) -> dict[str, list[str]]:
     """``{benchmark: question ids}`` of every materialised eval_questions partition."""
     return {
         k: pq.read_table(f, columns=["question_id"]).column("question_id").to_pylist()
-        for k, f in _partition_files(storage, "eval_questions").items()
+        for k, f in partition_files(storage, "eval_questions").items()
     }
 
 
-def _png_markdown(alt: str, png: bytes) -> dg.MetadataValue:
+def png_markdown(alt: str, png: bytes) -> dg.MetadataValue:
     """A PNG inline in a Markdown metadata value."""
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")

@@ -7,10 +7,9 @@ import dagster as dg
 import pyarrow as pa
 from pydantic import Field
 
-from assets.eval_common import GROUP, _png_markdown, _question_ids, _read_predictions, _result
+from assets.eval_common import GROUP, check_result, png_markdown, question_ids, read_predictions
 from assets.metadata import bar_plot, markdown_table, table_metadata, timed
-from assets.pairs import NOT_MATERIALISED, _table
-from assets.storage import StorageResource
+from assets.storage import NOT_MATERIALISED, StorageResource, read_table
 from evals import report, tables, validate
 from evals.questions import EMBEDDED
 from evals.report import TABLE1_METRICS, unflatten_table1
@@ -50,7 +49,7 @@ def eval_table(
     """Table 1: EM and LLM-judged accuracy (percent) per method and benchmark with macro averages, from every materialised eval_predictions partition."""
     md: dict = {}
     with timed(md):
-        rows, counts = _read_predictions(storage)
+        rows, counts = read_predictions(storage)
         if rows.num_rows == 0:
             raise dg.Failure(
                 f"eval_table: none of the {len(counts)} materialised eval_predictions partitions holds "
@@ -95,49 +94,49 @@ def eval_table(
 @dg.asset_check(asset="eval_table", blocking=True)
 def eval_table_coverage(storage: StorageResource) -> dg.AssetCheckResult:
     """Coverage: for every evaluated (method, benchmark), each eval_questions question appears exactly once and no other."""
-    if _table(storage, "eval_table") is None:
+    if read_table(storage, "eval_table") is None:
         return NOT_MATERIALISED
-    rows, _ = _read_predictions(storage)
+    rows, _ = read_predictions(storage)
     ids = rows.select(["method", "benchmark", "question_id"]).to_pylist()
-    cells, problems = validate.table_coverage(ids, _question_ids(storage))
-    return _result(rows.num_rows, problems, "all partitions", evaluated_cells=cells)
+    cells, problems = validate.table_coverage(ids, question_ids(storage))
+    return check_result(rows.num_rows, problems, "all partitions", evaluated_cells=cells)
 
 
 @dg.asset_check(asset="eval_table")
 def eval_table_complete(storage: StorageResource) -> dg.AssetCheckResult:
     """Completeness: every evaluated method covers every benchmark that has questions (else its averages are missing)."""
-    rows = _read_predictions(storage)[0].select(["method", "benchmark"]).to_pylist()
-    checked, problems = validate.table_complete(rows, _question_ids(storage))
-    return _result(checked, problems, "all partitions", dg.AssetCheckSeverity.WARN)
+    rows = read_predictions(storage)[0].select(["method", "benchmark"]).to_pylist()
+    checked, problems = validate.table_complete(rows, question_ids(storage))
+    return check_result(checked, problems, "all partitions", dg.AssetCheckSeverity.WARN)
 
 
 @dg.asset_check(asset="eval_table", blocking=True)
 def eval_table_metrics_in_range(storage: StorageResource) -> dg.AssetCheckResult:
     """Metrics in range: per-question EM, F1 and cover-EM in [0, 1], Table 1 cells in [0, 100]."""
-    table = _table(storage, "eval_table")
+    table = read_table(storage, "eval_table")
     if table is None:
         return NOT_MATERIALISED
-    rows = _read_predictions(storage)[0].select(["method", "benchmark", "question_id", *validate.ROW_METRICS])
-    return _result(*validate.metrics_in_range(rows.to_pylist(), table.to_pylist()), "all partitions")
+    rows = read_predictions(storage)[0].select(["method", "benchmark", "question_id", *validate.ROW_METRICS])
+    return check_result(*validate.metrics_in_range(rows.to_pylist(), table.to_pylist()), "all partitions")
 
 
 @dg.asset_check(asset="eval_table", blocking=True)
 def eval_table_judged_or_explained(storage: StorageResource) -> dg.AssetCheckResult:
     """The judge answered yes or no for every row, or the row says why not (unparsable or skipped), with its prompt id and model."""
     columns = ["method", "benchmark", "question_id", "judge", "judge_reason", "judge_prompt_id", "judge_model"]
-    rows = _read_predictions(storage)[0].select(columns).to_pylist()
+    rows = read_predictions(storage)[0].select(columns).to_pylist()
     unparsable = sum(1 for r in rows if r["judge"] is None)
-    return _result(*validate.judged_or_explained(rows), "all partitions", unparsable=unparsable)
+    return check_result(*validate.judged_or_explained(rows), "all partitions", unparsable=unparsable)
 
 
 @dg.asset_check(asset="eval_table", blocking=True)
 def eval_table_recomputes(storage: StorageResource) -> dg.AssetCheckResult:
     """Every Table 1 cell and average recomputes from the prediction rows (an independent plain-Python route)."""
-    table = _table(storage, "eval_table")
+    table = read_table(storage, "eval_table")
     if table is None:
         return NOT_MATERIALISED
-    rows = _read_predictions(storage)[0].select(["method", "benchmark", "question_id", *TABLE1_METRICS]).to_pylist()
-    return _result(*validate.table1_recomputes(unflatten_table1(table), rows), "all partitions")
+    rows = read_predictions(storage)[0].select(["method", "benchmark", "question_id", *TABLE1_METRICS]).to_pylist()
+    return check_result(*validate.table1_recomputes(unflatten_table1(table), rows), "all partitions")
 
 
 # -- eval_comparisons (Table 1 with power) ------------------------------------------------------
@@ -161,7 +160,7 @@ def eval_comparisons(
     md: dict = {}
     bench = config.plot_benchmark
     with timed(md):
-        rows, _ = _read_predictions(storage)
+        rows, _ = read_predictions(storage)
         if rows.num_rows == 0:
             raise dg.Failure("eval_comparisons: eval_predictions holds no predictions; materialise it first")
         df = rows.select(["method", "benchmark", "question_id", *TABLE1_METRICS]).to_pandas()
@@ -188,7 +187,7 @@ def eval_comparisons(
         }
     )
     if png is not None:
-        md["intervals_plot"] = _png_markdown("EM with 95% CI", png)
+        md["intervals_plot"] = png_markdown("EM with 95% CI", png)
         md["png"] = dg.MetadataValue.path(str(path))
     else:
         md["intervals_plot"] = f"no predictions on {bench}: nothing plotted"
@@ -198,21 +197,21 @@ def eval_comparisons(
 @dg.asset_check(asset="eval_comparisons", blocking=True)
 def eval_comparisons_same_questions(storage: StorageResource) -> dg.AssetCheckResult:
     """Every paired comparison was on the same question ids: both methods' eval_predictions hold exactly the same questions, as many as the row's n, and the discordant counts fit in n."""
-    table = _table(storage, "eval_comparisons")
+    table = read_table(storage, "eval_comparisons")
     if table is None:
         return NOT_MATERIALISED
-    rows = _read_predictions(storage)[0].select(["method", "benchmark", "question_id"]).to_pylist()
+    rows = read_predictions(storage)[0].select(["method", "benchmark", "question_id"]).to_pylist()
     pairs, problems = validate.comparisons_on_same_questions(table.to_pylist(), rows)
-    return _result(pairs, problems, "whole table", rows=table.num_rows)
+    return check_result(pairs, problems, "whole table", rows=table.num_rows)
 
 
 @dg.asset_check(asset="eval_comparisons", blocking=True)
 def eval_comparisons_match_table1(storage: StorageResource) -> dg.AssetCheckResult:
     """Every eval_table cell has a row whose score equals it, and each interval holds its score."""
-    table, t1 = _table(storage, "eval_comparisons"), _table(storage, "eval_table")
+    table, t1 = read_table(storage, "eval_comparisons"), read_table(storage, "eval_table")
     if table is None or t1 is None:
         return NOT_MATERIALISED
-    return _result(*validate.comparisons_match_table1(table.to_pylist(), unflatten_table1(t1)), "whole table")
+    return check_result(*validate.comparisons_match_table1(table.to_pylist(), unflatten_table1(t1)), "whole table")
 
 
 # -- action_analysis (Figure 3) -----------------------------------------------------------------
@@ -235,7 +234,7 @@ def action_analysis(
         raise dg.Failure(f"action_analysis: config 'correct' must be 'em' or 'judge', got {config.correct!r}")
     md: dict = {}
     with timed(md):
-        rows, _ = _read_predictions(storage)
+        rows, _ = read_predictions(storage)
         if rows.num_rows == 0:
             raise dg.Failure("action_analysis: eval_predictions holds no predictions; materialise it first")
         df = rows.select(["method", "benchmark", "question_id", "n_actions", "em", "judge"]).to_pandas()
@@ -252,7 +251,7 @@ def action_analysis(
     )
     md.update(
         {
-            "figure3": _png_markdown("Figure 3", png),
+            "figure3": png_markdown("Figure 3", png),
             "png": dg.MetadataValue.path(str(path)),
             "png_bytes": len(png),
             "correct_by": config.correct,
@@ -265,20 +264,20 @@ def action_analysis(
 @dg.asset_check(asset="action_analysis", blocking=True)
 def action_analysis_shares_sum_to_one(storage: StorageResource) -> dg.AssetCheckResult:
     """Per method with a correct answer, the shares of correct answers sum to 1; every rate is in [0, 1]."""
-    table = _table(storage, "action_analysis")
+    table = read_table(storage, "action_analysis")
     if table is None:
         return NOT_MATERIALISED
-    return _result(*validate.shares_sum_to_one(table.to_pandas()), "whole table")
+    return check_result(*validate.shares_sum_to_one(table.to_pandas()), "whole table")
 
 
 @dg.asset_check(asset="action_analysis", blocking=True)
 def action_analysis_counts_match_predictions(storage: StorageResource) -> dg.AssetCheckResult:
     """Per method, the answers and correct answers counted over the action buckets equal those of eval_predictions."""
-    table = _table(storage, "action_analysis")
+    table = read_table(storage, "action_analysis")
     if table is None:
         return NOT_MATERIALISED
-    rows = _read_predictions(storage)[0].select(["method", "em", "judge"]).to_pylist()
-    return _result(*validate.action_counts_match(table.to_pandas(), rows), "whole table")
+    rows = read_predictions(storage)[0].select(["method", "em", "judge"]).to_pylist()
+    return check_result(*validate.action_counts_match(table.to_pandas(), rows), "whole table")
 
 
 def build(existing: Collection[str]) -> tuple[list, list]:

@@ -11,13 +11,12 @@ from pydantic import Field
 
 from agent.engines import load_engine, release_engines
 from agent.rollout import search_tool
-from assets.eval_common import GROUP, _checkpoint, _partition_files, _question_ids, _result, _scoped
+from assets.eval_common import GROUP, check_result, checkpoint_of, partition_files, question_ids, scoped_partitions
 from assets.metadata import table_metadata, timed
-from assets.pairs import NOT_MATERIALISED, _table
 from assets.resources import SearchEngineResource
 from assets.settings import rollout_settings
-from assets.storage import StorageResource
-from assets.trajectories import EngineConfig, _progress
+from assets.storage import NOT_MATERIALISED, StorageResource, read_table
+from assets.trajectories import EngineConfig, progress_bar
 from evals import datasets as bm
 from evals import validate
 from evals.datasets import questions_from_table
@@ -167,8 +166,8 @@ def eval_questions(
 @dg.asset_check(asset="eval_questions", blocking=True)
 def eval_questions_ids_unique(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
     """(benchmark, question_id) is unique within every partition."""
-    parts, scope = _scoped(context, storage, "eval_questions")
-    return _result(*validate.question_ids_unique(parts), scope)
+    parts, scope = scoped_partitions(context, storage, "eval_questions")
+    return check_result(*validate.question_ids_unique(parts), scope)
 
 
 @dg.asset_check(asset="eval_questions", blocking=True)
@@ -176,12 +175,12 @@ def eval_questions_no_training_leakage(
     context: dg.AssetCheckExecutionContext, storage: StorageResource
 ) -> dg.AssetCheckResult:
     """Leakage: no evaluation question is a question of the training sample (question_sample)."""
-    sample = _table(storage, "question_sample")
+    sample = read_table(storage, "question_sample")
     if sample is None:
         return NOT_MATERIALISED
-    parts, scope = _scoped(context, storage, "eval_questions")
+    parts, scope = scoped_partitions(context, storage, "eval_questions")
     texts, ids = sample.column("question").to_pylist(), sample.column("id").to_pylist()
-    return _result(*validate.no_training_leakage(parts, texts, ids), scope, training_questions=sample.num_rows)
+    return check_result(*validate.no_training_leakage(parts, texts, ids), scope, training_questions=sample.num_rows)
 
 
 @dg.asset_check(asset="eval_questions", blocking=True)
@@ -189,14 +188,14 @@ def eval_questions_counts_reconcile(
     context: dg.AssetCheckExecutionContext, storage: StorageResource
 ) -> dg.AssetCheckResult:
     """Counts reconcile per partition: source rows = sampled + not sampled + rejected + excluded (training sample, other split)."""
-    parts, scope = _scoped(context, storage, "eval_questions")
+    parts, scope = scoped_partitions(context, storage, "eval_questions")
     problems = []
     for key, t in parts.items():
         meta = _partition_metadata(context.instance, "eval_questions", key)
-        rej = _partition_files(storage, "eval_questions_rejected", key)
+        rej = partition_files(storage, "eval_questions_rejected", key)
         n_rej = pq.ParquetFile(rej[key]).metadata.num_rows if rej else 0
         problems += validate.counts_reconcile(key, t.num_rows, meta, n_rej)
-    return _result(len(parts), problems, scope)
+    return check_result(len(parts), problems, scope)
 
 
 # -- eval_predictions ---------------------------------------------------------------------------
@@ -277,7 +276,7 @@ def build_eval_predictions(existing: Collection[str]):
         method, bench = keys["method"], keys["benchmark"]
         checkpoint = None
         if policy_model(method) == "checkpoint":
-            checkpoint = _checkpoint(storage, method)
+            checkpoint = checkpoint_of(storage, method)
             if checkpoint is None:
                 undefined = "" if f"{method}_checkpoint" in existing else " (no such asset in this code location yet)"
                 return _empty(context, method, bench, f"{method}_checkpoint is not materialised{undefined}")
@@ -308,7 +307,7 @@ def build_eval_predictions(existing: Collection[str]):
                 f"eval_predictions {method}/{bench}: {len(questions)} questions, engine {engine.name}, "
                 f"model {engine.model_name}, template {template.id} ({released} engines released)"
             )
-            bar, on_done = _progress(context, len(questions), f"{method}/{bench}")
+            bar, on_done = progress_bar(context, len(questions), f"{method}/{bench}")
             try:  # every question of the partition in one batched rollout, then one judge call
                 table, summary = predict(
                     questions,
@@ -352,8 +351,8 @@ def eval_predictions_match_questions(
     context: dg.AssetCheckExecutionContext, storage: StorageResource
 ) -> dg.AssetCheckResult:
     """Each evaluated partition holds every question of its eval_questions partition exactly once, and no other."""
-    parts, scope = _scoped(context, storage, "eval_predictions")
-    return _result(*validate.predictions_match_questions(parts, _question_ids(storage)), scope)
+    parts, scope = scoped_partitions(context, storage, "eval_predictions")
+    return check_result(*validate.predictions_match_questions(parts, question_ids(storage)), scope)
 
 
 @dg.asset_check(asset="eval_predictions")
@@ -361,7 +360,7 @@ def eval_predictions_judge_parsable(
     context: dg.AssetCheckExecutionContext, storage: StorageResource
 ) -> dg.AssetCheckResult:
     """The judge gave a yes/no verdict for at least half of the answered questions (WARN: a weak judge, e.g. the embedded stand-in)."""
-    parts, scope = _scoped(context, storage, "eval_predictions")
+    parts, scope = scoped_partitions(context, storage, "eval_predictions")
     judged, rate = validate.judge_parsable_rate(
         r for t in parts.values() for r in t.select(["judge", "judge_raw"]).to_pylist()
     )

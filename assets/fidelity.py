@@ -10,12 +10,11 @@ from pydantic import Field
 
 from agent.engines import load_engine, release_engines
 from agent.rollout import search_tool
-from assets.eval_common import GROUP, _checkpoint, _result
+from assets.eval_common import GROUP, check_result, checkpoint_of
 from assets.metadata import bar_plot, markdown_table, table_metadata, timed
-from assets.pairs import NOT_MATERIALISED, _table
 from assets.resources import SearchEngineResource
 from assets.settings import rollout_settings
-from assets.storage import StorageResource
+from assets.storage import NOT_MATERIALISED, StorageResource, read_table
 from assets.trajectories import EngineConfig
 from evals import validate
 from evals.datasets import questions_from_table
@@ -95,7 +94,7 @@ def build(existing: Collection[str]) -> tuple[list, list]:
         with timed(md):
             try:
                 res = fidelity_run(
-                    {m: _checkpoint(storage, m) for m in FIDELITY_METHODS},
+                    {m: checkpoint_of(storage, m) for m in FIDELITY_METHODS},
                     questions,
                     load_policy=load_policy,
                     search=search_tool(search_engine.get_engine(), config.rollout.search_k),
@@ -139,7 +138,7 @@ def build(existing: Collection[str]) -> tuple[list, list]:
 @dg.asset_check(asset="world_model_fidelity", blocking=True)
 def world_model_fidelity_consistent(storage: StorageResource) -> dg.AssetCheckResult:
     """Fidelity measures are in [0, 1], every compared query has a real result, and hallucination = unsupported gold or prediction."""
-    table = _table(storage, "world_model_fidelity")
+    table = read_table(storage, "world_model_fidelity")
     if table is None:
         return NOT_MATERIALISED
-    return _result(*validate.fidelity_consistent(table.to_pylist()), "whole table")
+    return check_result(*validate.fidelity_consistent(table.to_pylist()), "whole table")

@@ -269,16 +269,6 @@ def contrastive_pairs(
     )
 
 
-def _table(storage: StorageResource, asset: str) -> pa.Table | None:
-    from qadata.paths import table_path
-
-    path = table_path(storage.home, [asset])
-    return pq.read_table(path) if path.is_file() else None
-
-
-NOT_MATERIALISED = dg.AssetCheckResult(passed=True, metadata={"skipped": "not materialised yet"})
-
-
 @dg.asset_check(
     asset="contrastive_pairs",
     blocking=True,

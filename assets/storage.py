@@ -70,3 +70,14 @@ class StorageResource(dg.ConfigurableResource):
     def artifact_dir(self, asset: str, partition: str | None = None) -> Path:
         base = artifacts_dir(self.home) / asset
         return base / partition if partition else base
+
+
+def read_table(storage: StorageResource, asset: str) -> pa.Table | None:
+    """The unpartitioned table of ``asset`` in the home, or None when it is not materialised (for checks that
+    read a second asset besides their own)."""
+    path = table_path(storage.home, [asset])
+    return pq.read_table(path) if path.is_file() else None
+
+
+# what a check returns when data it needs is not materialised: `autocoa check` reports it as skipped, not passed
+NOT_MATERIALISED = dg.AssetCheckResult(passed=True, metadata={"skipped": "not materialised yet"})

@@ -132,7 +132,7 @@ def _partition(context) -> tuple[str, str]:
     return keys["round"], keys["shard"]
 
 
-def _progress(context, total: int, label: str):
+def progress_bar(context, total: int, label: str):
     """tqdm on stderr (the compute log) plus a line in the run log every ~10%."""
     from tqdm.auto import tqdm
 
@@ -278,7 +278,7 @@ def build_trajectory_asset(pool: str, partitions: dg.MultiPartitionsDefinition):
                 template.id,
                 seed,
             )
-            bar, on_done = _progress(context, total, f"{pool} {round_key}/{shard}")
+            bar, on_done = progress_bar(context, total, f"{pool} {round_key}/{shard}")
             try:
                 table, stats = synthesize(
                     questions, engine=engine, search=search, info=info, config=rcfg, on_done=on_done
@@ -343,7 +343,9 @@ def _rows(context, storage: StorageResource, asset: str, whole_round: bool = Fal
     return rows, f"{scope} ({len(files)} files)"
 
 
-def _result(checked: int, problems: list[str], scope: str, severity=dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
+def check_result(
+    checked: int, problems: list[str], scope: str, severity=dg.AssetCheckSeverity.ERROR
+) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=not problems,
         severity=severity,
@@ -363,7 +365,7 @@ def build_trajectory_checks(asset_name: str) -> list:
         rows, scope = _rows(context, storage, asset_name)
         checked, bad = validate.tags_unbalanced(rows)
         # policy-written text: reported as WARN, the rollout-made structure is checked below as ERROR
-        return _result(checked, bad, scope, dg.AssetCheckSeverity.WARN)
+        return check_result(checked, bad, scope, dg.AssetCheckSeverity.WARN)
 
     @dg.asset_check(
         asset=asset_name,
@@ -373,7 +375,7 @@ def build_trajectory_checks(asset_name: str) -> list:
     )
     def actions_within_budget(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
         rows, scope = _rows(context, storage, asset_name)
-        return _result(*validate.actions_over_budget(rows), scope)
+        return check_result(*validate.actions_over_budget(rows), scope)
 
     @dg.asset_check(
         asset=asset_name,
@@ -383,7 +385,7 @@ def build_trajectory_checks(asset_name: str) -> list:
     )
     def actions_observed(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
         rows, scope = _rows(context, storage, asset_name)
-        return _result(*validate.actions_without_observation(rows), scope)
+        return check_result(*validate.actions_without_observation(rows), scope)
 
     @dg.asset_check(
         asset=asset_name,
@@ -395,7 +397,7 @@ def build_trajectory_checks(asset_name: str) -> list:
     )
     def mask_aligned(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
         rows, scope = _rows(context, storage, asset_name)
-        return _result(*validate.mask_misaligned(rows), scope)
+        return check_result(*validate.mask_misaligned(rows), scope)
 
     @dg.asset_check(
         asset=asset_name,
@@ -405,7 +407,7 @@ def build_trajectory_checks(asset_name: str) -> list:
     )
     def no_duplicate_samples(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
         rows, scope = _rows(context, storage, asset_name, whole_round=True)
-        return _result(*validate.duplicate_samples(rows), scope)
+        return check_result(*validate.duplicate_samples(rows), scope)
 
     @dg.asset_check(
         asset=asset_name,

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qadata.loaders import _iter_jsonl, _preview, _Unreadable  # one JSONL reader: bad lines become rejected rows
+from qadata.loaders import Unreadable, iter_jsonl, preview_row  # one JSONL reader: bad lines become rejected rows
 from qadata.schema import RAW_PREVIEW_CHARS, RowError, SourceError
 from qadata.text import normalise_question
 
@@ -183,7 +183,7 @@ def _duplicate(q: EvalQuestion, first: EvalQuestion) -> RejectedQuestion:
         q.source,
         q.source_row,
         f"duplicate id {q.question_id!r} (first loaded from {first.source} row {first.source_row})",
-        _preview(q.question),
+        preview_row(q.question),
     )
 
 
@@ -226,7 +226,7 @@ def _collect(rows: Iterable[tuple[int, Any]], make, *, source: str, benchmark: s
     seen: dict[tuple[str, str], EvalQuestion] = {}
     for row_no, raw in rows:
         result.rows_in += 1
-        if isinstance(raw, _Unreadable):
+        if isinstance(raw, Unreadable):
             result.rejected.append(RejectedQuestion(benchmark, source, row_no, raw.reason, raw.raw))
             continue
         try:
@@ -235,7 +235,7 @@ def _collect(rows: Iterable[tuple[int, Any]], make, *, source: str, benchmark: s
             bench = benchmark
             if isinstance(raw, dict) and benchmark == "unknown":
                 bench = benchmark_name(str(raw.get("source_file") or "")) or "unknown"
-            result.rejected.append(RejectedQuestion(bench, source, row_no, f"{unit} {row_no}: {exc}", _preview(raw)))
+            result.rejected.append(RejectedQuestion(bench, source, row_no, f"{unit} {row_no}: {exc}", preview_row(raw)))
             continue
         first = seen.get((q.benchmark, q.question_id))
         if first is not None:
@@ -276,7 +276,7 @@ def load_flashrag_jsonl(path: str | Path, benchmark: str | None = None) -> LoadR
             row_no,
         )
 
-    return _collect(_iter_jsonl(path), make, source=str(path), benchmark=name, unit="line")
+    return _collect(iter_jsonl(path), make, source=str(path), benchmark=name, unit="line")
 
 
 # -- AutoCoA's evaluation parquet ----------------------------------------------------------------------
@@ -362,7 +362,7 @@ def load_hotpotqa(path: str | Path, *, split: str | None = None, layout: str = "
     for item in load_source(SourceSpec(str(path), layout=layout, split=split)):
         if isinstance(item, Rejected):
             reason = item.reason if item.reason.startswith("line ") else f"row {item.source_row}: {item.reason}"
-            items.append((item.source_row, _Unreadable(reason, item.raw)))
+            items.append((item.source_row, Unreadable(reason, item.raw)))
         else:
             items.append((item["source_row"], item))
 

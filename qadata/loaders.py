@@ -48,7 +48,8 @@ class SourceSpec:
         )
 
 
-def _preview(raw: Any) -> str:
+def preview_row(raw: Any) -> str:
+    """A short printable preview of a raw source row, for quarantine rows and error messages."""
     try:
         text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
     except (TypeError, ValueError):
@@ -95,7 +96,7 @@ def _supporting_facts(value: Any) -> list[dict]:
         pairs = []
         for item in value:
             if not isinstance(item, (list, tuple)) or len(item) != 2:
-                raise RowError(f"supporting_facts: item {_preview(item)[:80]} is not [title, sent_id]")
+                raise RowError(f"supporting_facts: item {preview_row(item)[:80]} is not [title, sent_id]")
             pairs.append((item[0], item[1]))
     else:
         raise RowError(f"supporting_facts has type {type(value).__name__}")
@@ -242,12 +243,15 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, Any]]:
     yield from enumerate(data)
 
 
-class _Unreadable:
+class Unreadable:
+    """A line of a JSONL file that could not be parsed: why, and its raw text."""
+
     def __init__(self, reason: str, raw: str):
         self.reason, self.raw = reason, raw
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed object or Unreadable)`` for each non-blank line of a JSONL file."""
     with path.open("rb") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -257,7 +261,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             except UnicodeDecodeError as exc:
                 yield (
                     lineno,
-                    _Unreadable(
+                    Unreadable(
                         f"line {lineno}: not valid UTF-8 (byte {exc.start})", line.decode("utf-8", errors="replace")
                     ),
                 )
@@ -265,7 +269,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(text)
             except json.JSONDecodeError as exc:
-                yield lineno, _Unreadable(f"line {lineno}: malformed JSON ({exc.msg})", text)
+                yield lineno, Unreadable(f"line {lineno}: malformed JSON ({exc.msg})", text)
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
@@ -292,12 +296,12 @@ def load_source(spec: SourceSpec) -> Iterator[LoadedRow]:
     if path.suffix.lower() == ".json":
         rows = _iter_json_list(path)
     elif path.suffix.lower() == ".jsonl":
-        rows = _iter_jsonl(path)
+        rows = iter_jsonl(path)
     else:
         rows = _iter_parquet(path)
     for row_no, raw in rows:
         common = dict(split=split, source_file=str(path), source_row=row_no)
-        if isinstance(raw, _Unreadable):
+        if isinstance(raw, Unreadable):
             yield Rejected(source=layout, reason=raw.reason, raw=raw.raw, **common)
             continue
         try:
@@ -306,7 +310,7 @@ def load_source(spec: SourceSpec) -> Iterator[LoadedRow]:
             else:
                 yield normalise_hotpot(raw, source=layout, **common)
         except RowError as exc:
-            yield Rejected(source=layout, reason=str(exc), raw=_preview(raw), **common)
+            yield Rejected(source=layout, reason=str(exc), raw=preview_row(raw), **common)
 
 
 def load_sources(specs: list[SourceSpec], extra_rows: list[LoadedRow] = ()) -> tuple[list[dict], list[Rejected]]:
@@ -332,7 +336,7 @@ def load_sources(specs: list[SourceSpec], extra_rows: list[LoadedRow] = ()) -> t
                     source_file=item["source_file"],
                     source_row=item["source_row"],
                     reason=f"duplicate id {item['id']!r} (first loaded from {first})",
-                    raw=_preview(item["question"]),
+                    raw=preview_row(item["question"]),
                 )
             )
             return

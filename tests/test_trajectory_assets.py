@@ -44,7 +44,9 @@ def home(tmp_path_factory, embedded_checkpoint):
 def materialised(home):
     instance = dg.DagsterInstance.ephemeral()
     defs = build_definitions(home, shards=2)
-    base = defs.resolve_job_def("autocoa_before_synthesis").execute_in_process(instance=instance, run_config={"ops": BASE})
+    base = defs.resolve_job_def("autocoa_before_synthesis").execute_in_process(
+        instance=instance, run_config={"ops": BASE}
+    )
     assert base.success
     instance.add_dynamic_partitions("synthesis_rounds", ["r000"])
     result = defs.resolve_job_def("trajectory_synthesis").execute_in_process(
