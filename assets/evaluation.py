@@ -31,9 +31,11 @@ from evals.predict import (
     PREDICTION_SCHEMA,
     REACT_METHODS,
     policy,
+    policy_fingerprint,
     policy_model,
     policy_spec,
     predict,
+    relabel,
 )
 from evals.questions import BENCHMARKS, EMBEDDED, benchmark_questions
 from qadata.paths import SHARED_DATA
@@ -60,6 +62,34 @@ def _partition_metadata(instance: dg.DagsterInstance, asset: str, partition: str
     if not records or records[0].asset_materialization is None:
         return {}
     return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+
+
+PREVIEW = ["question_id", "question", "golden_answers", "prediction", "em", "judge", "n_actions"]
+# what a reused partition copies from the metadata of the partition it reuses (its scores and how they were made)
+SUMMARY_KEYS = (
+    "accuracy_em", "mean_f1", "accuracy_judge", "judge_unparsable", "mean_actions", "generated_tokens",
+    "judge_model", "benchmark", "engine", "model", "template_id", "checkpoint", "judge_prompt_id",
+    "judge_decoding", "max_actions", "rollout_seconds",
+)  # fmt: skip
+
+
+def _reusable(
+    instance: dg.DagsterInstance, storage: StorageResource, method: str, bench: str, fingerprint: str
+) -> tuple[str, pa.Table, dict] | None:
+    """Another method's partition of ``bench`` whose last materialisation had this fingerprint (same model,
+    prompt, settings, questions and judge): its name, its rows relabelled as ``method`` and its metadata; None
+    when there is none on disk."""
+    for other in METHODS:
+        if other == method:
+            continue
+        key = str(dg.MultiPartitionKey({"method": other, "benchmark": bench}))
+        meta = _partition_metadata(instance, "eval_predictions", key)
+        if meta.get("policy_fingerprint") != fingerprint or meta.get("reused_from"):
+            continue  # reuse only partitions that were computed
+        files = partition_files(storage, "eval_predictions", key)
+        if key in files:
+            return other, relabel(pq.read_table(files[key]), method), meta
+    return None
 
 
 # -- eval_questions -----------------------------------------------------------------------------
@@ -302,35 +332,62 @@ def build_eval_predictions(existing: Collection[str]):
                 )
             except (FileNotFoundError, ValueError) as exc:
                 raise dg.Failure(f"eval_predictions {method}/{bench}: {exc}") from exc
-            search = search_tool(search_engine.get_engine(), rcfg.search_k) if rcfg.tools else None
-            context.log.info(
-                f"eval_predictions {method}/{bench}: {len(questions)} questions, engine {engine.name}, "
-                f"model {engine.model_name}, template {template.id} ({released} engines released)"
+            judge_settings = {
+                "prompt": config.judge_prompt_id,
+                "max_tokens": config.judge_max_tokens,
+                "constrained": config.judge_constrained,
+            }
+            fingerprint = policy_fingerprint(
+                spec, template.id, rcfg, [q.key for q in questions], judge_spec, judge_settings
             )
-            bar, on_done = progress_bar(context, len(questions), f"{method}/{bench}")
-            try:  # every question of the partition in one batched rollout, then one judge call
-                table, summary = predict(
-                    questions,
-                    method=method,
-                    benchmark=bench,
-                    engine=engine,
-                    search=search,
-                    template=template,
-                    config=rcfg,
-                    load_judge=lambda: load_engine(judge_spec, models),
-                    checkpoint=checkpoint,
-                    profile=config.profile,
-                    judge_prompt_id=config.judge_prompt_id,
-                    judge_max_tokens=config.judge_max_tokens,
-                    judge_constrained=config.judge_constrained,
-                    embedded_judge=judge_spec.model == "embedded",
-                    on_done=on_done,
+            reused = _reusable(context.instance, storage, method, bench, fingerprint) if rcfg.temperature == 0 else None
+        if reused is not None:
+            other, table, other_md = reused
+            context.log.info(
+                f"eval_predictions {method}/{bench}: same model, prompt, settings, questions and judge as "
+                f"{other}/{bench} (greedy): its rows are reused, not recomputed"
+            )
+            summary = {k: v for k, v in other_md.items() if k in SUMMARY_KEYS}
+            reused_from = str(dg.MultiPartitionKey({"method": other, "benchmark": bench}))
+            summary.update({"method": method, "reused_from": reused_from, "search_calls": 0})
+            status = f"reused from {other}"
+        else:
+            with timed(md):
+                search = search_tool(search_engine.get_engine(), rcfg.search_k) if rcfg.tools else None
+                context.log.info(
+                    f"eval_predictions {method}/{bench}: {len(questions)} questions, engine {engine.name}, "
+                    f"model {engine.model_name}, template {template.id} ({released} engines released)"
                 )
-            finally:
-                bar.close()
-        preview = ["question_id", "question", "golden_answers", "prediction", "em", "judge", "n_actions"]
+                bar, on_done = progress_bar(context, len(questions), f"{method}/{bench}")
+                try:  # every question of the partition in one batched rollout, then one judge call
+                    table, summary = predict(
+                        questions,
+                        method=method,
+                        benchmark=bench,
+                        engine=engine,
+                        search=search,
+                        template=template,
+                        config=rcfg,
+                        load_judge=lambda: load_engine(judge_spec, models),
+                        checkpoint=checkpoint,
+                        profile=config.profile,
+                        judge_prompt_id=config.judge_prompt_id,
+                        judge_max_tokens=config.judge_max_tokens,
+                        judge_constrained=config.judge_constrained,
+                        embedded_judge=judge_spec.model == "embedded",
+                        on_done=on_done,
+                    )
+                finally:
+                    bar.close()
+            status = "evaluated"
         md.update(
-            {**table_metadata(table, preview_columns=preview), **summary, "evaluated": True, "status": "evaluated"}
+            {
+                **table_metadata(table, preview_columns=PREVIEW),
+                **summary,
+                "evaluated": True,
+                "status": status,
+                "policy_fingerprint": fingerprint,
+            }
         )
         if method in REACT_METHODS and base == reasoning:
             md["note"] = (

@@ -42,12 +42,13 @@ def table_metadata(table: pa.Table, *, preview_columns: list[str] | None = None,
 
 @contextmanager
 def timed(md: dict, key: str = "elapsed_seconds"):
-    """Record the wall time of the block into ``md[key]``."""
+    """Record the wall time of the block into ``md[key]`` (added to what an earlier block of the same step put there)."""
     start = time.perf_counter()
+    before = getattr(md.get(key), "value", 0.0) or 0.0
     try:
         yield md
     finally:
-        md[key] = dg.MetadataValue.float(round(time.perf_counter() - start, 3))
+        md[key] = dg.MetadataValue.float(round(before + time.perf_counter() - start, 3))
 
 
 def plot_markdown(fig) -> dg.MetadataValue:

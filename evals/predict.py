@@ -9,6 +9,7 @@ Plain Python: the Dagster asset (``assets/evaluation.py``) and the evaluation th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -147,6 +148,33 @@ def policy(
     if kind == "checkpoint" and checkpoint is None:
         raise ValueError(f"{method} evaluates a checkpoint: none given")
     return checkpoint_template(checkpoint), rollout
+
+
+def policy_fingerprint(
+    spec: EngineSpec,
+    template_id: str,
+    rollout: RolloutConfig,
+    question_keys: Sequence[str],
+    judge: EngineSpec,
+    judge_settings: dict,
+) -> str:
+    """A digest of everything that decides a prediction partition's rows except the method's name: the policy's
+    engine, prompt template and rollout settings, the questions, and the judge. Under greedy decoding two methods
+    with the same fingerprint write the same rows (embedded: react_base and react_reasoning are one model)."""
+    payload = {
+        "engine": dataclasses.asdict(spec),
+        "template": template_id,
+        "rollout": dataclasses.asdict(rollout),
+        "questions": list(question_keys),
+        "judge": dataclasses.asdict(judge),
+        "judge_settings": judge_settings,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def relabel(table: pa.Table, method: str) -> pa.Table:
+    """A predictions table with every row's ``method`` set to ``method`` (a partition reused for another method)."""
+    return table.set_column(table.schema.get_field_index("method"), "method", pa.array([method] * table.num_rows))
 
 
 def predict(

@@ -190,6 +190,31 @@ def test_predictions_per_method(run, home):
             }
     # base policy and judge share one engine; the checkpoint adds one: never more than two held
     assert len(results["engines_after_predictions"]) <= 2
+    # react_reasoning runs the same model, prompt, greedy settings, questions and judge as react_base here:
+    # its partition reuses react_base's rows (relabelled) instead of recomputing them, and says so
+    md = (
+        results[("evaluation_predictions", "embedded|react_reasoning")]
+        .asset_materializations_for_node("eval_predictions")[0]
+        .metadata
+    )
+    assert md["reused_from"].value == "embedded|react_base" and md["status"].value == "reused from react_base"
+    rows = {
+        m: pq.read_table(table_path(home, ["eval_predictions"], f"embedded|{m}")).drop_columns(["method"]).to_pylist()
+        for m in ("react_base", "react_reasoning")
+    }
+    assert rows["react_base"] == rows["react_reasoning"]
+    base_md = (
+        results[("evaluation_predictions", "embedded|react_base")]
+        .asset_materializations_for_node("eval_predictions")[0]
+        .metadata
+    )
+    assert "reused_from" not in base_md and base_md["policy_fingerprint"].value == md["policy_fingerprint"].value
+    cot_md = (
+        results[("evaluation_predictions", "embedded|base_cot")]
+        .asset_materializations_for_node("eval_predictions")[0]
+        .metadata
+    )
+    assert cot_md["policy_fingerprint"].value != md["policy_fingerprint"].value  # another template and settings
 
 
 def test_missing_checkpoint_yields_an_empty_partition(run, home):

@@ -255,3 +255,33 @@ def test_validate_finds_stale_and_unreconciled_partitions():
         2,
         0.5,
     )
+
+
+def test_policy_fingerprint_names_everything_that_decides_the_rows():
+    import dataclasses
+
+    from agent.engine_api import EngineSpec
+    from evals.predict import eval_rollout, policy_fingerprint, relabel
+
+    spec, judge = EngineSpec(kind="transformers"), EngineSpec()
+    base = policy_fingerprint(spec, "react-v1", eval_rollout(), ["q1", "q2"], judge, {"prompt": "p"})
+    assert base == policy_fingerprint(spec, "react-v1", eval_rollout(), ["q1", "q2"], judge, {"prompt": "p"})
+    changed = [
+        policy_fingerprint(
+            dataclasses.replace(spec, model="ckpt"), "react-v1", eval_rollout(), ["q1", "q2"], judge, {"prompt": "p"}
+        ),
+        policy_fingerprint(spec, "cot-v1", eval_rollout(), ["q1", "q2"], judge, {"prompt": "p"}),
+        policy_fingerprint(
+            spec, "react-v1", dataclasses.replace(eval_rollout(), max_actions=1), ["q1", "q2"], judge, {"prompt": "p"}
+        ),
+        policy_fingerprint(spec, "react-v1", eval_rollout(), ["q1"], judge, {"prompt": "p"}),
+        policy_fingerprint(
+            spec, "react-v1", eval_rollout(), ["q1", "q2"], dataclasses.replace(judge, model="x"), {"prompt": "p"}
+        ),
+        policy_fingerprint(spec, "react-v1", eval_rollout(), ["q1", "q2"], judge, {"prompt": "other"}),
+    ]
+    assert base not in changed and len(set(changed)) == len(changed)
+    import pyarrow as pa
+
+    t = relabel(pa.table({"method": ["a", "a"], "em": [1.0, 0.0]}), "b")
+    assert t.column("method").to_pylist() == ["b", "b"] and t.column("em").to_pylist() == [1.0, 0.0]
