@@ -89,7 +89,7 @@ def _supporting_facts(value: Any) -> list[dict]:
         return []
     if isinstance(value, dict):  # HF layout: {title: [...], sent_id: [...]}
         titles, ids = value.get("title"), value.get("sent_id")
-        if titles is None or ids is None or len(titles) != len(ids):
+        if not isinstance(titles, (list, tuple)) or not isinstance(ids, (list, tuple)) or len(titles) != len(ids):
             raise RowError("supporting_facts: 'title' and 'sent_id' lists missing or of different length")
         pairs = list(zip(titles, ids))
     elif isinstance(value, list):  # official: [[title, sent_id], ...]
@@ -104,6 +104,8 @@ def _supporting_facts(value: Any) -> list[dict]:
     for title, sent_id in pairs:
         if not isinstance(title, str) or isinstance(sent_id, bool) or not isinstance(sent_id, int):
             raise RowError("supporting_facts: title must be a string and sent_id an integer")
+        if not 0 <= sent_id < 2**31:  # a sentence index, stored as int32
+            raise RowError(f"supporting_facts: sent_id {sent_id} is not a sentence index")
         out.append({"title": title, "sent_id": int(sent_id)})
     return out
 
@@ -113,7 +115,7 @@ def _context(value: Any) -> list[dict]:
         return []
     if isinstance(value, dict):  # HF layout: {title: [...], sentences: [[...], ...]}
         titles, sents = value.get("title"), value.get("sentences")
-        if titles is None or sents is None or len(titles) != len(sents):
+        if not isinstance(titles, (list, tuple)) or not isinstance(sents, (list, tuple)) or len(titles) != len(sents):
             raise RowError("context: 'title' and 'sentences' lists missing or of different length")
         pairs = list(zip(titles, sents))
     elif isinstance(value, list):  # official: [[title, [sentences]], ...]
@@ -158,7 +160,7 @@ def normalise_hotpot(raw: Any, *, source: str, split: str, source_file: str, sou
         "supporting_facts": facts,
         "context": context,
         "source": source,
-        "split": raw.get("split") or split,
+        "split": _optional_text(raw.get("split")) or split,
         "source_file": source_file,
         "source_row": source_row,
     }
@@ -191,6 +193,8 @@ def normalise_verl(raw: Any, *, split: str, source_file: str, source_row: int) -
     truth = reward.get("ground_truth") if isinstance(reward, dict) else None
     if truth is None:
         raise RowError("missing field 'reward_model.ground_truth'")
+    if not isinstance(truth, (str, list, tuple)):
+        raise RowError(f"reward_model.ground_truth is {type(truth).__name__}, expected a string or a list")
     answers = [truth] if isinstance(truth, str) else list(truth)
     answers = [a.strip() for a in answers if isinstance(a, str) and a.strip()]
     if not answers:
@@ -206,7 +210,7 @@ def normalise_verl(raw: Any, *, split: str, source_file: str, source_row: int) -
         "supporting_facts": [],
         "context": [],
         "source": "verl",
-        "split": (extra.get("split") if isinstance(extra, dict) else None) or split,
+        "split": _optional_text(extra.get("split") if isinstance(extra, dict) else None) or split,
         "source_file": source_file,
         "source_row": source_row,
     }

@@ -79,3 +79,22 @@ def tiny_model(embedded_tokenizer, tmp_path_factory):
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+# -- hypothesis profiles (tests/test_properties.py) ---------------------------------------------------------------
+# "ci" (the default) generates thousands of cases over the property tests in well under a minute on 2 busy cores;
+# "dev" is a quick pass (HYPOTHESIS_PROFILE=dev). No deadline: on a loaded machine per-example timings are noise.
+# Failing examples are kept in .hypothesis/ (hypothesis git-ignores it itself) and replayed first on the next run.
+try:
+    from hypothesis import HealthCheck
+    from hypothesis import settings as hypothesis_settings
+except ImportError:  # a dev extra; the rest of the suite runs without it
+    pass
+else:
+    import os
+
+    hypothesis_settings.register_profile(
+        "ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
+    hypothesis_settings.register_profile("dev", max_examples=50, deadline=None)
+    hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
